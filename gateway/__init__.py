@@ -1,0 +1,1 @@
+"""tellerloop gateway: the serving process (HTTP API, engine, confidence, storage)."""

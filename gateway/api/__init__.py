@@ -1,0 +1,1 @@
+"""HTTP controllers: thin handlers that call a service and return a schema."""

@@ -1,0 +1,35 @@
+"""OpenAI-compatible chat completions and model listing."""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, Response, get, post
+from litestar.response import ServerSentEvent
+
+from gateway.api.schemas import ChatCompletionRequest
+from gateway.chat import ChatService
+from gateway.security import require
+
+
+class ChatController(Controller):
+    path = "/v1"
+    guards = [require("client")]
+    tags = ["chat"]
+
+    @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+    async def create(
+        self, request: Request, data: ChatCompletionRequest, chat_service: ChatService
+    ) -> Response | ServerSentEvent:
+        run = await chat_service.start(data, request.user)
+        headers = {"X-Exchange-Id": run.exchange_id}
+        if data.stream:
+            return ServerSentEvent(chat_service.stream(run), headers={**headers, "Cache-Control": "no-cache"})
+        return Response(await chat_service.complete(run), headers=headers)
+
+    @get("/models", summary="The logical model and the variants served")
+    async def models(self, chat_service: ChatService) -> dict:
+        cfg = chat_service.settings.model
+        ids = [cfg.name, *chat_service.engine.variants()]
+        return {
+            "object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "tellerloop"} for i in ids],
+        }

@@ -1,0 +1,45 @@
+"""Read access to the exchange log for support staff."""
+
+from __future__ import annotations
+
+from litestar import Controller, get
+
+from gateway.errors import ApiError
+from gateway.security import require
+from gateway.store.exchanges import ExchangeRepository
+
+
+class ExchangesController(Controller):
+    path = "/v1/exchanges"
+    guards = [require("reviewer")]
+    tags = ["exchanges"]
+
+    @get("/{exchange_id:str}", summary="The full record of one exchange")
+    async def get_exchange(self, exchange_id: str, exchange_repository: ExchangeRepository) -> dict:
+        row = await exchange_repository.get(exchange_id) if len(exchange_id) <= 64 else None
+        if row is None:
+            raise ApiError(404, f"No exchange with id '{exchange_id[:64]}'", param="exchange_id", code="not_found")
+        return {
+            "id": row.id,
+            "created_at": row.created_at.isoformat(),
+            "completed_at": row.completed_at.isoformat(),
+            "api_key_name": row.api_key_name,
+            "user": row.user,
+            "model": row.model_requested,
+            "variant": row.variant,
+            "messages": row.messages,
+            "answer": row.answer,
+            "finish_reason": row.finish_reason,
+            "stream": row.stream,
+            "rag": row.rag,
+            "sources": row.sources,
+            "params": row.params,
+            "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens},
+            "ttft_ms": row.ttft_ms,
+            "latency_ms": row.latency_ms,
+            "confidence": row.confidence,
+            "confidence_parts": row.confidence_parts,
+            "flagged": row.flagged,
+            "feedback": [],
+            "reviews": [],
+        }

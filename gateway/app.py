@@ -1,0 +1,111 @@
+"""Application factory: wires settings → store → engine → services → controllers."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import AsyncIterator
+
+import structlog
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+
+from gateway import metrics
+from gateway.api.chat import ChatController
+from gateway.api.exchanges import ExchangesController
+from gateway.api.health import health, ready
+from gateway.chat import ChatService
+from gateway.engine.base import Engine
+from gateway.engine.local import LocalEngine
+from gateway.engine.model_files import resolve_base_model
+from gateway.errors import exception_handlers
+from gateway.logging import RequestContextMiddleware, structlog_plugin
+from gateway.security import auth_middleware
+from gateway.settings import Settings
+from gateway.store.db import create_engine, migrate, session_factory
+from gateway.store.exchanges import ExchangeRepository
+
+log = structlog.get_logger(__name__)
+
+
+def build_engine(settings: Settings) -> Engine:
+    if settings.engine.backend != "local":
+        raise NotImplementedError(f"engine.backend={settings.engine.backend!r} is not implemented yet")
+    return LocalEngine(
+        partial(resolve_base_model, settings.model.base, settings.storage.data_dir),
+        dtype=settings.model.dtype,
+        max_context_tokens=settings.model.max_context_tokens,
+        max_batch=settings.engine.max_batch,
+        max_queue=settings.engine.max_queue,
+        torch_threads=settings.engine.torch_threads,
+    )
+
+
+def _chat_service(state: State) -> ChatService:
+    return state.chat_service
+
+
+def _exchange_repository(state: State) -> ExchangeRepository:
+    return state.exchange_repository
+
+
+class _MetricsController(PrometheusController):
+    path = "/metrics"
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
+    engine = engine or build_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        db = create_engine(settings.storage.resolved_database_url)
+        await migrate(db)
+        repo = ExchangeRepository(session_factory(db))
+        app.state.exchange_repository = repo
+        app.state.chat_service = ChatService(settings, engine, repo)
+        metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
+        metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
+
+        async def load() -> None:
+            # In the background so /health answers during the first start's model conversion.
+            try:
+                await engine.start()
+                log.info("gateway.ready", host=settings.server.host, port=settings.server.port)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("engine.start_failed")
+                app.state.startup_error = f"{type(exc).__name__}: {exc}"
+
+        loader = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await engine.stop()
+            await db.dispose()
+
+    return Litestar(
+        route_handlers=[ChatController, ExchangesController, health, ready, _MetricsController],
+        dependencies={
+            "chat_service": Provide(_chat_service, sync_to_thread=False),
+            "exchange_repository": Provide(_exchange_repository, sync_to_thread=False),
+        },
+        state=State({"settings": settings, "engine": engine, "startup_error": None}),
+        lifespan=[lifespan],
+        middleware=[
+            RequestContextMiddleware,
+            PrometheusConfig(app_name="tellerloop", prefix="tellerloop_http", group_path=True,
+                             exclude=["/metrics"]).middleware,
+            auth_middleware(settings),
+        ],
+        plugins=[structlog_plugin(settings.logging)],
+        exception_handlers=exception_handlers,
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="tellerloop", version="0.1.0", path="/schema"),
+        debug=False,
+    )

@@ -1,0 +1,32 @@
+"""Prometheus metrics beyond Litestar's per-request ones (which the PrometheusPlugin middleware adds).
+
+Defined once at import so several app instances in one process (tests) share the registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+TTFT = Histogram(
+    "tellerloop_time_to_first_token_seconds", "Time from request to first generated token",
+    ["variant", "stream"], buckets=_LATENCY_BUCKETS,
+)
+GENERATION_SECONDS = Histogram(
+    "tellerloop_generation_seconds", "Time from request to the end of generation",
+    ["variant", "stream"], buckets=_LATENCY_BUCKETS,
+)
+TOKENS = Counter("tellerloop_generated_tokens_total", "Completion tokens generated", ["variant"])
+PROMPT_TOKENS = Counter("tellerloop_prompt_tokens_total", "Prompt tokens processed", ["variant"])
+EXCHANGES = Counter(
+    "tellerloop_exchanges_total", "Logged exchanges", ["variant", "finish_reason", "flagged"]
+)
+CONFIDENCE = Histogram(
+    "tellerloop_confidence", "Confidence score of logged exchanges", ["variant"],
+    buckets=tuple(i / 10 for i in range(1, 11)),
+)
+IN_FLIGHT = Gauge("tellerloop_inflight_requests", "Chat completions being generated")
+REJECTED = Counter("tellerloop_rejected_requests_total", "Chat requests refused before generation", ["reason"])
+ENGINE_QUEUED = Gauge("tellerloop_engine_queued", "Requests waiting for a generation slot")
+ENGINE_ACTIVE = Gauge("tellerloop_engine_active_sequences", "Sequences in the running batch")

@@ -1,0 +1,170 @@
+"""The one settings object.
+
+`config/default.toml` is always loaded, an optional `--config FILE` is deep-merged over it, and
+environment variables `TELLERLOOP_<SECTION>__<KEY>` override both. The object is built once (in the
+CLI or a test) and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+DEV_KEYS = frozenset({"dev-client-key", "dev-reviewer-key", "dev-admin-key"})
+
+Role = Literal["client", "reviewer", "admin"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("./var")
+    database_url: str = ""
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'tellerloop.db').resolve()}"
+
+
+class ModelSettings(_Section):
+    base: str = ""
+    name: str = "tellerloop"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    system_prompt: str = "You are a helpful customer support assistant for a retail bank."
+    max_context_tokens: int = Field(2048, ge=16)
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+    default_temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_messages: int = Field(64, ge=1)
+    max_message_chars: int = Field(16_000, ge=1)
+
+
+class EngineSettings(_Section):
+    backend: Literal["local", "openai"] = "local"
+    upstream_url: str = ""
+    max_queue: int = Field(64, ge=1)
+    max_batch: int = Field(8, ge=1)
+    torch_threads: int = Field(0, ge=0)
+    retry_after_s: int = Field(2, ge=1)
+
+
+class RagSettings(_Section):
+    enabled_by_default: bool = False
+    chroma_url: str = ""
+    collection: str = "knowledge"
+    top_k: int = Field(3, ge=1)
+    min_score: float = 0.3
+
+
+class ConfidenceSettings(_Section):
+    truncation_penalty: float = Field(0.5, ge=0.0, le=1.0)
+    loop_penalty: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ReviewSettings(_Section):
+    confidence_threshold: float = Field(0.45, ge=0.0, le=1.0)
+    required_reviews: int = Field(2, ge=1)
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_lines: bool = Field(True, alias="json")
+
+
+class ApiKey(_Section):
+    """A key is configured either in plain text (`key`, dev only) or as its sha256 hex digest."""
+
+    name: str
+    role: Role
+    key: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_key_or_hash(self) -> "ApiKey":
+        if bool(self.key) == bool(self.sha256):
+            raise ValueError(f"auth key {self.name!r}: set exactly one of `key` or `sha256`")
+        return self
+
+    @property
+    def digest(self) -> str:
+        return self.sha256.lower() if self.sha256 else hashlib.sha256(self.key.encode()).hexdigest()
+
+    @property
+    def is_dev_key(self) -> bool:
+        dev_digests = {hashlib.sha256(k.encode()).hexdigest() for k in DEV_KEYS}
+        return self.digest in dev_digests
+
+
+class AuthSettings(_Section):
+    keys: list[ApiKey] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TELLERLOOP_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    rag: RagSettings = RagSettings()
+    confidence: ConfidenceSettings = ConfidenceSettings()
+    review: ReviewSettings = ReviewSettings()
+    logging: LoggingSettings = LoggingSettings()
+    auth: AuthSettings = AuthSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the TOML files (which arrive as init kwargs).
+        return (env_settings, init_settings)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: default.toml < config_file < environment; `overrides` (tests, CLI flags) win."""
+    data = tomllib.loads(DEFAULT_CONFIG.read_text())
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = _deep_merge(data, tomllib.loads(path.read_text()))
+    settings = Settings(**data)
+    for section, values in overrides.items():
+        # Explicit overrides (CLI flags, tests) beat the environment, so they are applied after it.
+        current = getattr(settings, section)
+        merged = _deep_merge(current.model_dump(by_alias=True), values)
+        setattr(settings, section, type(current).model_validate(merged))
+    return settings

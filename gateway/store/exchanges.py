@@ -1,0 +1,32 @@
+"""Exchange log repository: the only code that reads or writes the `exchanges` table."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from gateway.store.models import Exchange
+
+
+class ExchangeRepository:
+    def __init__(self, sessions: async_sessionmaker) -> None:
+        self._sessions = sessions
+
+    async def add(self, exchange: Exchange) -> None:
+        """Insert and commit; returns only once the row is durable."""
+        async with self._sessions() as session, session.begin():
+            session.add(exchange)
+
+    async def get(self, exchange_id: str) -> Exchange | None:
+        async with self._sessions() as session:
+            return await session.get(Exchange, exchange_id)
+
+    async def recent(self, limit: int = 50) -> list[Exchange]:
+        async with self._sessions() as session:
+            rows = await session.scalars(select(Exchange).order_by(Exchange.created_at.desc()).limit(limit))
+            return list(rows)
+
+    async def ping(self) -> bool:
+        async with self._sessions() as session:
+            await session.execute(text("SELECT 1"))
+        return True

@@ -1,0 +1,1 @@
+"""tellerloop retraining: dataset building, training, evaluation, registry, experiments (later issues)."""
