@@ -9,9 +9,6 @@ from pydantic import ValidationError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
     from gateway.logging import configure_logging
     from gateway.security import UnsafeBindError, check_bind_safety
     from gateway.settings import load_settings
@@ -29,6 +26,10 @@ def _serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValidationError, UnsafeBindError, ValueError) as exc:
         print(f"tellerloop serve: {exc}", file=sys.stderr)
         return 2
+    import uvicorn  # heavy imports (torch, transformers) only once the settings are known to be good
+
+    from gateway.app import create_app
+
     configure_logging(settings.logging)
     app = create_app(settings)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_config=None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
 from gateway.api.schemas import ChatCompletionRequest
@@ -17,7 +19,7 @@ class ChatController(Controller):
 
     @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
     async def create(
-        self, request: Request, data: ChatCompletionRequest, chat_service: ChatService
+        self, request: Request, data: JSONBody[ChatCompletionRequest], chat_service: NamedDependency[ChatService]
     ) -> Response | ServerSentEvent:
         run = await chat_service.start(data, request.user)
         headers = {"X-Exchange-Id": run.exchange_id}
@@ -26,7 +28,7 @@ class ChatController(Controller):
         return Response(await chat_service.complete(run), headers=headers)
 
     @get("/models", summary="The logical model and the variants served")
-    async def models(self, chat_service: ChatService) -> dict:
+    async def models(self, chat_service: NamedDependency[ChatService]) -> dict:
         cfg = chat_service.settings.model
         ids = [cfg.name, *chat_service.engine.variants()]
         return {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from litestar import Controller, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from gateway.errors import ApiError
 from gateway.security import require
@@ -15,7 +17,9 @@ class ExchangesController(Controller):
     tags = ["exchanges"]
 
     @get("/{exchange_id:str}", summary="The full record of one exchange")
-    async def get_exchange(self, exchange_id: str, exchange_repository: ExchangeRepository) -> dict:
+    async def get_exchange(
+        self, exchange_id: FromPath[str], exchange_repository: NamedDependency[ExchangeRepository]
+    ) -> dict:
         row = await exchange_repository.get(exchange_id) if len(exchange_id) <= 64 else None
         if row is None:
             raise ApiError(404, f"No exchange with id '{exchange_id[:64]}'", param="exchange_id", code="not_found")

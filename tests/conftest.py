@@ -1,0 +1,146 @@
+"""Shared fixtures.
+
+- `real_model_dir`: the embedded SmolLM2 converted once (GGUF → safetensors), cached in
+  `.cache/test-models` so repeated local runs skip the ~30 s conversion; a clean clone converts.
+- `tiny_model_dir`: a random-weight 2-layer Llama with SmolLM2's real tokenizer and chat template,
+  for fast plumbing tests.
+- `make_settings`: settings on a temporary data dir.
+- `serve`: starts a real `tellerloop serve` process and waits until /ready.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("TELLERLOOP_TEST_CACHE", ROOT / ".cache" / "test-models"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    from gateway.engine.model_files import convert_embedded
+
+    return convert_embedded(CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(real_model_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target = CACHE / "tiny-llama-v1"
+    if (target / "model.safetensors").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+    torch.manual_seed(1234)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    tmp = CACHE / ".tiny-llama.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):
+    from gateway.settings import load_settings
+
+    def _make(model_dir: Path | str = "", **sections):
+        sections.setdefault("storage", {})
+        sections["storage"].setdefault("data_dir", str(tmp_path / "var"))
+        sections.setdefault("model", {})
+        sections["model"].setdefault("base", str(model_dir))
+        sections.setdefault("logging", {}).setdefault("json", True)
+        return load_settings(None, **sections)
+
+    return _make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("server did not become ready")
+
+
+class Server:
+    def __init__(self, base_url: str, proc: subprocess.Popen, log_path: Path, data_dir: Path) -> None:
+        self.base_url, self.proc, self.log_path, self.data_dir = base_url, proc, log_path, data_dir
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_server(tmp: Path, config_toml: str, extra_env: dict | None = None) -> Server:
+    port = free_port()
+    cfg = tmp / "test.toml"
+    cfg.write_text(config_toml)
+    log_path = tmp / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port),
+         "--data-dir", str(tmp / "var")],
+        cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path, tmp / "var")
+    try:
+        wait_ready(server.base_url, proc)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"server failed to start:\n{log_path.read_text()[-4000:]}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory, real_model_dir: Path):
+    """One real gateway process on the real SmolLM2 for all end-to-end tests."""
+    tmp = tmp_path_factory.mktemp("real-server")
+    server = start_server(tmp, f'[model]\nbase = "{real_model_dir}"\n')
+    yield server
+    server.stop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001
+    skipped = terminalreporter.stats.get("skipped", [])
+    pg = [r for r in skipped if "POSTGRES" in str(r.longrepr)]
+    if pg:
+        terminalreporter.write_sep("!", f"{len(pg)} PostgreSQL test(s) SKIPPED: set TELLERLOOP_TEST_POSTGRES_URL", red=True)

@@ -1,0 +1,163 @@
+"""HTTP API plumbing on the tiny model, in-process (Litestar test client, real SQLite)."""
+
+import asyncio
+import json
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from gateway.app import create_app
+
+CLIENT = {"Authorization": "Bearer dev-client-key"}
+REVIEWER = {"Authorization": "Bearer dev-reviewer-key"}
+ADMIN = {"Authorization": "Bearer dev-admin-key"}
+
+
+def chat(content="How do I block my card?", **extra):
+    return {"model": "tellerloop", "messages": [{"role": "user", "content": content}], "max_tokens": 12, **extra}
+
+
+@pytest.fixture
+async def client(make_settings, tiny_model_dir):
+    settings = make_settings(tiny_model_dir, model={"max_context_tokens": 512, "max_tokens_limit": 64})
+    app = create_app(settings)
+    async with AsyncTestClient(app) as c:
+        for _ in range(200):
+            if (await c.get("/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        c.settings = settings
+        yield c
+
+
+async def test_completion_shape_and_log_row(client):
+    r = await client.post("/v1/chat/completions", json=chat(user="cust-42"), headers=CLIENT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tellerloop"
+    assert r.headers["x-exchange-id"] == body["exchange_id"]
+    assert 0.0 <= body["confidence"] <= 1.0
+    assert body["variant"] == "base" and body["sources"] == []
+    assert body["flagged"] == (body["confidence"] < client.settings.review.confidence_threshold)
+    assert body["usage"]["completion_tokens"] <= 12
+    row = (await client.get(f"/v1/exchanges/{body['exchange_id']}", headers=REVIEWER)).json()
+    assert row["answer"] == body["choices"][0]["message"]["content"]
+    assert row["user"] == "cust-42" and row["api_key_name"] == "dev-client"
+    assert row["messages"][0]["role"] == "system" and row["messages"][-1]["content"] == "How do I block my card?"
+    assert row["confidence"] == body["confidence"]
+    assert set(row["confidence_parts"]) >= {"token_prob", "mean_logprob", "truncated", "looping"}
+    assert row["latency_ms"] > 0 and row["ttft_ms"] is not None
+    assert row["usage"]["prompt_tokens"] == body["usage"]["prompt_tokens"]
+
+
+async def test_stream_text_equals_logged_answer(client):
+    async with client.stream("POST", "/v1/chat/completions", json=chat(stream=True, logprobs=True), headers=CLIENT) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        exchange_id = r.headers["x-exchange-id"]
+        payloads = [line[len("data: "):] async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    last = chunks[-1]
+    assert last["exchange_id"] == exchange_id and last["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert {"confidence", "flagged", "variant", "sources"} <= set(last)
+    row = (await client.get(f"/v1/exchanges/{exchange_id}", headers=REVIEWER)).json()
+    assert row["answer"] == text and row["stream"] is True
+
+
+async def test_pii_never_reaches_the_log(client):
+    body = chat("my card 4111 1111 1111 1111 and mail jo@example.com", user="jo@example.com")
+    r = await client.post("/v1/chat/completions", json=body, headers=CLIENT)
+    row = (await client.get(f"/v1/exchanges/{r.json()['exchange_id']}", headers=REVIEWER)).json()
+    stored = json.dumps(row)
+    assert "4111" not in stored and "jo@example.com" not in stored
+    assert "[CARD]" in row["messages"][-1]["content"] and row["user"] == "[EMAIL]"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        ({"model": "tellerloop", "messages": []}, 400, "messages"),
+        ({"model": "tellerloop", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        ({"model": "tellerloop", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+        ({"model": "tellerloop", "messages": [{"role": "system", "content": "x"}]}, 400, None),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        (chat(max_token=5), 400, "max_token"),
+        (chat(max_tokens=0), 400, "max_tokens"),
+        (chat(max_tokens=65), 400, "max_tokens"),
+        (chat(temperature=3), 400, "temperature"),
+        (chat(n=2), 400, "n"),
+        (chat(tools=[{"type": "function"}]), 400, "tools"),
+        (chat("word " * 700), 400, "messages"),
+        ({**chat(), "model": "gpt-4o"}, 404, "model"),
+    ],
+)
+async def test_bad_requests_get_openai_errors(client, payload, status, param):
+    r = await client.post("/v1/chat/completions", json=payload, headers=CLIENT)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] in {"invalid_request_error", "not_found_error"}
+    if param:
+        assert err["param"] == param
+
+
+async def test_too_long_prompt_says_context_length(client):
+    r = await client.post("/v1/chat/completions", json=chat("word " * 700), headers=CLIENT)
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length" in r.json()["error"]["message"]
+
+
+async def test_malformed_and_oversized_bodies(client):
+    r = await client.post("/v1/chat/completions", content=b"{not json", headers={**CLIENT, "Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = await client.post("/v1/chat/completions", content=b"[1,2]", headers={**CLIENT, "Content-Type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    big = json.dumps(chat("x" * (client.settings.server.max_body_bytes + 10)))
+    r = await client.post("/v1/chat/completions", content=big, headers={**CLIENT, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_auth_and_roles(client):
+    r = await client.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "Incorrect API key" in r.json()["error"]["message"]
+    r = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401
+    r = await client.get("/v1/exchanges/abc", headers=CLIENT)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert (await client.get("/v1/exchanges/abc", headers=REVIEWER)).status_code == 404
+    assert (await client.get("/v1/exchanges/abc", headers=ADMIN)).status_code == 404
+    assert (await client.get("/v1/models", headers=ADMIN)).status_code == 200
+    assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_models_health_ready_metrics_schema(client):
+    models = (await client.get("/v1/models", headers=CLIENT)).json()
+    assert [m["id"] for m in models["data"]] == ["tellerloop", "base"]
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    ready = (await client.get("/ready")).json()
+    assert ready["checks"] == {"model": True, "database": True}
+    await client.post("/v1/chat/completions", json=chat(), headers=CLIENT)
+    text = (await client.get("/metrics")).text
+    for name in ("tellerloop_time_to_first_token_seconds_bucket", "tellerloop_generated_tokens_total",
+                 "tellerloop_inflight_requests", "tellerloop_http_requests_total",
+                 "tellerloop_http_request_duration_seconds_bucket", "tellerloop_engine_queued"):
+        assert name in text, name
+    schema = (await client.get("/schema/openapi.json")).json()
+    assert "/v1/chat/completions" in schema["paths"]
+
+
+async def test_unknown_route_and_method(client):
+    r = await client.get("/v1/nothing", headers=CLIENT)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = await client.delete("/health")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+async def test_request_id_is_echoed(client):
+    r = await client.get("/health", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len((await client.get("/health")).headers["x-request-id"]) == 32

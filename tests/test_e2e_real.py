@@ -1,0 +1,165 @@
+"""End to end: the real SmolLM2 in a real `tellerloop serve` process, driven by the official openai SDK."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+QUESTIONS = [
+    "How do I block my debit card?",
+    "What is the daily ATM withdrawal limit?",
+    "How can I change my registered mobile number?",
+    "Can I open a savings account online?",
+    "What is a fixed deposit?",
+    "How do I reset my internet banking password?",
+    "What should I do if I forget my PIN?",
+    "How long does an international transfer take?",
+]
+
+
+@pytest.fixture(scope="module")
+def sdk(real_server):
+    return openai.OpenAI(base_url=f"{real_server.base_url}/v1", api_key="dev-client-key", max_retries=0)
+
+
+def exchange(real_server, exchange_id):
+    r = httpx.get(f"{real_server.base_url}/v1/exchanges/{exchange_id}",
+                  headers={"Authorization": "Bearer dev-reviewer-key"}, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_non_stream_completion_is_logged(real_server, sdk):
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="tellerloop", messages=[{"role": "user", "content": "How do I block my lost card?"}],
+        max_tokens=48, user="customer-1",
+    )
+    resp = raw.parse()
+    extras = resp.model_extra
+    assert raw.headers["x-exchange-id"] == extras["exchange_id"]
+    answer = resp.choices[0].message.content
+    assert len(answer.split()) >= 3  # the real model says something
+    assert resp.choices[0].finish_reason in {"stop", "length"}
+    assert 0 < extras["confidence"] <= 1 and isinstance(extras["flagged"], bool)
+    assert extras["variant"] == "base" and extras["sources"] == []
+    row = exchange(real_server, extras["exchange_id"])
+    assert row["answer"] == answer and row["user"] == "customer-1"
+    assert row["usage"]["completion_tokens"] == resp.usage.completion_tokens
+    assert row["confidence"] == extras["confidence"]
+
+
+def test_stream_text_equals_logged_answer(real_server, sdk):
+    stream = sdk.chat.completions.create(
+        model="tellerloop", messages=[{"role": "user", "content": "What is an overdraft?"}], max_tokens=48, stream=True
+    )
+    text, last = "", None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        last = chunk
+    extras = last.model_extra
+    assert last.choices[0].finish_reason in {"stop", "length"}
+    row = exchange(real_server, extras["exchange_id"])
+    assert text and row["answer"] == text
+    assert row["stream"] is True and row["ttft_ms"] > 0
+
+
+def test_logprobs_and_pinned_variant(real_server, sdk):
+    resp = sdk.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "hello"}], max_tokens=8, logprobs=True, top_logprobs=2
+    )
+    items = resp.choices[0].logprobs.content
+    assert len(items) == resp.usage.completion_tokens
+    assert all(i.logprob <= 0 and len(i.top_logprobs) == 2 for i in items)
+
+
+def test_eight_concurrent_requests_get_distinct_correct_rows(real_server):
+    client = openai.AsyncOpenAI(base_url=f"{real_server.base_url}/v1", api_key="dev-client-key", max_retries=0)
+
+    async def ask(i, q):
+        return await client.chat.completions.create(
+            model="tellerloop", messages=[{"role": "user", "content": q}], max_tokens=32, user=f"user-{i}"
+        )
+
+    async def main():
+        return await asyncio.gather(*[ask(i, q) for i, q in enumerate(QUESTIONS)])
+
+    responses = asyncio.run(main())
+    ids = [r.model_extra["exchange_id"] for r in responses]
+    assert len(set(ids)) == 8
+    for i, (q, r) in enumerate(zip(QUESTIONS, responses)):
+        row = exchange(real_server, r.model_extra["exchange_id"])
+        assert row["messages"][-1]["content"] == q
+        assert row["user"] == f"user-{i}"
+        assert row["answer"] == r.choices[0].message.content
+
+
+def test_same_question_batched_or_alone_gives_same_answer(real_server, sdk):
+    """No cross-talk: a greedy answer does not depend on what else is in the batch."""
+    q = [{"role": "user", "content": "What is a fixed deposit?"}]
+    alone = sdk.chat.completions.create(model="tellerloop", messages=q, max_tokens=24).choices[0].message.content
+    client = openai.AsyncOpenAI(base_url=f"{real_server.base_url}/v1", api_key="dev-client-key", max_retries=0)
+
+    async def main():
+        others = [client.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": o}],
+                                                 max_tokens=24) for o in QUESTIONS[:3]]
+        target = client.chat.completions.create(model="tellerloop", messages=q, max_tokens=24)
+        return await asyncio.gather(*others, target)
+
+    batched = asyncio.run(main())[-1].choices[0].message.content
+    assert batched == alone
+
+
+def test_errors_through_the_sdk(real_server, sdk):
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": "hi " * 3000}])
+    assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model="tellerloop", messages=[])
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    bad = openai.OpenAI(base_url=f"{real_server.base_url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_client_disconnect_cancels_and_is_audited(real_server):
+    body = {"model": "tellerloop", "stream": True, "max_tokens": 500,
+            "messages": [{"role": "user", "content": "Write a very long essay about banking history."}]}
+    with httpx.stream("POST", f"{real_server.base_url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": "Bearer dev-client-key"}) as r:
+        exchange_id = r.headers["x-exchange-id"]
+        for line in r.iter_lines():
+            if '"content"' in line and '"content": ""' not in line:
+                break  # got a real token: hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{real_server.base_url}/v1/exchanges/{exchange_id}",
+                      headers={"Authorization": "Bearer dev-reviewer-key"})
+        if r.status_code == 200:
+            break
+        time.sleep(0.3)
+    row = r.json()
+    assert row["finish_reason"] == "cancelled"
+    assert row["usage"]["completion_tokens"] < 500
+
+
+def test_logs_are_json_with_ids_and_no_message_content(real_server, sdk):
+    secret = "zebra-unicorn-question"
+    sdk.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": secret}], max_tokens=4)
+    log = real_server.log()
+    assert secret not in log
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    logged = [e for e in events if e.get("event") == "exchange.logged"]
+    assert logged and all("request_id" in e and "exchange_id" in e for e in logged)
+
+
+def test_metrics_count_the_traffic(real_server, sdk):
+    text = httpx.get(f"{real_server.base_url}/metrics").text
+    line = next(l for l in text.splitlines() if l.startswith('tellerloop_generated_tokens_total{variant="base"}'))
+    assert float(line.split()[-1]) > 0

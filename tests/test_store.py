@@ -1,0 +1,68 @@
+"""The exchange log on real databases: SQLite (always) and PostgreSQL (when TELLERLOOP_TEST_POSTGRES_URL is set)."""
+
+import os
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from gateway.store.db import create_engine, migrate, session_factory
+from gateway.store.exchanges import ExchangeRepository
+from gateway.store.models import Exchange
+
+PG_URL = os.environ.get("TELLERLOOP_TEST_POSTGRES_URL", "")
+
+
+def make_row(**kw) -> Exchange:
+    now = datetime.now(timezone.utc)
+    fields = dict(
+        id=uuid.uuid4().hex, created_at=now, completed_at=now, api_key_name="k", user="u", model_requested="m",
+        variant="base", messages=[{"role": "user", "content": "hé"}], answer="ok", finish_reason="stop",
+        stream=False, rag=False, sources=[], params={"max_tokens": 5}, prompt_tokens=3, completion_tokens=1,
+        ttft_ms=1.0, latency_ms=2.0, confidence=0.5, confidence_parts={"token_prob": 0.5}, flagged=False,
+    )
+    fields.update(kw)
+    return Exchange(**fields)
+
+
+async def roundtrip(url: str) -> None:
+    engine = create_engine(url)
+    await migrate(engine)
+    await migrate(engine)  # idempotent
+    repo = ExchangeRepository(session_factory(engine))
+    row = make_row()
+    await repo.add(row)
+    got = await repo.get(row.id)
+    assert got.messages == [{"role": "user", "content": "hé"}] and got.confidence_parts == {"token_prob": 0.5}
+    assert await repo.ping()
+    assert [r.id for r in await repo.recent(5)] == [row.id]
+    await engine.dispose()
+    # durability: a brand-new connection sees the committed row
+    engine = create_engine(url)
+    assert (await ExchangeRepository(session_factory(engine)).get(row.id)).answer == "ok"
+    await engine.dispose()
+
+
+async def test_sqlite_roundtrip_and_wal(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
+    await roundtrip(url)
+    engine = create_engine(url)
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+    await engine.dispose()
+
+
+@pytest.mark.skipif(not PG_URL, reason="POSTGRES: set TELLERLOOP_TEST_POSTGRES_URL to run the PostgreSQL tests")
+async def test_postgres_roundtrip():
+    name = f"tellerloop_test_{uuid.uuid4().hex[:10]}"
+    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        await roundtrip(PG_URL.rsplit("/", 1)[0] + f"/{name}")
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()

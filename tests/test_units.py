@@ -1,0 +1,70 @@
+"""Pure-function units: PII scrubbing, confidence, routing."""
+
+import math
+
+import pytest
+
+from gateway.confidence import is_looping, score
+from gateway.pii import scrub, scrub_messages
+from gateway.routing import UnknownModel, resolve_variant
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("card 4111 1111 1111 1111 please", "card [CARD] please"),
+        ("card 4111-1111-1111-1111", "card [CARD]"),
+        ("iban GB82 WEST 1234 5698 7654 32", "iban [IBAN]"),
+        ("iban DE89370400440532013000", "iban [IBAN]"),
+        ("write to jane.doe+bank@example.co.uk", "write to [EMAIL]"),
+        ("call +44 20 7946 0958 today", "call [PHONE] today"),
+        ("account 12345678", "account [NUMBER]"),
+    ],
+)
+def test_pii_is_scrubbed(text, expected):
+    assert scrub(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["the fee is 1,000.50 dollars", "paid on 12/05/2024", "transfer 250 to savings", "GB82 is not an IBAN"],
+)
+def test_ordinary_text_is_kept(text):
+    assert scrub(text) == text
+
+
+def test_scrub_messages_keeps_roles():
+    out = scrub_messages([{"role": "user", "content": "my email is a@b.com"}])
+    assert out == [{"role": "user", "content": "my email is [EMAIL]"}]
+
+
+def test_confidence_is_geometric_mean_probability():
+    conf = score([math.log(0.5)] * 4, "a short answer", "stop", truncation_penalty=0.5, loop_penalty=0.5)
+    assert conf.score == pytest.approx(0.5)
+    assert conf.token_prob == pytest.approx(0.5)
+    assert not conf.truncated and not conf.looping
+
+
+def test_confidence_penalises_truncation_and_loops():
+    lps = [math.log(0.8)] * 10
+    base = score(lps, "fine answer here", "stop", truncation_penalty=0.5, loop_penalty=0.25).score
+    cut = score(lps, "fine answer here", "length", truncation_penalty=0.5, loop_penalty=0.25).score
+    looped = score(lps, "pay the bill " * 4, "stop", truncation_penalty=0.5, loop_penalty=0.25).score
+    assert cut == pytest.approx(base * 0.5)
+    assert looped == pytest.approx(base * 0.25)
+
+
+def test_confidence_of_empty_answer_is_zero():
+    assert score([], "", "stop", truncation_penalty=0.5, loop_penalty=0.5).score == 0.0
+
+
+def test_loop_detection():
+    assert is_looping("you can you can you can you can")
+    assert not is_looping("Please call the branch to block your card.")
+
+
+def test_routing():
+    assert resolve_variant("tellerloop", "tellerloop", ["base"]) == "base"
+    assert resolve_variant("base", "tellerloop", ["base"]) == "base"
+    with pytest.raises(UnknownModel):
+        resolve_variant("gpt-4", "tellerloop", ["base"])
