@@ -240,7 +240,8 @@ class LocalEngine:
             mask[row, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=_mask_or_none(mask), position_ids=positions, use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1, :].float(), out.past_key_values, mask
 
@@ -249,7 +250,8 @@ class LocalEngine:
         mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=_mask_or_none(mask), position_ids=positions, past_key_values=cache,
+            use_cache=True,
         )
         return out.logits[:, -1, :].float(), mask
 
@@ -310,6 +312,12 @@ class LocalEngine:
                 remainder = ""
         seq.done = True
         seq.send(Finished(reason, len(seq.prompt_ids), len(seq.out_ids), text=remainder))
+
+
+def _mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
+    """Without padding the mask is pure causal: passing None lets SDPA take its fast is_causal path
+    (measurably faster on CPU, most of all in bfloat16; see bench/results)."""
+    return None if bool(mask.all()) else mask
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
