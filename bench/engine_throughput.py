@@ -1,5 +1,8 @@
 """Engine throughput and cold start, with baselines measured in the same run.
 
+Every row runs in its own fresh process: measured here, a model that ran earlier in the same
+process slows later rows by up to 40 % (competing OpenMP thread pools), which would bias the ratios.
+
 Rows:
   * `hf generate, 1 stream`  - plain `model.generate()` one request at a time (the baseline)
   * `engine, 1 stream`       - our LocalEngine, one request at a time
@@ -17,6 +20,7 @@ import asyncio
 import json
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,12 +100,34 @@ async def bench_engine(model_dir: Path, dtype: str, batch: int, questions: list[
     return single, conc
 
 
+def run_row(kind: str, model_dir: Path, dtype: str, batch: int, max_tokens: int) -> list:
+    """Runs in a child process; prints one JSON result line."""
+    if kind == "hf":
+        tokens, seconds = hf_generate(model_dir, getattr(torch, dtype), QUESTIONS[:4], max_tokens)
+        return [tokens, seconds, None]
+    single, conc = asyncio.run(bench_engine(model_dir, dtype, batch, QUESTIONS, max_tokens))
+    return [list(single), list(conc)]
+
+
+def child(kind: str, model_dir: Path, dtype: str, args: argparse.Namespace):
+    cmd = [sys.executable, __file__, "--row", kind, "--model-dir", str(model_dir), "--dtype", dtype,
+           "--batch", str(args.batch), "--max-tokens", str(args.max_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default="bench/results/engine_throughput.md")
+    parser.add_argument("--row", choices=["hf", "engine"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.row:
+        print(json.dumps(run_row(args.row, Path(args.model_dir), args.dtype, args.batch, args.max_tokens)))
+        return
 
     cold_dir = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
@@ -113,13 +139,11 @@ def main() -> None:
     warm = time.perf_counter() - t0
 
     rows = []
-    for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        base_tokens, base_s = hf_generate(model_dir, dtype, QUESTIONS[:4], args.max_tokens)
+    for dtype_name in ("float32", "bfloat16"):
+        base_tokens, base_s, _ = child("hf", model_dir, dtype_name, args)
         base_tps = base_tokens / base_s
         rows.append((dtype_name, "hf generate, 1 stream (baseline)", base_tokens, base_s, base_tps, 1.0, None))
-        (s_tok, s_s, s_ttft), (c_tok, c_s, c_ttft) = asyncio.run(
-            bench_engine(model_dir, dtype_name, args.batch, QUESTIONS, args.max_tokens)
-        )
+        (s_tok, s_s, s_ttft), (c_tok, c_s, c_ttft) = child("engine", model_dir, dtype_name, args)
         rows.append((dtype_name, "engine, 1 stream", s_tok, s_s, s_tok / s_s, s_tok / s_s / base_tps, s_ttft))
         rows.append((dtype_name, f"engine, {args.batch} concurrent", c_tok, c_s, c_tok / c_s,
                      c_tok / c_s / base_tps, c_ttft))
@@ -127,7 +151,7 @@ def main() -> None:
 
     lines = [
         f"# Engine throughput ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {torch.get_num_threads()} torch threads,"
-        f" greedy, max_tokens={args.max_tokens})",
+        f" greedy, max_tokens={args.max_tokens}, each row in a fresh process)",
         "",
         "| dtype | mode | tokens | seconds | tokens/s | × baseline | TTFT p50 (s) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
