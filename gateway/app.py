@@ -19,6 +19,7 @@ from gateway import metrics
 from gateway.api.chat import ChatController
 from gateway.api.exchanges import ExchangesController
 from gateway.api.health import health, ready
+from gateway.api.knowledge import KnowledgeController
 from gateway.chat import ChatService
 from gateway.engine.base import Engine
 from gateway.engine.local import LocalEngine
@@ -26,11 +27,21 @@ from gateway.engine.model_files import resolve_base_model
 from gateway.errors import exception_handlers
 from gateway.logging import RequestContextMiddleware, structlog_plugin
 from gateway.security import auth_middleware
-from gateway.settings import Settings
+from gateway.rag.embeddings import Embedder
+from gateway.rag.knowledge import KnowledgeBase, ingest_demo_data
+from gateway.settings import PROJECT_ROOT, Settings
 from gateway.store.db import create_engine, migrate, session_factory
 from gateway.store.exchanges import ExchangeRepository
 
 log = structlog.get_logger(__name__)
+
+
+def build_knowledge_base(settings: Settings) -> KnowledgeBase:
+    """Blocking (loads the embedder, opens Chroma, may ingest the demo FAQ): run it in a thread."""
+    embedder = Embedder(settings.rag.embedding_model, batch_size=settings.rag.embedding_batch)
+    kb = KnowledgeBase(settings.rag, settings.storage.data_dir, embedder)
+    ingest_demo_data(kb, settings.rag.demo_data, PROJECT_ROOT)
+    return kb
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -72,10 +83,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
         metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
 
+        async def load_knowledge() -> None:
+            try:
+                kb = await asyncio.to_thread(build_knowledge_base, settings)
+                app.state.kb = app.state.chat_service.kb = kb
+                metrics.KB_CHUNKS.set(kb.count())
+            except Exception as exc:  # noqa: BLE001
+                log.exception("kb.start_failed")
+                app.state.startup_error = f"knowledge base: {type(exc).__name__}: {exc}"
+
         async def load() -> None:
             # In the background so /health answers during the first start's model conversion.
             try:
-                await engine.start()
+                await asyncio.gather(engine.start(), load_knowledge())
                 log.info("gateway.ready", host=settings.server.host, port=settings.server.port)
             except Exception as exc:  # noqa: BLE001
                 log.exception("engine.start_failed")
@@ -90,12 +110,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             await db.dispose()
 
     return Litestar(
-        route_handlers=[ChatController, ExchangesController, health, ready, _MetricsController],
+        route_handlers=[ChatController, ExchangesController, KnowledgeController, health, ready, _MetricsController],
         dependencies={
             "chat_service": Provide(_chat_service, sync_to_thread=False),
             "exchange_repository": Provide(_exchange_repository, sync_to_thread=False),
         },
-        state=State({"settings": settings, "engine": engine, "startup_error": None}),
+        state=State({"settings": settings, "engine": engine, "kb": None, "startup_error": None}),
         lifespan=[lifespan],
         middleware=[
             RequestContextMiddleware,

@@ -34,6 +34,8 @@ from gateway.engine.base import (
 )
 from gateway.errors import ApiError, error_body
 from gateway.pii import scrub, scrub_messages
+from gateway.prompting import build_messages, last_user_message
+from gateway.rag.knowledge import Hit, KnowledgeBase
 from gateway.routing import UnknownModel, resolve_variant
 from gateway.security import Principal
 from gateway.settings import Settings
@@ -56,6 +58,9 @@ class _Run:
     stream: TokenStream
     started: float
     created: int
+    sources: list[dict] | None = None  # None: retrieval did not run
+    top_similarity: float | None = None
+    retrieval_ms: float | None = None
     first_token_at: float | None = None
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
@@ -75,11 +80,39 @@ class _Run:
             self.tokens.append(event)
 
 
+def sampling_params(settings: Settings, max_tokens: int, **request: object) -> SamplingParams:
+    """Serving defaults from settings, overridden by what a request (or `tellerloop eval`) sets."""
+    cfg = settings.model
+    given = {k: v for k, v in request.items() if v is not None}
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=given.get("temperature", cfg.default_temperature),
+        top_p=given.get("top_p", 1.0),
+        stop=given.get("stop", ()),
+        seed=given.get("seed"),
+        top_logprobs=given.get("top_logprobs", 0),
+        repetition_penalty=cfg.repetition_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+    )
+
+
+async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> tuple[list[Hit], float, float]:
+    """Top-k hits above `rag.min_score`, the best similarity seen (even if under the floor), and ms taken."""
+    started = time.perf_counter()
+    hits = await asyncio.to_thread(kb.search, question, k, -1.0)
+    top = hits[0].score if hits else 0.0
+    kept = [h for h in hits if h.score >= settings.rag.min_score]
+    return kept, top, (time.perf_counter() - started) * 1000
+
+
 class ChatService:
-    def __init__(self, settings: Settings, engine: Engine, exchanges: ExchangeRepository) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, exchanges: ExchangeRepository, kb: KnowledgeBase | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.exchanges = exchanges
+        self.kb = kb
 
     # ---- preparation: everything that can fail with a 4xx happens before generation ---------
     def _validate(self, req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]], SamplingParams]:
@@ -105,18 +138,14 @@ class ChatService:
             variant = resolve_variant(req.model, cfg.name, self.engine.variants())
         except UnknownModel as exc:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+        if req.rag_top_k is not None and req.rag_top_k > self.settings.rag.max_top_k:
+            raise ApiError(400, f"rag_top_k may be at most {self.settings.rag.max_top_k}", param="rag_top_k")
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages
         ]
-        if messages[0]["role"] != "system" and cfg.system_prompt:
-            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=cfg.default_temperature if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            stop=req.stop_list,
-            seed=req.seed,
-            top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+        params = sampling_params(
+            self.settings, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list,
+            seed=req.seed, top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
         )
         return variant, messages, params
 
@@ -128,6 +157,18 @@ class ChatService:
         variant, messages, params = self._validate(req)
         exchange_id = uuid.uuid4().hex
         started = time.perf_counter()
+        use_rag = self.settings.rag.enabled_by_default if req.rag is None else req.rag
+        hits, top, retrieval_ms = None, None, None
+        if use_rag:
+            if self.kb is None:
+                raise ApiError(503, "The knowledge base is not available yet; retry shortly or send \"rag\": false.",
+                               code="knowledge_base_unavailable",
+                               headers={"Retry-After": str(self.settings.engine.retry_after_s)})
+            hits, top, retrieval_ms = await retrieve(
+                self.settings, self.kb, last_user_message(messages), req.rag_top_k or self.settings.rag.top_k
+            )
+            metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
+        messages = build_messages(self.settings, messages, hits)
         try:
             stream = await self.engine.submit(
                 GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
@@ -142,7 +183,9 @@ class ChatService:
         except UnknownAdapter as exc:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id)
-        return _Run(exchange_id, req, principal, variant, messages, params, stream, started, int(time.time()))
+        return _Run(exchange_id, req, principal, variant, messages, params, stream, started, int(time.time()),
+                    sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
+                    retrieval_ms=retrieval_ms)
 
     # ---- non-streaming ------------------------------------------------------------------------
     async def complete(self, run: _Run) -> dict:
@@ -216,11 +259,8 @@ class ChatService:
     async def _record(self, run: _Run) -> Exchange:
         done = time.perf_counter()
         fin = run.finished
-        conf = score_confidence(
-            run.logprobs, run.text, fin.finish_reason,
-            truncation_penalty=self.settings.confidence.truncation_penalty,
-            loop_penalty=self.settings.confidence.loop_penalty,
-        )
+        conf = score_confidence(run.logprobs, run.text, fin.finish_reason, self.settings.confidence,
+                                 top_similarity=run.top_similarity)
         flagged = conf.score < self.settings.review.confidence_threshold
         ttft_ms = None if run.first_token_at is None else (run.first_token_at - run.started) * 1000
         p = run.params
@@ -236,10 +276,12 @@ class ChatService:
             answer=scrub(run.text),
             finish_reason=fin.finish_reason,
             stream=run.request.stream,
-            rag=False,
-            sources=[],
+            rag=run.sources is not None,
+            sources=run.sources or [],
+            retrieval_ms=run.retrieval_ms,
             params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                    "stop": list(p.stop), "seed": p.seed},
+                    "stop": list(p.stop), "seed": p.seed, "repetition_penalty": p.repetition_penalty,
+                    "no_repeat_ngram_size": p.no_repeat_ngram_size},
             prompt_tokens=fin.prompt_tokens,
             completion_tokens=fin.completion_tokens,
             ttft_ms=ttft_ms,

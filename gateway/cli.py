@@ -3,29 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def _settings(args: argparse.Namespace):
+    from gateway.settings import load_settings
+
+    overrides: dict = {}
+    if getattr(args, "host", None):
+        overrides.setdefault("server", {})["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides.setdefault("server", {})["port"] = args.port
+    if getattr(args, "data_dir", None):
+        overrides.setdefault("storage", {})["data_dir"] = args.data_dir
+    if getattr(args, "collection", None):
+        overrides.setdefault("rag", {})["collection"] = args.collection
+    try:
+        return load_settings(args.config, **overrides)
+    except (FileNotFoundError, ValidationError, ValueError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.logging import configure_logging
     from gateway.security import UnsafeBindError, check_bind_safety
-    from gateway.settings import load_settings
 
-    overrides: dict = {}
-    if args.host:
-        overrides.setdefault("server", {})["host"] = args.host
-    if args.port is not None:
-        overrides.setdefault("server", {})["port"] = args.port
-    if args.data_dir:
-        overrides.setdefault("storage", {})["data_dir"] = args.data_dir
+    settings = _settings(args)
     try:
-        settings = load_settings(args.config, **overrides)
         check_bind_safety(settings)
-    except (FileNotFoundError, ValidationError, UnsafeBindError, ValueError) as exc:
-        print(f"tellerloop serve: {exc}", file=sys.stderr)
-        return 2
+    except UnsafeBindError as exc:
+        raise CliError(str(exc)) from None
     import uvicorn  # heavy imports (torch, transformers) only once the settings are known to be good
 
     from gateway.app import create_app
@@ -37,17 +53,153 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="chunk", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _open_kb(settings):
+    from gateway.logging import configure_logging
+    from gateway.rag.embeddings import Embedder
+    from gateway.rag.knowledge import KnowledgeBase
+
+    configure_logging(settings.logging.model_copy(update={"level": "warning"}))
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    return KnowledgeBase(settings.rag, settings.storage.data_dir,
+                         Embedder(settings.rag.embedding_model, batch_size=settings.rag.embedding_batch))
+
+
+def _kb_ingest(args: argparse.Namespace) -> int:
+    from gateway.rag.documents import SUPPORTED, DocumentError
+
+    settings = _settings(args)
+    path = Path(args.path)
+    if not path.exists():
+        raise CliError(f"{path}: no such file or directory")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED) if path.is_dir() else [path]
+    if not files:
+        raise CliError(f"{path}: no supported files ({', '.join(sorted(SUPPORTED))})")
+    kb = _open_kb(settings)
+    failed = 0
+    for file in files:
+        bar, update = _progress(f"embedding {file.name}")
+        try:
+            result = kb.ingest_bytes(file.name, file.read_bytes(), args.format, progress=update)
+            print(json.dumps(result.as_dict()))
+        except DocumentError as exc:
+            failed += 1
+            print(f"tellerloop kb ingest: {exc}", file=sys.stderr)
+        finally:
+            bar.close()
+    print(json.dumps({"collection": kb.collection_name, "chunks": kb.count()}))
+    return 2 if failed else 0
+
+
+def _kb_stats(args: argparse.Namespace) -> int:
+    print(json.dumps(_open_kb(_settings(args)).stats(), indent=1))
+    return 0
+
+
+def _kb_delete(args: argparse.Namespace) -> int:
+    removed = _open_kb(_settings(args)).delete_source(args.source)
+    if not removed:
+        raise CliError(f"no documents from source '{args.source}'")
+    print(json.dumps({"source": args.source, "deleted": removed}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gateway.app import build_engine, build_knowledge_base
+    from gateway.logging import configure_logging
+    from gateway.rag.embeddings import Embedder
+    from retraining.evaluate import evaluate, load_qa
+
+    settings = _settings(args)
+    if not Path(args.data).is_file():
+        raise CliError(f"{args.data}: no such file")
+    try:
+        rows = load_qa(args.data, args.limit, args.seed)
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise CliError(f"{exc}" if "columns" in str(exc) else f"{args.data}: not a UTF-8 CSV ({exc})") from None
+    if not rows:
+        raise CliError(f"{args.data}: no question/answer rows")
+    configure_logging(settings.logging.model_copy(update={"level": "warning"}))
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def run() -> dict:
+        engine = build_engine(settings)
+        kb = await asyncio.to_thread(build_knowledge_base, settings) if args.rag else None
+        embedder = kb.embedder if kb else Embedder(settings.rag.embedding_model)
+        await engine.start()
+        bar, update = _progress("answering")
+        bar.unit = "question"
+        try:
+            return await evaluate(settings, engine, embedder, rows, kb=kb, rag=args.rag, adapter=args.adapter,
+                                  max_tokens=args.max_tokens, concurrency=args.concurrency, progress=update)
+        finally:
+            bar.close()
+            await engine.stop()
+
+    report = asyncio.run(run())
+    report["config"]["data"] = str(args.data)
+    report["config"]["seed"] = args.seed
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({"config": report["config"], "summary": report["summary"], "seconds": report["seconds"]}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tellerloop", description="Self-improving banking support chatbot gateway")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML file layered over config/default.toml")
+    common.add_argument("--data-dir", help="overrides storage.data_dir")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible gateway")
-    serve.add_argument("--config", help="TOML file layered over config/default.toml")
+
+    serve = sub.add_parser("serve", parents=[common], help="serve the OpenAI-compatible gateway")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--data-dir")
     serve.set_defaults(func=_serve)
+
+    kb = sub.add_parser("kb", help="knowledge base: ingest, stats, delete").add_subparsers(dest="kb_command", required=True)
+    ingest = kb.add_parser("ingest", parents=[common], help="ingest a file or every supported file in a directory")
+    ingest.add_argument("path")
+    ingest.add_argument("--collection", help="overrides rag.collection")
+    ingest.add_argument("--format", choices=["text", "markdown", "csv", "jsonl"], help="instead of the extension")
+    ingest.set_defaults(func=_kb_ingest)
+    stats = kb.add_parser("stats", parents=[common], help="chunks per source")
+    stats.add_argument("--collection")
+    stats.set_defaults(func=_kb_stats)
+    delete = kb.add_parser("delete", parents=[common], help="delete every chunk of one source (file name)")
+    delete.add_argument("source")
+    delete.add_argument("--collection")
+    delete.set_defaults(func=_kb_delete)
+
+    ev = sub.add_parser("eval", parents=[common], help="answer quality on a Q&A CSV (similarity, ROUGE-L, AUROC)")
+    ev.add_argument("--data", required=True, help="CSV with question,answer[,category]")
+    ev.add_argument("--rag", action=argparse.BooleanOptionalAction, default=True)
+    ev.add_argument("--adapter", help="adapter version to evaluate (default: the base model)")
+    ev.add_argument("--limit", type=int, help="a seeded random sample of this many rows")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-tokens", type=int, help="default: model.default_max_tokens")
+    ev.add_argument("--concurrency", type=int, default=8)
+    ev.add_argument("--out", required=True, help="report JSON path")
+    ev.set_defaults(func=_eval)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"tellerloop {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,3 +30,8 @@ IN_FLIGHT = Gauge("tellerloop_inflight_requests", "Chat completions being genera
 REJECTED = Counter("tellerloop_rejected_requests_total", "Chat requests refused before generation", ["reason"])
 ENGINE_QUEUED = Gauge("tellerloop_engine_queued", "Requests waiting for a generation slot")
 ENGINE_ACTIVE = Gauge("tellerloop_engine_active_sequences", "Sequences in the running batch")
+RETRIEVAL_SECONDS = Histogram(
+    "tellerloop_retrieval_seconds", "Knowledge-base search time (embedding + vector query)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
+)
+KB_CHUNKS = Gauge("tellerloop_knowledge_chunks", "Chunks in the knowledge base collection")

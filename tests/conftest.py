@@ -59,8 +59,28 @@ def tiny_model_dir(real_model_dir: Path) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def faq_chroma_dir(tmp_path_factory) -> Path:
+    """A data dir whose embedded Chroma holds the demo FAQ, ingested once per session (~25 s)."""
+    from gateway.rag.embeddings import Embedder
+    from gateway.rag.knowledge import KnowledgeBase
+    from gateway.settings import load_settings
+
+    data_dir = tmp_path_factory.mktemp("faq-kb")
+    kb = KnowledgeBase(load_settings().rag, data_dir, Embedder())
+    result = kb.ingest_bytes("faq.csv", (ROOT / "data" / "bank_faq" / "faq.csv").read_bytes())
+    assert result.chunks == result.added == 1039
+    del kb
+    return data_dir / "chroma"
+
+
+def seed_knowledge(data_dir: Path, faq_chroma_dir: Path) -> None:
+    shutil.copytree(faq_chroma_dir, data_dir / "chroma")
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path):
+    """Settings on a fresh data dir. The demo FAQ is not auto-ingested (slow) unless a test asks."""
     from gateway.settings import load_settings
 
     def _make(model_dir: Path | str = "", **sections):
@@ -69,6 +89,7 @@ def make_settings(tmp_path: Path):
         sections.setdefault("model", {})
         sections["model"].setdefault("base", str(model_dir))
         sections.setdefault("logging", {}).setdefault("json", True)
+        sections.setdefault("rag", {}).setdefault("demo_data", "")
         return load_settings(None, **sections)
 
     return _make
@@ -131,9 +152,12 @@ def start_server(tmp: Path, config_toml: str, extra_env: dict | None = None) -> 
 
 
 @pytest.fixture(scope="session")
-def real_server(tmp_path_factory, real_model_dir: Path):
-    """One real gateway process on the real SmolLM2 for all end-to-end tests."""
+def real_server(tmp_path_factory, real_model_dir: Path, faq_chroma_dir: Path):
+    """One real gateway process on the real SmolLM2, with the demo FAQ knowledge base, for all
+    end-to-end tests (the FAQ is pre-ingested by copying the session's Chroma dir, which is what
+    the server's own first-start ingestion would produce, only faster)."""
     tmp = tmp_path_factory.mktemp("real-server")
+    seed_knowledge(tmp / "var", faq_chroma_dir)
     server = start_server(tmp, f'[model]\nbase = "{real_model_dir}"\n')
     yield server
     server.stop()

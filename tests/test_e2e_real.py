@@ -163,3 +163,30 @@ def test_metrics_count_the_traffic(real_server, sdk):
     text = httpx.get(f"{real_server.base_url}/metrics").text
     line = next(l for l in text.splitlines() if l.startswith('tellerloop_generated_tokens_total{variant="base"}'))
     assert float(line.split()[-1]) > 0
+
+
+def test_rag_answer_cites_the_matching_faq_entry(real_server, sdk):
+    q = "How should I get the IVR Password if I hold an add-on card"
+    resp = sdk.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": q}],
+                                       max_tokens=64, extra_body={"rag": True})
+    sources = resp.model_extra["sources"]
+    assert sources and sources[0]["question"].startswith("How should I get the IVR Password")
+    assert sources[0]["score"] > 0.8
+    row = exchange(real_server, resp.model_extra["exchange_id"])
+    assert row["rag"] is True and row["sources"] == sources
+    assert row["confidence_parts"]["top_similarity"] == pytest.approx(sources[0]["score"], abs=1e-3)
+    # The model saw the entry: its answer overlaps the FAQ answer's key terms.
+    answer = resp.choices[0].message.content.lower()
+    assert "mobile" in answer or "registered" in answer or "primary" in answer, answer
+
+    plain = sdk.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": q}],
+                                        max_tokens=16, extra_body={"rag": False})
+    assert plain.model_extra["sources"] == []
+    assert exchange(real_server, plain.model_extra["exchange_id"])["rag"] is False
+
+
+def test_knowledge_search_over_http(real_server):
+    r = httpx.get(f"{real_server.base_url}/v1/knowledge/search", params={"q": "lost or stolen card", "k": 3},
+                  headers={"Authorization": "Bearer dev-reviewer-key"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+    assert any("stolen" in h["question"].lower() for h in r.json()["results"])

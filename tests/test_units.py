@@ -7,6 +7,10 @@ import pytest
 from gateway.confidence import is_looping, score
 from gateway.pii import scrub, scrub_messages
 from gateway.routing import UnknownModel, resolve_variant
+from gateway.settings import ConfidenceSettings
+
+CFG = ConfidenceSettings(truncation_penalty=0.5, loop_penalty=0.25, retrieval_weight=0.5,
+                         retrieval_floor=0.3, retrieval_ceiling=0.8)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +43,7 @@ def test_scrub_messages_keeps_roles():
 
 
 def test_confidence_is_geometric_mean_probability():
-    conf = score([math.log(0.5)] * 4, "a short answer", "stop", truncation_penalty=0.5, loop_penalty=0.5)
+    conf = score([math.log(0.5)] * 4, "a short answer", "stop", CFG)
     assert conf.score == pytest.approx(0.5)
     assert conf.token_prob == pytest.approx(0.5)
     assert not conf.truncated and not conf.looping
@@ -47,15 +51,26 @@ def test_confidence_is_geometric_mean_probability():
 
 def test_confidence_penalises_truncation_and_loops():
     lps = [math.log(0.8)] * 10
-    base = score(lps, "fine answer here", "stop", truncation_penalty=0.5, loop_penalty=0.25).score
-    cut = score(lps, "fine answer here", "length", truncation_penalty=0.5, loop_penalty=0.25).score
-    looped = score(lps, "pay the bill " * 4, "stop", truncation_penalty=0.5, loop_penalty=0.25).score
+    base = score(lps, "fine answer here", "stop", CFG).score
+    cut = score(lps, "fine answer here", "length", CFG).score
+    looped = score(lps, "pay the bill " * 4, "stop", CFG).score
     assert cut == pytest.approx(base * 0.5)
     assert looped == pytest.approx(base * 0.25)
 
 
 def test_confidence_of_empty_answer_is_zero():
-    assert score([], "", "stop", truncation_penalty=0.5, loop_penalty=0.5).score == 0.0
+    assert score([], "", "stop", CFG).score == 0.0
+
+
+def test_retrieval_similarity_is_blended_in():
+    lps = [math.log(0.6)] * 5
+    assert score(lps, "answer", "stop", CFG).retrieval is None
+    strong = score(lps, "answer", "stop", CFG, top_similarity=0.9)
+    weak = score(lps, "answer", "stop", CFG, top_similarity=0.2)
+    mid = score(lps, "answer", "stop", CFG, top_similarity=0.55)
+    assert strong.score == pytest.approx(0.5 * 0.6 + 0.5 * 1.0)
+    assert weak.score == pytest.approx(0.5 * 0.6)
+    assert mid.retrieval == pytest.approx(0.5) and mid.top_similarity == 0.55
 
 
 def test_loop_detection():

@@ -36,6 +36,7 @@ class ExchangesController(Controller):
             "finish_reason": row.finish_reason,
             "stream": row.stream,
             "rag": row.rag,
+            "retrieval_ms": row.retrieval_ms,
             "sources": row.sources,
             "params": row.params,
             "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens},

@@ -14,12 +14,13 @@ async def health() -> dict:
 @get("/ready", tags=["health"], summary="Readiness: model loaded and database reachable")
 async def ready(state: State) -> Response:
     engine = state.engine
-    checks = {"model": bool(engine is not None and engine.ready), "database": False}
+    checks = {"model": bool(engine is not None and engine.ready), "database": False,
+              "knowledge_base": state.get("kb") is not None}
     try:
         checks["database"] = await state.exchange_repository.ping()
     except Exception:  # noqa: BLE001 - any failure means "not ready"
         checks["database"] = False
     if state.get("startup_error"):
         checks["error"] = state.startup_error
-    ok = checks["model"] and checks["database"]
+    ok = checks["model"] and checks["database"] and checks["knowledge_base"]
     return Response({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)

@@ -44,8 +44,10 @@ class ChatCompletionRequest(BaseModel):
     n: Literal[1] = 1
     presence_penalty: Literal[0, 0.0] | None = None
     frequency_penalty: Literal[0, 0.0] | None = None
-    # tellerloop extra: ground the answer in the knowledge base (default from config)
+    # tellerloop extras: ground the answer in the knowledge base (default: rag.enabled_by_default),
+    # and how many entries to retrieve (default: rag.top_k). Not `top_k`: vLLM uses that for sampling.
     rag: bool | None = None
+    rag_top_k: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
@@ -67,17 +69,3 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-class Source(BaseModel):
-    id: str
-    text: str
-    score: float
-
-
-class FeedbackExtras(BaseModel):
-    """The tellerloop fields added to every completion (and to the last stream chunk)."""
-
-    exchange_id: str
-    confidence: float
-    flagged: bool
-    variant: str
-    sources: list[Source] = []

@@ -20,6 +20,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_logprobs: int = 0  # alternatives to report per token (0..20)
+    repetition_penalty: float = 1.0  # >1: already *generated* tokens get their logits scaled down
+    no_repeat_ngram_size: int = 0  # >0: a generated token n-gram of this size may not occur twice
 
 
 @dataclass(frozen=True)

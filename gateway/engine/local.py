@@ -262,7 +262,8 @@ class LocalEngine:
                 self._finish(seq, "cancelled")
                 continue
             params = seq.request.params
-            token = _choose(logits[row], params.temperature, params.top_p, seq.generator)
+            row_logits = _apply_repetition_guards(logits[row], seq.out_ids, params)
+            token = _choose(row_logits, params.temperature, params.top_p, seq.generator)
             if token in self._stop_ids:
                 self._finish(seq, "stop")
                 continue
@@ -312,6 +313,25 @@ class LocalEngine:
                 remainder = ""
         seq.done = True
         seq.send(Finished(reason, len(seq.prompt_ids), len(seq.out_ids), text=remainder))
+
+
+def _apply_repetition_guards(logits: torch.Tensor, generated: list[int], params) -> torch.Tensor:  # noqa: ANN001
+    """Loop guards over the answer so far (never the prompt, which may hold context to copy).
+    Log-probs reported to callers stay those of the unmodified distribution."""
+    if not generated or (params.repetition_penalty == 1.0 and not params.no_repeat_ngram_size):
+        return logits
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(generated)), dtype=torch.long)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    n = params.no_repeat_ngram_size
+    if n and len(generated) >= n:
+        prefix = tuple(generated[len(generated) - n + 1 :])
+        banned = {generated[i + n - 1] for i in range(len(generated) - n + 1) if tuple(generated[i : i + n - 1]) == prefix}
+        if banned:
+            logits[list(banned)] = float("-inf")
+    return logits
 
 
 def _mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:

@@ -31,6 +31,7 @@ class Exchange(Base):
     stream: Mapped[bool] = mapped_column(Boolean)
     rag: Mapped[bool] = mapped_column(Boolean, default=False)
     sources: Mapped[list] = mapped_column(JSON, default=list)
+    retrieval_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)

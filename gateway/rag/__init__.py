@@ -1,0 +1,1 @@
+"""Retrieval: embeddings, document parsing/chunking, the Chroma knowledge base, prompt context."""

@@ -1,0 +1,166 @@
+"""Answer-quality evaluation: the library function behind `tellerloop eval` (and, later, the
+retraining gate).
+
+For each Q&A row it asks the question exactly as serving would (same prompt building, retrieval,
+sampling defaults and confidence), then scores the answer against the reference:
+  * similarity: cosine of all-MiniLM-L6-v2 embeddings of answer and reference ("good" ≥ 0.75,
+    the FINDINGS.md convention);
+  * ROUGE-L F1 over lower-cased word tokens;
+  * retrieval hit: the reference entry (same normalised question) among the sources;
+  * cap hit (finish_reason "length") and looping (a word 4-gram ×3);
+  * AUROC of the confidence score (and each of its parts) for separating good from bad answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import random
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gateway.chat import retrieve, sampling_params
+from gateway.confidence import is_looping
+from gateway.confidence import score as score_confidence
+from gateway.engine.base import Engine, Finished, GenerationRequest, TokenEvent
+from gateway.prompting import build_messages
+from gateway.rag.documents import normalise_question
+from gateway.rag.embeddings import Embedder
+from gateway.rag.knowledge import KnowledgeBase
+from gateway.settings import Settings
+
+GOOD_SIMILARITY = 0.75
+_TOKEN = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+    category: str = ""
+
+
+def load_qa(path: str | Path, limit: int | None = None, seed: int = 0) -> list[QA]:
+    """Rows of a question/answer CSV; with `limit`, a seeded random sample (a fixed sample per seed)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not {"question", "answer"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path}: needs 'question' and 'answer' columns (found: {reader.fieldnames})")
+        rows = [QA(r["question"].strip(), r["answer"].strip(), (r.get("category") or "").strip())
+                for r in reader if r.get("question") and r.get("answer")]
+    if limit is not None and limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+    return rows
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    a, b = _TOKEN.findall(candidate.lower()), _TOKEN.findall(reference.lower())
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """Probability that a random good answer scores above a random bad one (ties count half)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return round(wins / (len(pos) * len(neg)), 4)
+
+
+async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, qa: QA, rag: bool,
+                  adapter: str | None, max_tokens: int) -> dict:
+    hits, top = None, None
+    if rag:
+        hits, top, _ = await retrieve(settings, kb, qa.question, settings.rag.top_k)
+    messages = build_messages(settings, [{"role": "user", "content": qa.question}], hits)
+    stream = await engine.submit(GenerationRequest("eval", messages, sampling_params(settings, max_tokens),
+                                                   adapter=adapter))
+    text, logprobs, fin = "", [], None
+    async for ev in stream:
+        text += ev.text
+        if isinstance(ev, TokenEvent):
+            logprobs.append(ev.logprob)
+        elif isinstance(ev, Finished):
+            fin = ev
+    conf = score_confidence(logprobs, text, fin.finish_reason, settings.confidence, top_similarity=top)
+    target = normalise_question(qa.question)
+    hit = None if hits is None else any(normalise_question(h.metadata.get("question", "")) == target for h in hits)
+    return {"question": qa.question, "reference": qa.answer, "answer": text, "finish_reason": fin.finish_reason,
+            "completion_tokens": fin.completion_tokens, "confidence": conf.parts(), "retrieval_hit": hit,
+            "sources": [] if hits is None else [h.metadata.get("question", h.id) for h in hits]}
+
+
+async def evaluate(settings: Settings, engine: Engine, embedder: Embedder, rows: list[QA], *,
+                   kb: KnowledgeBase | None = None, rag: bool = True, adapter: str | None = None,
+                   max_tokens: int | None = None, concurrency: int = 8,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run the questions through the engine (`concurrency` at a time) and score the answers."""
+    if rag and kb is None:
+        raise ValueError("rag=True needs a knowledge base")
+    max_tokens = max_tokens or settings.model.default_max_tokens
+    semaphore = asyncio.Semaphore(concurrency)
+    done = 0
+    started = time.perf_counter()
+
+    async def one(qa: QA) -> dict:
+        nonlocal done
+        async with semaphore:
+            result = await _answer(settings, engine, kb, qa, rag, adapter, max_tokens)
+        done += 1
+        if progress:
+            progress(done, len(rows))
+        return result
+
+    items = await asyncio.gather(*[one(qa) for qa in rows])
+    sims = await asyncio.to_thread(embedder.similarity, [i["answer"] or " " for i in items], [i["reference"] for i in items])
+    for item, sim in zip(items, sims):
+        item["similarity"] = round(float(sim), 4)
+        item["rouge_l"] = round(rouge_l(item["answer"], item["reference"]), 4)
+        item["good"] = item["similarity"] >= GOOD_SIMILARITY
+        item["looping"] = is_looping(item["answer"])
+    return {"config": {"rag": rag, "adapter": adapter or "base", "max_tokens": max_tokens, "n": len(items),
+                       "layout": settings.rag.layout, "top_k": settings.rag.top_k,
+                       "repetition_penalty": settings.model.repetition_penalty,
+                       "no_repeat_ngram_size": settings.model.no_repeat_ngram_size},
+            "summary": summarise(items), "seconds": round(time.perf_counter() - started, 1), "items": items}
+
+
+def summarise(items: list[dict]) -> dict:
+    sims = [i["similarity"] for i in items]
+    labels = [i["good"] for i in items]
+    n = len(items)
+    conf = [i["confidence"] for i in items]
+    hits = [i["retrieval_hit"] for i in items if i["retrieval_hit"] is not None]
+    parts = {"confidence": [c["score"] for c in conf], "token_prob": [c["token_prob"] for c in conf]}
+    if all(c["top_similarity"] is not None for c in conf):
+        parts["top_similarity"] = [c["top_similarity"] for c in conf]
+    return {
+        "similarity_mean": round(statistics.fmean(sims), 4),
+        "similarity_median": round(statistics.median(sims), 4),
+        "rouge_l_mean": round(statistics.fmean(i["rouge_l"] for i in items), 4),
+        "good_rate": round(sum(labels) / n, 4),
+        "share_similarity_ge": {str(t): round(sum(s >= t for s in sims) / n, 4) for t in (0.5, 0.75, 0.9)},
+        "cap_hit_rate": round(sum(i["finish_reason"] == "length" for i in items) / n, 4),
+        "loop_rate": round(sum(i["looping"] for i in items) / n, 4),
+        "retrieval_hit_rate": round(sum(hits) / len(hits), 4) if hits else None,
+        "mean_completion_tokens": round(statistics.fmean(i["completion_tokens"] for i in items), 1),
+        "mean_confidence": round(statistics.fmean(parts["confidence"]), 4),
+        "auroc": {name: auroc(values, labels) for name, values in parts.items()},
+    }

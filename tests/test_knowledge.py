@@ -1,0 +1,154 @@
+"""Knowledge base on real Chroma (embedded and a real `chroma run` server) with the real MiniLM embedder."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.rag.documents import DocumentError, parse
+from gateway.rag.embeddings import Embedder
+from gateway.rag.knowledge import KnowledgeBase
+from gateway.settings import load_settings
+
+from .conftest import ROOT, free_port
+
+FAQ = (ROOT / "data" / "bank_faq" / "faq.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture
+def faq_kb(tmp_path, faq_chroma_dir, embedder):
+    shutil.copytree(faq_chroma_dir, tmp_path / "chroma")
+    return KnowledgeBase(load_settings().rag, tmp_path, embedder)
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+def test_markdown_is_chunked_by_heading_with_size_cap():
+    body = "Card fees apply. " * 80
+    md = f"# Cards\n\nIntro.\n\n## Fees\n\n{body}\n\n# Loans\n\nLoan text.\n".encode()
+    chunks = parse("guide.md", md, chunk_chars=300, chunk_overlap=50)
+    titles = [c.metadata["title"] for c in chunks]
+    assert titles[0] == "Cards" and titles[-1] == "Loans"
+    assert "Cards > Fees" in titles and titles.count("Cards > Fees") >= 4
+    assert all(len(c.text) <= 300 for c in chunks)
+    assert parse("guide.md", md, chunk_chars=300, chunk_overlap=50)[1].id == chunks[1].id  # stable ids
+
+
+def test_csv_and_jsonl_qa():
+    chunks = parse("faq.csv", b"Question,Answer,category\nHow?,Like this.,cards\nWhy?,Because.,\n")
+    assert [c.metadata["question"] for c in chunks] == ["How?", "Why?"]
+    assert chunks[0].metadata["answer"] == "Like this." and chunks[0].metadata["category"] == "cards"
+    jl = b'{"question": "Fee?", "answer": "None."}\n\n{"text": "Branches open at 9.", "title": "Hours"}\n'
+    chunks = parse("kb.jsonl", jl)
+    assert {c.metadata["kind"] for c in chunks} == {"qa", "text"}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("notes.pdf", b"%PDF", "unsupported file type"),
+        ("empty.md", b"  \n\n", "empty"),
+        ("latin1.txt", "caf\xe9".encode("latin-1"), "not valid UTF-8"),
+        ("big.txt", b"x" * 2000, "over the 1000-byte limit"),
+        ("faq.csv", b"q,a\nx,y\n", "'question' and 'answer' columns"),
+        ("faq.csv", b"question,answer\nx,\n", "empty question or answer"),
+        ("kb.jsonl", b'{"question": "x", "answer": "y"}\nnot json\n', "line 2 is not valid JSON"),
+        ("kb.jsonl", b'{"foo": 1}\n', "needs 'question' and 'answer', or 'text'"),
+    ],
+)
+def test_bad_documents_are_refused_clearly(name, data, message):
+    with pytest.raises(DocumentError, match=message):
+        parse(name, data, max_bytes=1000)
+
+
+# ---- the knowledge base --------------------------------------------------------------------------
+def test_reingest_is_idempotent_and_changes_replace(faq_kb):
+    assert faq_kb.count() == 1039
+    assert faq_kb.ingest_bytes("faq.csv", FAQ).unchanged
+    lines = FAQ.decode().splitlines()
+    changed = "\n".join([lines[0], lines[1].replace("recorded message", "RECORDED MESSAGE")] + lines[3:]).encode()
+    result = faq_kb.ingest_bytes("faq.csv", changed)
+    assert not result.unchanged and result.removed == 1 and result.added == 0
+    assert faq_kb.count() == 1038
+    top = faq_kb.search("Do I need to enter # after keying in my card number", 1)[0]
+    assert "RECORDED MESSAGE" in top.metadata["answer"]
+
+
+def test_delete_by_source(faq_kb):
+    faq_kb.ingest_bytes("hours.md", b"# Opening hours\n\nBranches open at 9 am on weekdays.\n")
+    assert faq_kb.stats()["sources"] == {"faq.csv": 1039, "hours.md": 1}
+    assert faq_kb.delete_source("hours.md") == 1
+    assert faq_kb.delete_source("hours.md") == 0
+    assert faq_kb.count() == 1039
+
+
+def test_failed_ingest_leaves_nothing_behind(faq_kb):
+    with pytest.raises(DocumentError):
+        faq_kb.ingest_bytes("bad.csv", b"question,answer\nok,fine\nbroken,\n")
+    assert "bad.csv" not in faq_kb.stats()["sources"]
+
+
+@pytest.mark.parametrize(
+    ("paraphrase", "entry_starts"),
+    [
+        ("my card was stolen, who do I call?", "Who should I contact if my card is lost or stolen"),
+        ("how do add-on card holders get an IVR password", "How should I get the IVR Password"),
+        ("is there a fee for closing a fixed deposit early", "Do I need to pay any penalty on premature closure"),
+        ("can I see my account statement on the internet", None),
+    ],
+)
+def test_paraphrased_questions_find_their_entry(faq_kb, paraphrase, entry_starts):
+    hits = faq_kb.search(paraphrase, 3)
+    assert hits and all(-1 <= h.score <= 1 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    if entry_starts:
+        assert any(h.metadata["question"].startswith(entry_starts) for h in hits), [h.metadata["question"] for h in hits]
+
+
+def test_min_score_filters(faq_kb):
+    assert faq_kb.search("zebra astrophysics poetry", 3, min_score=0.9) == []
+
+
+# ---- a real Chroma server -------------------------------------------------------------------------
+@pytest.fixture
+def chroma_server(tmp_path):
+    chroma = Path(sys.executable).parent / "chroma"
+    port = free_port()
+    proc = subprocess.Popen([str(chroma), "run", "--path", str(tmp_path / "srv"), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("chroma server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_chroma_server_backend(tmp_path, chroma_server, embedder):
+    cfg = load_settings(rag={"chroma_url": chroma_server}).rag
+    kb = KnowledgeBase(cfg, tmp_path, embedder)
+    doc = b"# Lost card\n\nCall us at once to block a lost card.\n\n# Fees\n\nWire transfers cost 5 EUR.\n"
+    assert kb.ingest_bytes("help.md", doc).added == 2
+    assert kb.stats()["backend"] == "http"
+    assert kb.search("how much is a wire transfer", 1)[0].metadata["title"] == "Fees"
+    assert kb.ingest_bytes("help.md", doc).unchanged
+    assert kb.delete_source("help.md") == 2 and kb.count() == 0
+    assert not (tmp_path / "chroma").exists()  # nothing was written locally
