@@ -27,6 +27,8 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/engine_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/answer_quality.py
 
 clean:
 	rm -rf $(VENV) var .cache

@@ -37,7 +37,7 @@ def exchange(real_server, exchange_id):
 def test_non_stream_completion_is_logged(real_server, sdk):
     raw = sdk.chat.completions.with_raw_response.create(
         model="tellerloop", messages=[{"role": "user", "content": "How do I block my lost card?"}],
-        max_tokens=48, user="customer-1",
+        max_tokens=48, user="customer-1", extra_body={"rag": False},
     )
     resp = raw.parse()
     extras = resp.model_extra
@@ -175,9 +175,10 @@ def test_rag_answer_cites_the_matching_faq_entry(real_server, sdk):
     row = exchange(real_server, resp.model_extra["exchange_id"])
     assert row["rag"] is True and row["sources"] == sources
     assert row["confidence_parts"]["top_similarity"] == pytest.approx(sources[0]["score"], abs=1e-3)
-    # The model saw the entry: its answer overlaps the FAQ answer's key terms.
-    answer = resp.choices[0].message.content.lower()
-    assert "mobile" in answer or "registered" in answer or "primary" in answer, answer
+    assert row["confidence_parts"]["retrieval"] is not None
+    # The model was shown the entry (how well it uses it is measured by `tellerloop eval`, not asserted).
+    assert "requested only from the registered mobile number" in row["messages"][0]["content"]
+    assert resp.choices[0].message.content.strip()
 
     plain = sdk.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": q}],
                                         max_tokens=16, extra_body={"rag": False})

@@ -114,3 +114,20 @@ async def test_full_queue_is_refused(tiny_model_dir):
         await waiting.aclose()
     finally:
         await eng.stop()
+
+
+async def test_concurrent_model_loads_do_not_corrupt_weights(tiny_model_dir):
+    """The gateway loads the chat model and the embedder on two threads at start. transformers'
+    loading is not thread-safe; unserialised, this produced garbage tokens after a few loads."""
+    from gateway.rag.embeddings import Embedder
+
+    req = GenerationRequest("t", [{"role": "user", "content": "hello"}], SamplingParams(max_tokens=4))
+    outputs = []
+    for _ in range(3):
+        eng = LocalEngine(str(tiny_model_dir), dtype="float32", max_context_tokens=512)
+        await asyncio.gather(eng.start(), asyncio.to_thread(lambda: Embedder().embed(["hi"])))
+        try:
+            outputs.append([(e.token_id, round(e.logprob, 4)) async for e in await eng.submit(req) if isinstance(e, TokenEvent)])
+        finally:
+            await eng.stop()
+    assert outputs[0] and outputs == [outputs[0]] * 3

@@ -20,7 +20,9 @@ from typing import Callable
 
 import structlog
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer  # at import time: lazy imports are not thread-safe
 
+from gateway.loading import MODEL_LOAD_LOCK
 from gateway.engine.base import (
     ContextLengthExceeded,
     EngineFailure,
@@ -135,17 +137,14 @@ class LocalEngine:
         return {"queued": self._pending.qsize(), "active": self._active}
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if self._torch_threads:
             torch.set_num_threads(self._torch_threads)
         if not self.model_path:
             self.model_path = self._model_source()
         started = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=self._dtype, local_files_only=True
-        )
+        with MODEL_LOAD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self._dtype, local_files_only=True)
         self.model = model.eval()
         tok = self.tokenizer
         stop_ids = {tok.eos_token_id}
@@ -240,8 +239,7 @@ class LocalEngine:
             mask[row, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=ids, attention_mask=_mask_or_none(mask), position_ids=positions, use_cache=True,
-            logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
         )
         return out.logits[:, -1, :].float(), out.past_key_values, mask
 
@@ -250,8 +248,7 @@ class LocalEngine:
         mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
         out = self.model(
-            input_ids=ids, attention_mask=_mask_or_none(mask), position_ids=positions, past_key_values=cache,
-            use_cache=True,
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
         )
         return out.logits[:, -1, :].float(), mask
 
@@ -332,12 +329,6 @@ def _apply_repetition_guards(logits: torch.Tensor, generated: list[int], params)
         if banned:
             logits[list(banned)] = float("-inf")
     return logits
-
-
-def _mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
-    """Without padding the mask is pure causal: passing None lets SDPA take its fast is_causal path
-    (measurably faster on CPU, most of all in bfloat16; see bench/results)."""
-    return None if bool(mask.all()) else mask
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

