@@ -148,7 +148,12 @@ def _eval(args: argparse.Namespace) -> int:
             bar.close()
             await engine.stop()
 
-    report = asyncio.run(run())
+    from gateway.engine.base import EngineError
+
+    try:
+        report = asyncio.run(run())
+    except EngineError as exc:  # e.g. an adapter version that is not loaded
+        raise CliError(str(exc)) from None
     report["config"]["data"] = str(args.data)
     report["config"]["seed"] = args.seed
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

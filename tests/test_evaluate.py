@@ -78,3 +78,15 @@ def test_eval_cli_errors(tmp_path):
     bad.write_text("q,a\n1,2\n")
     proc = run("--data", str(bad), "--out", str(tmp_path / "r.json"))
     assert proc.returncode == 2 and "'question' and 'answer'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_cli_unknown_adapter(tmp_path, tiny_model_dir):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[rag]\ndemo_data = ""\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "eval", "--config", str(cfg), "--data-dir", str(tmp_path / "var"),
+         "--data", str(ROOT / "data" / "bank_faq" / "faq.csv"), "--limit", "1", "--no-rag", "--adapter", "v9999",
+         "--out", str(tmp_path / "r.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "adapter 'v9999' is not loaded" in proc.stderr and "Traceback" not in proc.stderr
