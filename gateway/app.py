@@ -36,11 +36,13 @@ from gateway.store.exchanges import ExchangeRepository
 log = structlog.get_logger(__name__)
 
 
-def build_knowledge_base(settings: Settings) -> KnowledgeBase:
+def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> KnowledgeBase:
     """Blocking (loads the embedder, opens Chroma, may ingest the demo FAQ): run it in a thread."""
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     embedder = Embedder(settings.rag.embedding_model, batch_size=settings.rag.embedding_batch)
     kb = KnowledgeBase(settings.rag, settings.storage.data_dir, embedder)
-    ingest_demo_data(kb, settings.rag.demo_data, PROJECT_ROOT)
+    if ingest_demo:
+        ingest_demo_data(kb, settings.rag.demo_data, PROJECT_ROOT)
     return kb
 
 

@@ -67,14 +67,11 @@ def _progress(desc: str):
 
 
 def _open_kb(settings):
+    from gateway.app import build_knowledge_base
     from gateway.logging import configure_logging
-    from gateway.rag.embeddings import Embedder
-    from gateway.rag.knowledge import KnowledgeBase
 
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-    return KnowledgeBase(settings.rag, settings.storage.data_dir,
-                         Embedder(settings.rag.embedding_model, batch_size=settings.rag.embedding_batch))
+    return build_knowledge_base(settings, ingest_demo=False)  # the kb commands manage content explicitly
 
 
 def _kb_ingest(args: argparse.Namespace) -> int:

@@ -239,7 +239,7 @@ class LocalEngine:
             mask[row, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         return out.logits[:, -1, :].float(), out.past_key_values, mask
 
@@ -248,7 +248,7 @@ class LocalEngine:
         mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
         return out.logits[:, -1, :].float(), mask
 
