@@ -20,6 +20,7 @@ from gateway.api.chat import ChatController
 from gateway.api.exchanges import ExchangesController
 from gateway.api.health import health, ready
 from gateway.api.knowledge import KnowledgeController
+from gateway.api.review import ExchangeSignalsController, ReviewController
 from gateway.chat import ChatService
 from gateway.engine.base import Engine
 from gateway.engine.local import LocalEngine
@@ -32,6 +33,8 @@ from gateway.rag.knowledge import KnowledgeBase, ingest_demo_data
 from gateway.settings import PROJECT_ROOT, Settings
 from gateway.store.db import create_engine, migrate, session_factory
 from gateway.store.exchanges import ExchangeRepository
+from gateway.store.reviews import ReviewRepository
+from gateway.review import ReviewService
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +70,10 @@ def _exchange_repository(state: State) -> ExchangeRepository:
     return state.exchange_repository
 
 
+def _review_service(state: State) -> ReviewService:
+    return state.review_service
+
+
 class _MetricsController(PrometheusController):
     path = "/metrics"
 
@@ -79,8 +86,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
         db = create_engine(settings.storage.resolved_database_url)
         await migrate(db)
-        repo = ExchangeRepository(session_factory(db))
+        sessions = session_factory(db)
+        repo = ExchangeRepository(sessions)
         app.state.exchange_repository = repo
+        app.state.review_service = ReviewService(
+            settings, ReviewRepository(sessions, settings.review),
+            embedder=lambda: app.state.kb.embedder if app.state.kb is not None else None)
+        await app.state.review_service.refresh_queue_gauge()
         app.state.chat_service = ChatService(settings, engine, repo)
         metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
         metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
@@ -112,10 +124,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             await db.dispose()
 
     return Litestar(
-        route_handlers=[ChatController, ExchangesController, KnowledgeController, health, ready, _MetricsController],
+        route_handlers=[ChatController, ExchangesController, ExchangeSignalsController, ReviewController,
+                        KnowledgeController, health, ready, _MetricsController],
         dependencies={
             "chat_service": Provide(_chat_service, sync_to_thread=False),
             "exchange_repository": Provide(_exchange_repository, sync_to_thread=False),
+            "review_service": Provide(_review_service, sync_to_thread=False),
         },
         state=State({"settings": settings, "engine": engine, "kb": None, "startup_error": None}),
         lifespan=[lifespan],

@@ -41,6 +41,7 @@ from gateway.security import Principal
 from gateway.settings import Settings
 from gateway.store.exchanges import ExchangeRepository
 from gateway.store.models import Exchange
+from gateway.store.reviews import new_item
 
 log = structlog.get_logger(__name__)
 
@@ -290,7 +291,10 @@ class ChatService:
             confidence_parts=conf.parts(),
             flagged=flagged,
         )
-        await self.exchanges.add(row)
+        enqueue = flagged and fin.finish_reason != "cancelled"  # a cancelled answer is not an answer to review
+        await self.exchanges.add(row, new_item(row, self.settings.review, low_confidence=True) if enqueue else None)
+        if enqueue:
+            metrics.ENQUEUED.labels("low_confidence").inc()
         stream_label = str(run.request.stream).lower()
         if ttft_ms is not None:
             metrics.TTFT.labels(run.variant, stream_label).observe(ttft_ms / 1000)

@@ -35,3 +35,9 @@ RETRIEVAL_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
 )
 KB_CHUNKS = Gauge("tellerloop_knowledge_chunks", "Chunks in the knowledge base collection")
+FEEDBACK = Counter("tellerloop_feedback_total", "Customer ratings received (changes count again)", ["rating"])
+FLAGS = Counter("tellerloop_staff_flags_total", "Staff flags raised")
+ENQUEUED = Counter("tellerloop_review_enqueued_total", "Exchanges put in the review queue when served", ["reason"])
+LABELS = Counter("tellerloop_review_labels_total", "Review labels submitted", ["verdict"])
+RESOLVED = Counter("tellerloop_review_resolved_total", "Review items resolved", ["resolution"])
+REVIEW_ITEMS = Gauge("tellerloop_review_items", "Review items by status (refreshed on every review action)", ["status"])

@@ -98,8 +98,34 @@ class ConfidenceSettings(_Section):
 
 
 class ReviewSettings(_Section):
+    """Queue priority = w_confidence·(1−confidence) + w_low_confidence·[below threshold]
+    + w_thumbs_down·[thumbs-down] + w_flag·(staff flags) + w_escalated·[escalated]
+    + w_age_per_hour·(hours waiting). Higher first; ties by age (oldest first)."""
+
     confidence_threshold: float = Field(0.45, ge=0.0, le=1.0)
-    required_reviews: int = Field(2, ge=1)
+    required_reviews: int = Field(2, ge=1, le=10)
+    weight_confidence: float = Field(1.0, ge=0.0)
+    weight_low_confidence: float = Field(0.5, ge=0.0)
+    weight_thumbs_down: float = Field(1.0, ge=0.0)
+    weight_flag: float = Field(1.5, ge=0.0)
+    weight_escalated: float = Field(2.0, ge=0.0)
+    weight_age_per_hour: float = Field(0.02, ge=0.0)
+    claim_ttl_s: int = Field(600, ge=10)
+    correction_similarity: float = Field(0.85, ge=0.0, le=1.0)
+    max_answer_chars: int = Field(8000, ge=100)
+    max_note_chars: int = Field(2000, ge=10)
+    max_queue_limit: int = Field(200, ge=1)
+    stats_recent_exchanges: int = Field(1000, ge=10)
+
+
+class ConsoleSettings(_Section):
+    """The review console's sign-in session. An empty secret → one is generated and kept in
+    `<data_dir>/console_secret` (0600), so sessions survive restarts without configuration."""
+
+    session_secret: str = ""
+    session_max_age_s: int = Field(8 * 3600, ge=60)
+    secure_cookies: bool = False  # set true behind HTTPS
+    page_size: int = Field(50, ge=1, le=500)
 
 
 class LoggingSettings(_Section):
@@ -147,6 +173,7 @@ class Settings(BaseSettings):
     rag: RagSettings = RagSettings()
     confidence: ConfidenceSettings = ConfidenceSettings()
     review: ReviewSettings = ReviewSettings()
+    console: ConsoleSettings = ConsoleSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()
 

@@ -7,6 +7,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from gateway.errors import ApiError
+from gateway.review import ReviewService
 from gateway.security import require
 from gateway.store.exchanges import ExchangeRepository
 
@@ -18,7 +19,8 @@ class ExchangesController(Controller):
 
     @get("/{exchange_id:str}", summary="The full record of one exchange")
     async def get_exchange(
-        self, exchange_id: FromPath[str], exchange_repository: NamedDependency[ExchangeRepository]
+        self, exchange_id: FromPath[str], exchange_repository: NamedDependency[ExchangeRepository],
+        review_service: NamedDependency[ReviewService],
     ) -> dict:
         row = await exchange_repository.get(exchange_id) if len(exchange_id) <= 64 else None
         if row is None:
@@ -45,6 +47,5 @@ class ExchangesController(Controller):
             "confidence": row.confidence,
             "confidence_parts": row.confidence_parts,
             "flagged": row.flagged,
-            "feedback": [],
-            "reviews": [],
+            **await review_service.exchange_signals(row.id),
         }

@@ -5,17 +5,24 @@ from __future__ import annotations
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from gateway.store.models import Exchange
+from gateway.store.models import Exchange, ReviewItem
+from gateway.store.reviews import event
 
 
 class ExchangeRepository:
     def __init__(self, sessions: async_sessionmaker) -> None:
         self._sessions = sessions
 
-    async def add(self, exchange: Exchange) -> None:
-        """Insert and commit; returns only once the row is durable."""
+    async def add(self, exchange: Exchange, review_item: ReviewItem | None = None) -> None:
+        """Insert and commit (with its review item when it was flagged at serving time, in the same
+        transaction); returns only once the rows are durable."""
         async with self._sessions() as session, session.begin():
             session.add(exchange)
+            if review_item is not None:
+                await session.flush()
+                session.add(review_item)
+                await session.flush()
+                session.add(event(exchange.id, review_item.id, "system", "enqueued", reason="low_confidence"))
 
     async def get(self, exchange_id: str) -> Exchange | None:
         async with self._sessions() as session:
