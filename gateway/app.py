@@ -22,6 +22,9 @@ from gateway.api.health import health, ready
 from gateway.api.knowledge import KnowledgeController
 from gateway.api.review import ExchangeSignalsController, ReviewController
 from gateway.chat import ChatService
+from gateway import console
+from gateway.console.pages import ConsoleAuthController, ConsoleController
+from litestar.plugins.htmx import HTMXPlugin
 from gateway.engine.base import Engine
 from gateway.engine.local import LocalEngine
 from gateway.engine.model_files import resolve_base_model
@@ -80,6 +83,7 @@ class _MetricsController(PrometheusController):
 
 def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
     engine = engine or build_engine(settings)
+    secret = console.session_secret(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -125,7 +129,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[ChatController, ExchangesController, ExchangeSignalsController, ReviewController,
-                        KnowledgeController, health, ready, _MetricsController],
+                        KnowledgeController, health, ready, _MetricsController,
+                        ConsoleAuthController, ConsoleController, console.static_router()],
         dependencies={
             "chat_service": Provide(_chat_service, sync_to_thread=False),
             "exchange_repository": Provide(_exchange_repository, sync_to_thread=False),
@@ -138,8 +143,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             PrometheusConfig(app_name="tellerloop", prefix="tellerloop_http", group_path=True,
                              exclude=["/metrics"]).middleware,
             auth_middleware(settings),
+            console.session_config(settings, secret).middleware,
         ],
-        plugins=[structlog_plugin(settings.logging)],
+        csrf_config=console.csrf_config(settings, secret),
+        template_config=console.template_config(),
+        plugins=[structlog_plugin(settings.logging), HTMXPlugin()],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="tellerloop", version="0.1.0", path="/schema"),

@@ -159,6 +159,46 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Resolved review items as chat JSONL, read straight from the database (no server needed)."""
+    from gateway.review import ReviewService
+    from gateway.store.db import create_engine, migrate, session_factory
+    from gateway.store.reviews import ReviewRepository
+
+    settings = _settings(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"{out}: is a directory; give a file name such as reviewed.jsonl")
+    if not out.parent.exists():
+        raise CliError(f"{out.parent}: no such directory")
+
+    async def run() -> int:
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        db = create_engine(settings.storage.resolved_database_url)
+        try:
+            await migrate(db)
+            service = ReviewService(settings, ReviewRepository(session_factory(db), settings.review), lambda: None)
+            tmp = out.with_name(out.name + ".tmp")
+            n = 0
+            with tmp.open("w", encoding="utf-8") as fh:
+                async for line in service.export_lines():
+                    fh.write(line)
+                    n += 1
+            tmp.replace(out)  # a reader never sees a half-written export
+            return n
+        finally:
+            await db.dispose()
+
+    try:
+        n = asyncio.run(run())
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. an unreachable database URL
+        raise CliError(f"export failed: {type(exc).__name__}: {exc}") from None
+    print(json.dumps({"out": str(out), "items": n}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tellerloop", description="Self-improving banking support chatbot gateway")
     common = argparse.ArgumentParser(add_help=False)
@@ -184,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("source")
     delete.add_argument("--collection")
     delete.set_defaults(func=_kb_delete)
+
+    export = sub.add_parser("export", parents=[common], help="resolved review items as chat-format JSONL")
+    export.add_argument("--out", required=True, help="file to write (replaced atomically)")
+    export.set_defaults(func=_export)
 
     ev = sub.add_parser("eval", parents=[common], help="answer quality on a Q&A CSV (similarity, ROUGE-L, AUROC)")
     ev.add_argument("--data", required=True, help="CSV with question,answer[,category]")

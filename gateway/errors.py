@@ -94,6 +94,9 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
     if isinstance(exc, NotAuthorizedException):
         return _response(401, exc.detail, None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
     if isinstance(exc, PermissionDeniedException):
+        if "CSRF" in (exc.detail or ""):
+            return _response(403, "CSRF token missing or invalid: reload the page and submit the form again.",
+                             None, "csrf_failed")
         return _response(403, exc.detail, None, "insufficient_role")
     messages = {
         404: "Not found: no such route",

@@ -314,7 +314,7 @@ class ReviewService:
         if ROLE_RANK[principal.role] >= ROLE_RANK["admin"] and item.status == "escalated":
             values = self._resolution(exchange, [label], now, decided_by=f"admin:{me}")
         elif (group := consensus_group([*by_id], agrees, self.cfg.required_reviews)) is not None:
-            chosen = [by_id[i] for i in group]
+            chosen = [by_id[i] for i in sorted(group, key=lambda i: (i == NEW, i))]  # oldest → newest
             values = self._resolution(exchange, chosen, now,
                                       decided_by="consensus:" + ",".join(sorted(x.reviewer for x in chosen)))
         elif len(by_id) >= item.required_labels:

@@ -66,7 +66,8 @@ def auth_middleware(settings: Settings) -> DefineMiddleware:
     return DefineMiddleware(
         ApiKeyAuthMiddleware,
         keystore=KeyStore(settings.auth.keys),
-        exclude=[rf"^{p}" for p in sorted(PUBLIC_PATHS)],
+        # The console authenticates with its own signed session cookie (gateway/console).
+        exclude=[rf"^{p}" for p in sorted(PUBLIC_PATHS | {"/console"})],
     )
 
 
