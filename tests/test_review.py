@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,10 +35,40 @@ def chat(content="How do I block my card?", **extra):
     return {"model": "tellerloop", "messages": [{"role": "user", "content": content}], "max_tokens": 6, **extra}
 
 
+PG_URL = os.environ.get("TELLERLOOP_TEST_POSTGRES_URL", "")
+
+
 @pytest.fixture
 async def client(make_settings, tiny_model_dir):
+    async for c in _client(make_settings, tiny_model_dir):
+        yield c
+
+
+@pytest.fixture
+async def pg_client(make_settings, tiny_model_dir):
+    """The same app on a fresh PostgreSQL database (the race-prone paths must hold there too)."""
+    if not PG_URL:
+        pytest.skip("POSTGRES: set TELLERLOOP_TEST_POSTGRES_URL to run the PostgreSQL tests")
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    name = f"tellerloop_review_{uuid.uuid4().hex[:10]}"
+    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        async for c in _client(make_settings, tiny_model_dir, PG_URL.rsplit("/", 1)[0] + f"/{name}"):
+            yield c
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+async def _client(make_settings, tiny_model_dir, database_url: str = ""):
     settings = make_settings(tiny_model_dir, model={"max_context_tokens": 512, "max_tokens_limit": 64},
-                             rag={"enabled_by_default": False}, auth={"keys": KEYS})
+                             rag={"enabled_by_default": False}, auth={"keys": KEYS},
+                             storage={"database_url": database_url})
     app = create_app(settings)
     async with AsyncTestClient(app) as c:
         for _ in range(300):
@@ -66,7 +97,16 @@ async def add_exchange(client, confidence: float, *, age_h: float = 0.0, user: s
     if row.flagged:
         from gateway.store.reviews import new_item
         item = new_item(row, client.settings.review, low_confidence=True, now=when)
-    await client.app.state.exchange_repository.add(row, item)
+    # Our own engine in the test's event loop (the app's runs in the test client's loop; asyncpg
+    # connections cannot cross loops).
+    from gateway.store.db import create_engine, session_factory
+    from gateway.store.exchanges import ExchangeRepository
+
+    db = create_engine(client.settings.storage.resolved_database_url)
+    try:
+        await ExchangeRepository(session_factory(db)).add(row, item)
+    finally:
+        await db.dispose()
     return row.id
 
 
@@ -349,3 +389,18 @@ async def test_export_api_and_cli(client, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gateway.cli", "export", "--config", str(cfg)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--out" in bad.stderr
+
+
+# ---- the same race-prone paths on PostgreSQL ---------------------------------------------------
+async def test_postgres_queue_order(pg_client):
+    await test_queue_order_follows_the_documented_formula(pg_client)
+
+
+async def test_postgres_claims_under_concurrency(pg_client):
+    await test_claims_under_concurrency(pg_client)
+
+
+async def test_postgres_concurrent_labels_and_consensus(pg_client):
+    await test_concurrent_labels_on_one_item_are_consistent(pg_client)
+    await test_disagreement_escalates_then_third_reviewer_or_admin_decides(pg_client)
+    await test_feedback_only_for_own_exchanges_and_changeable(pg_client)
