@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -93,6 +95,21 @@ def make_settings(tmp_path: Path):
         return load_settings(None, **sections)
 
     return _make
+
+
+@asynccontextmanager
+async def ready_client(app, settings):
+    """Litestar's in-process test client, once the app reports ready (model loaded in the background)."""
+    from litestar.testing import AsyncTestClient
+
+    async with AsyncTestClient(app) as c:
+        for _ in range(300):
+            if (await c.get("/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await c.get("/ready")).status_code == 200, (await c.get("/ready")).text
+        c.settings, c.app = settings, app
+        yield c
 
 
 def free_port() -> int:

@@ -1,12 +1,11 @@
 """HTTP API plumbing on the tiny model, in-process (Litestar test client, real SQLite)."""
 
-import asyncio
 import json
 
 import pytest
-from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
+from tests.conftest import ready_client
 
 CLIENT = {"Authorization": "Bearer dev-client-key"}
 REVIEWER = {"Authorization": "Bearer dev-reviewer-key"}
@@ -21,12 +20,7 @@ def chat(content="How do I block my card?", **extra):
 async def client(make_settings, tiny_model_dir):
     settings = make_settings(tiny_model_dir, model={"max_context_tokens": 512, "max_tokens_limit": 64})
     app = create_app(settings)
-    async with AsyncTestClient(app) as c:
-        for _ in range(200):
-            if (await c.get("/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
-        c.settings = settings
+    async with ready_client(app, settings) as c:
         yield c
 
 

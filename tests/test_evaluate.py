@@ -1,13 +1,12 @@
 """The evaluation library: metrics by hand-checkable examples, and a tiny end-to-end run."""
 
 import asyncio
-import json
 import subprocess
 import sys
 
 import pytest
 
-from retraining.evaluate import QA, auroc, load_qa, rouge_l
+from retraining.evaluate import auroc, load_qa, rouge_l
 
 from .conftest import ROOT
 

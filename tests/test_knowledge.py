@@ -1,7 +1,6 @@
 """Knowledge base on real Chroma (embedded and a real `chroma run` server) with the real MiniLM embedder."""
 
 import shutil
-import socket
 import subprocess
 import sys
 import time

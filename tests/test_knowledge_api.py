@@ -1,16 +1,14 @@
 """Knowledge endpoints, retrieval in chat (tiny model, in-process), and the `kb` CLI."""
 
-import asyncio
 import json
 import subprocess
 import sys
 
 import pytest
-from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 
-from .conftest import ROOT, seed_knowledge
+from .conftest import ROOT, ready_client, seed_knowledge
 
 CLIENT = {"Authorization": "Bearer dev-client-key"}
 REVIEWER = {"Authorization": "Bearer dev-reviewer-key"}
@@ -22,11 +20,7 @@ FAQ_Q = "How should I get the IVR Password if I hold an add-on card"
 async def client(make_settings, tiny_model_dir, faq_chroma_dir, tmp_path):
     settings = make_settings(tiny_model_dir, model={"max_context_tokens": 2048})
     seed_knowledge(settings.storage.data_dir, faq_chroma_dir)
-    async with AsyncTestClient(create_app(settings)) as c:
-        for _ in range(300):
-            if (await c.get("/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
+    async with ready_client(create_app(settings), settings) as c:
         yield c
 
 

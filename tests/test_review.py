@@ -13,13 +13,12 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from litestar.testing import AsyncTestClient
 
 from gateway.agreement import cohen_kappa, consensus_group, percent_agreement
 from gateway.app import create_app
 from gateway.store.models import Exchange
+from tests.conftest import ROOT, ready_client
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 KEYS = [
     {"name": "app", "role": "client", "key": "k-client"},
     {"name": "app2", "role": "client", "key": "k-client2"},
@@ -70,13 +69,7 @@ async def _client(make_settings, tiny_model_dir, database_url: str = ""):
                              rag={"enabled_by_default": False}, auth={"keys": KEYS},
                              storage={"database_url": database_url})
     app = create_app(settings)
-    async with AsyncTestClient(app) as c:
-        for _ in range(300):
-            if (await c.get("/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
-        assert (await c.get("/ready")).status_code == 200
-        c.settings, c.app = settings, app
+    async with ready_client(app, settings) as c:
         yield c
 
 
