@@ -128,6 +128,46 @@ class ConsoleSettings(_Section):
     page_size: int = Field(50, ge=1, le=500)
 
 
+class TrainingSettings(_Section):
+    """One adapter training run (retraining/train.py)."""
+
+    quantization: Literal["4bit", "none"] = "none"  # "4bit": QLoRA (bitsandbytes nf4); "none": LoRA on fp32
+    lora_r: int = Field(16, ge=1, le=256)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    epochs: int = Field(1, ge=1, le=50)
+    max_steps: int = Field(0, ge=0)  # >0 caps optimizer steps (overrides epochs)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    max_seq_tokens: int = Field(512, ge=32)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=0.5)
+    early_stopping_patience: int = Field(1, ge=0)  # epochs without eval-loss improvement before stopping
+    seed: int = 1234
+    nice: int = Field(10, ge=0, le=19)  # the trainer process runs niced so serving keeps the CPU
+    torch_threads: int = Field(0, ge=0)
+    progress_every_steps: int = Field(1, ge=1)
+
+
+class RetrainingSettings(_Section):
+    enabled: bool = True  # the scheduler inside the gateway
+    interval_hours: float = Field(24.0, gt=0.0)
+    cron: str = ""  # a crontab line ("0 3 * * *") instead of the interval
+    min_new_labels: int = Field(20, ge=0)  # resolved labels since the last run needed to start one
+    min_examples: int = Field(16, ge=1)  # refuse to train on fewer examples
+    replay_ratio: float = Field(1.0, ge=0.0)  # seed Q&A replayed per reviewed example (capped by the seed size)
+    seed_data: str = "data/bank_faq/faq.csv"  # seed Q&A (also the frozen eval split's source); "" → none
+    bootstrap: bool = True  # with no champion, the first run trains v0001 on the seed data
+    context_in_prompts: bool = True  # seed examples carry retrieved context in their prompt (measured)
+    eval_seed_size: int = Field(100, ge=0)  # seed questions frozen into the evaluation split
+    eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation
+    eval_max_tokens: int = Field(96, ge=8)
+    eval_limit: int = Field(0, ge=0)  # >0: evaluate on at most this many frozen-split rows
+    gate_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate similarity must be ≥ champion's − margin
+    timeout_minutes: float = Field(120.0, gt=0.0)  # a run longer than this is killed and marked failed
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_lines: bool = Field(True, alias="json")
@@ -174,6 +214,8 @@ class Settings(BaseSettings):
     confidence: ConfidenceSettings = ConfidenceSettings()
     review: ReviewSettings = ReviewSettings()
     console: ConsoleSettings = ConsoleSettings()
+    training: TrainingSettings = TrainingSettings()
+    retraining: RetrainingSettings = RetrainingSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()
 

@@ -6,6 +6,11 @@ their KV cache into the running batch by left-padding, so a new request never wa
 batch to finish and finished sequences leave at once (no decode slots wasted on padding).
 Position ids are derived from the attention mask, so left padding changes no real token's position.
 All blocking model work stays on the worker thread; the event loop only awaits per-request queues.
+
+Adapters: each loaded LoRA version is merged into its own copy of the base weights (PEFT
+`merge_and_unload`), so it decodes as fast as the base model; every variant has its own running
+batch ("lane") and the worker steps the lanes in turn. Loading or unloading a version never stops
+the others (hot swap); a lane keeps its model until its last sequence finishes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Callable
 
 import structlog
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer  # at import time: lazy imports are not thread-safe
 
 from gateway.loading import MODEL_LOAD_LOCK
@@ -56,6 +62,16 @@ class _Sequence:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             self.cancelled.set()
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The running batch of one variant."""
+
+    model: object
+    batch: list[_Sequence] = field(default_factory=list)
+    cache: object = None
+    mask: torch.Tensor | None = None
 
 
 class LocalTokenStream:
@@ -114,6 +130,8 @@ class LocalEngine:
         self._active = 0
         self.model = None
         self.tokenizer = None
+        self._adapters: dict[str, object] = {}  # version → merged model
+        self.adapter_paths: dict[str, str] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -131,7 +149,26 @@ class LocalEngine:
         return self.model is not None and self._thread is not None and self._thread.is_alive()
 
     def variants(self) -> list[str]:
-        return ["base"]
+        return ["base", *sorted(self._adapters)]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter folder as variant `name` (merged into a fresh copy of the base)."""
+        if name == "base":
+            raise ValueError("'base' is reserved for the base model")
+        await asyncio.to_thread(self._load_adapter, name, str(path))
+
+    async def unload_adapter(self, name: str) -> bool:
+        self.adapter_paths.pop(name, None)
+        return self._adapters.pop(name, None) is not None
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        started = time.perf_counter()
+        with MODEL_LOAD_LOCK:
+            base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self._dtype, local_files_only=True)
+            merged = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
+        self._adapters[name] = merged
+        self.adapter_paths[name] = path
+        log.info("engine.adapter_loaded", adapter=name, seconds=round(time.perf_counter() - started, 2))
 
     def stats(self) -> dict[str, int]:
         return {"queued": self._pending.qsize(), "active": self._active}
@@ -170,7 +207,7 @@ class LocalEngine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def submit(self, request: GenerationRequest) -> LocalTokenStream:
-        if request.adapter not in (None, "base"):
+        if request.adapter not in (None, "base") and request.adapter not in self._adapters:
             raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded")
         prompt_ids = await asyncio.to_thread(self.encode, request.messages)
         limit = self.max_context_tokens
@@ -189,32 +226,50 @@ class LocalEngine:
 
     # ---- worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        batch: list[_Sequence] = []
-        cache = None
-        mask: torch.Tensor | None = None
+        lanes: dict[str, _Lane] = {}
         with torch.inference_mode():
             while not self._stopping.is_set():
-                newcomers = self._admit(len(batch))
-                if not batch and not newcomers:
+                newcomers = self._admit(sum(len(lane.batch) for lane in lanes.values()))
+                if not newcomers and not any(lane.batch for lane in lanes.values()):
                     continue
-                try:
-                    if newcomers:
-                        logits, new_cache, new_mask = self._prefill(newcomers)
-                        cache, mask = _merge(cache, mask, new_cache, new_mask)
-                        batch = batch + newcomers
-                        self._sample(newcomers, logits)
-                    else:
-                        logits, mask = self._decode_step(batch, cache, mask)
-                        self._sample(batch, logits)
-                except Exception as exc:  # noqa: BLE001 - never let the worker die
-                    log.exception("engine.step_failed")
-                    for seq in batch + newcomers:
-                        seq.send(EngineFailure(f"generation failed: {type(exc).__name__}"))
-                    batch, cache, mask = [], None, None
-                batch, cache, mask = _drop_finished(batch, cache, mask)
-                self._active = len(batch)
-        for seq in batch:
-            seq.send(Finished("cancelled", len(seq.prompt_ids), len(seq.out_ids)))
+                arriving: dict[str, list[_Sequence]] = {}
+                for seq in newcomers:
+                    arriving.setdefault(seq.request.adapter or "base", []).append(seq)
+                for variant in list(dict.fromkeys([*lanes, *arriving])):
+                    new = arriving.get(variant, [])
+                    lane = lanes.get(variant)
+                    if lane is None:
+                        model = self.model if variant == "base" else self._adapters.get(variant)
+                        if model is None:  # unloaded between submit and admission
+                            for seq in new:
+                                seq.send(EngineFailure(f"adapter {variant!r} was unloaded"))
+                            continue
+                        lane = lanes[variant] = _Lane(model)
+                    self._step(lane, new)
+                    if not lane.batch:
+                        del lanes[variant]  # frees an unloaded adapter's weights once it drains
+                self._active = sum(len(lane.batch) for lane in lanes.values())
+        for lane in lanes.values():
+            for seq in lane.batch:
+                seq.send(Finished("cancelled", len(seq.prompt_ids), len(seq.out_ids)))
+
+    def _step(self, lane: _Lane, newcomers: list[_Sequence]) -> None:
+        """Prefill newcomers into the lane's batch, or advance the batch by one token."""
+        try:
+            if newcomers:
+                logits, new_cache, new_mask = self._prefill(lane.model, newcomers)
+                lane.cache, lane.mask = _merge(lane.cache, lane.mask, new_cache, new_mask)
+                lane.batch = lane.batch + newcomers
+                self._sample(newcomers, logits)
+            elif lane.batch:
+                logits, lane.mask = self._decode_step(lane.model, lane.batch, lane.cache, lane.mask)
+                self._sample(lane.batch, logits)
+        except Exception as exc:  # noqa: BLE001 - never let the worker die
+            log.exception("engine.step_failed")
+            for seq in lane.batch + newcomers:
+                seq.send(EngineFailure(f"generation failed: {type(exc).__name__}"))
+            lane.batch, lane.cache, lane.mask = [], None, None
+        lane.batch, lane.cache, lane.mask = _drop_finished(lane.batch, lane.cache, lane.mask)
 
     def _admit(self, active: int) -> list[_Sequence]:
         newcomers: list[_Sequence] = []
@@ -229,7 +284,7 @@ class LocalEngine:
             newcomers.append(seq)
         return newcomers
 
-    def _prefill(self, seqs: list[_Sequence]):
+    def _prefill(self, model, seqs: list[_Sequence]):  # noqa: ANN001
         width = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -238,16 +293,16 @@ class LocalEngine:
             ids[row, width - n :] = torch.tensor(seq.prompt_ids)
             mask[row, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
+        out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         return out.logits[:, -1, :].float(), out.past_key_values, mask
 
-    def _decode_step(self, batch: list[_Sequence], cache, mask: torch.Tensor):
+    def _decode_step(self, model, batch: list[_Sequence], cache, mask: torch.Tensor):  # noqa: ANN001
         ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
         mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
-        out = self.model(
+        out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
         return out.logits[:, -1, :].float(), mask

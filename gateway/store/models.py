@@ -153,3 +153,49 @@ class ReviewEvent(Base):
     action: Mapped[str] = mapped_column(String(24))
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Adapter(Base):
+    """A trained LoRA adapter version (folder `<data_dir>/adapters/<version>`), with its lineage.
+    State machine (retraining/registry.py): training → candidate → challenger → champion → retired;
+    training → failed."""
+
+    __tablename__ = "adapters"
+
+    version: Mapped[str] = mapped_column(String(16), primary_key=True)  # v0001, v0002, ...
+    state: Mapped[str] = mapped_column(String(12), index=True)
+    parent: Mapped[str | None] = mapped_column(String(16), nullable=True)  # champion it was compared against
+    run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    base_model: Mapped[str] = mapped_column(String(500))
+    dataset_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    label_count: Mapped[int] = mapped_column(Integer, default=0)
+    train_examples: Mapped[int] = mapped_column(Integer, default=0)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    files: Mapped[dict] = mapped_column(JSON, default=dict)  # file name → sha256
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it stopped where it is
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TrainingRun(Base):
+    """One retraining cycle: dataset → train → evaluate → gate. Progress is written by the trainer."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    status: Mapped[str] = mapped_column(String(12), index=True)  # queued | running | succeeded | failed
+    trigger: Mapped[str] = mapped_column(String(12))  # schedule | manual | cli | bootstrap
+    requested_by: Mapped[str] = mapped_column(String(100))
+    overrides: Mapped[dict] = mapped_column(JSON, default=dict)
+    adapter_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    dataset_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    label_watermark: Mapped[int] = mapped_column(Integer, default=0)  # resolved labels counted at start
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    log_path: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

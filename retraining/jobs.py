@@ -1,0 +1,372 @@
+"""Retraining cycles: when to run, the parent side (dataset → spawn the trainer → watch it), the
+trainer side (train → evaluate → gate), and the APScheduler job.
+
+One cycle at a time: the parent refuses a second run while one is queued or running (checked in the
+database, so the CLI and the gateway see each other's runs). The trainer is a separate, niced
+process (`python -m retraining.train`), so serving keeps answering; if it dies or is killed the
+parent marks the run failed with the reason, and a gateway restart marks interrupted runs failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import structlog
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from gateway.rag.knowledge import Hit, KnowledgeBase
+from gateway.settings import Settings
+from gateway.store.reviews import ReviewRepository
+from retraining import dataset as datasets
+from retraining.registry import AdapterRegistry, RegistryError, RunStore
+
+log = structlog.get_logger(__name__)
+
+
+class RunRefused(Exception):
+    """Not started: another run is active, or too few new labels (unless forced)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class FrozenRetrieval:
+    """The retrieval results of the frozen split's questions, saved with the dataset, so the trainer
+    process evaluates "with retrieval" without opening the (single-process) Chroma store."""
+
+    def __init__(self, hits: dict[str, list[dict]]) -> None:
+        self._hits = hits
+
+    def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
+        return [Hit(**h) for h in self._hits.get(query, [])][:k]
+
+
+def run_dir(settings: Settings, run_id: int) -> Path:
+    return settings.storage.data_dir / "runs" / str(run_id)
+
+
+def apply_overrides(settings: Settings, overrides: dict) -> Settings:
+    training = settings.training.model_copy(update={k: v for k, v in overrides.items() if k in type(settings.training).model_fields})
+    return settings.model_copy(update={"training": type(settings.training).model_validate(training.model_dump())})
+
+
+async def resolved_rows(reviews: ReviewRepository) -> list[tuple[int, str, list[dict], str]]:
+    rows = []
+    async for item, exchange in reviews.resolved():
+        rows.append((item.id, item.resolved_at.isoformat() if item.resolved_at else "", exchange.messages,
+                     item.resolved_answer))
+    return rows
+
+
+# ---- parent side ---------------------------------------------------------------------------------
+class Retrainer:
+    """Starts and watches retraining runs. Lives in the gateway (scheduler, admin API) and in the CLI."""
+
+    def __init__(self, settings: Settings, sessions: async_sessionmaker, kb: Callable[[], KnowledgeBase | None],
+                 on_adapter_ready: Callable | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.runs = RunStore(sessions)
+        self.registry = AdapterRegistry(sessions, settings.storage.data_dir)
+        self.reviews = ReviewRepository(sessions, settings.review)
+        self._kb = kb
+        self._on_adapter_ready = on_adapter_ready
+        self._lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def mark_interrupted(self) -> int:
+        """At start-up: runs left queued/running by a previous process are failed (retried next slot)."""
+        n = 0
+        for run in await self.runs.active():
+            await self._fail(run.id, run.adapter_version, "interrupted: the process running it stopped")
+            n += 1
+        return n
+
+    async def why_not(self, force: bool) -> str | None:
+        if await self.runs.active():
+            return "busy"
+        if force:
+            return None
+        new = await self.runs.resolved_labels() - await self.runs.last_watermark()
+        if await self._bootstrap_due():
+            return None
+        if new < self.settings.retraining.min_new_labels:
+            return f"too_few_labels:{new}"
+        return None
+
+    async def _bootstrap_due(self) -> bool:
+        cfg = self.settings.retraining
+        return (cfg.bootstrap and bool(cfg.seed_data) and await self.registry.champion() is None
+                and not any(a.state not in ("failed",) for a in await self.registry.list()))
+
+    async def start(self, trigger: str, requested_by: str, overrides: dict | None = None, force: bool = False):
+        """Create the run, build its dataset, spawn the trainer; returns the run at once (watching
+        continues in a task). Raises RunRefused when busy or not due."""
+        overrides = overrides or {}
+        async with self._lock:
+            reason = await self.why_not(force)
+            if reason == "busy":
+                active = (await self.runs.active())[0]
+                raise RunRefused(f"run {active.id} is already {active.status}; one run at a time", "busy")
+            if reason:
+                raise RunRefused(f"{reason.split(':')[1]} new resolved labels; retraining.min_new_labels="
+                                 f"{self.settings.retraining.min_new_labels} (force to run anyway)", "not_due")
+            bootstrap = await self._bootstrap_due()
+            watermark = await self.runs.resolved_labels()
+            run = await self.runs.create("bootstrap" if bootstrap else trigger, requested_by, overrides, watermark)
+        try:
+            settings = apply_overrides(self.settings, overrides)
+            snapshot = await self._prepare(settings, run.id, bootstrap)
+        except Exception as exc:  # noqa: BLE001 - recorded on the run
+            await self._fail(run.id, None, f"{type(exc).__name__}: {exc}")
+            return await self.runs.get(run.id)
+        champion = await self.registry.champion()
+        adapter = await self.registry.create(run_id=run.id, base_model=settings.model.base,
+                                             parent=champion.version if champion else None,
+                                             config=settings.training.model_dump())
+        await self.registry.update(adapter.version, dataset_hash=snapshot.hash, label_count=snapshot.label_count,
+                                   train_examples=len(snapshot.train))
+        await self.runs.update(run.id, adapter_version=adapter.version, dataset_hash=snapshot.hash,
+                               metrics={"dataset": snapshot.manifest},
+                               progress={"phase": "starting", "dataset": snapshot.manifest})
+        task = asyncio.create_task(self._watch(settings, run.id, adapter.version))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return await self.runs.get(run.id)
+
+    async def _prepare(self, settings: Settings, run_id: int, bootstrap: bool) -> datasets.Snapshot:
+        kb = self._kb()
+        rows = await resolved_rows(self.reviews)
+        snapshot = await asyncio.to_thread(datasets.build, settings, rows, kb, bootstrap=bootstrap)
+        hits: dict[str, list[dict]] = {}
+        if kb is not None:
+            for qa in snapshot.eval_rows:
+                found = await asyncio.to_thread(kb.search, qa.question, settings.rag.top_k, -1.0)
+                hits[qa.question] = [asdict(h) for h in found]
+        (snapshot.path / "eval_hits.json").write_text(json.dumps(hits))
+        folder = run_dir(settings, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings_file = folder / "settings.json"
+        fd = os.open(settings_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds API key digests
+        with os.fdopen(fd, "w") as fh:
+            fh.write(settings.model_dump_json(by_alias=True))
+        return snapshot
+
+    async def _watch(self, settings: Settings, run_id: int, version: str) -> None:
+        folder = run_dir(settings, run_id)
+        log_path = folder / "train.log"
+        nice = settings.training.nice
+        with log_path.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "retraining.train", str(run_id), "--settings", str(folder / "settings.json"),
+                stdout=out, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                preexec_fn=(lambda: os.nice(nice)) if nice else None, start_new_session=True,
+            )
+        await self.runs.update(run_id, pid=proc.pid, log_path=str(log_path))
+        log.info("retrain.started", run_id=run_id, adapter=version, pid=proc.pid)
+        try:
+            code = await asyncio.wait_for(proc.wait(), settings.retraining.timeout_minutes * 60)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            await self._fail(run_id, version, f"timed out after {settings.retraining.timeout_minutes} minutes")
+            return
+        except asyncio.CancelledError:  # the gateway is stopping: the trainer stops with it
+            proc.send_signal(signal.SIGTERM)
+            await self._fail(run_id, version, "interrupted: the gateway stopped")
+            raise
+        run = await self.runs.get(run_id)
+        if run.status != "succeeded":
+            how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            await self._fail(run_id, version, run.error or f"trainer {how}; see {log_path}")
+            return
+        adapter = await self.registry.get(version)
+        log.info("retrain.finished", run_id=run_id, adapter=version, state=adapter.state)
+        if self._on_adapter_ready is not None and adapter.state in ("challenger", "champion"):
+            await self._on_adapter_ready(adapter)
+
+    async def _fail(self, run_id: int, version: str | None, reason: str) -> None:
+        run = await self.runs.get(run_id)
+        if run is not None and run.status not in ("succeeded", "failed"):
+            await self.runs.update(run_id, status="failed", error=reason[-2000:], finished_at=utcnow())
+        elif run is not None and run.status == "failed" and not run.error:
+            await self.runs.update(run_id, error=reason[-2000:])
+        version = version or (run.adapter_version if run else None)
+        if version:
+            adapter = await self.registry.get(version)
+            if adapter is not None and adapter.state == "training":
+                await self.registry.transition(version, "failed", reason=reason[-2000:])
+        log.warning("retrain.failed", run_id=run_id, reason=reason[-300:])
+
+    async def wait(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+
+# ---- trainer side (runs in the trainer process) ---------------------------------------------------
+async def execute_run(settings: Settings, run_id: int) -> None:
+    from gateway.store.db import create_engine, session_factory
+
+    db = create_engine(settings.storage.resolved_database_url)
+    sessions = session_factory(db)
+    runs, registry = RunStore(sessions), AdapterRegistry(sessions, settings.storage.data_dir)
+    run = await runs.get(run_id)
+    version = run.adapter_version
+    folder = run_dir(settings, run_id)
+    try:
+        await runs.update(run_id, status="running", started_at=utcnow(), pid=os.getpid())
+        metrics = await _train_evaluate_gate(settings, run, runs, registry, folder)
+        await runs.update(run_id, status="succeeded", finished_at=utcnow(),
+                          metrics={**(run.metrics or {}), **metrics}, progress={"phase": "done"})
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        await runs.update(run_id, status="failed", error=reason[-2000:], finished_at=utcnow())
+        adapter = await registry.get(version)
+        if adapter is not None and adapter.state == "training":
+            await registry.transition(version, "failed", reason=reason[-2000:])
+        raise
+    finally:
+        await db.dispose()
+
+
+async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterRegistry, folder: Path) -> dict:  # noqa: ANN001
+    from retraining.train import train_adapter
+
+    snap_dir = settings.storage.data_dir / "datasets" / run.dataset_hash[:16]
+    train = [e.messages for e in datasets.load_train(snap_dir)]
+    eval_rows = [json.loads(x) for x in (snap_dir / "eval.jsonl").read_text().splitlines()]
+    hits = json.loads((snap_dir / "eval_hits.json").read_text())
+    if settings.retraining.eval_limit:
+        eval_rows = eval_rows[: settings.retraining.eval_limit]
+    retrieval = FrozenRetrieval(hits)
+    eval_messages = [datasets.seed_messages(settings, r["question"], r["answer"], retrieval) for r in eval_rows]
+    log_file = (folder / "train.log").open("a")
+    loop = asyncio.get_running_loop()
+    last = [0.0]
+
+    def report(progress: dict) -> None:  # called on the training thread
+        if time.monotonic() - last[0] < 2 and progress.get("eval_loss") is None:
+            return
+        last[0] = time.monotonic()
+        asyncio.run_coroutine_threadsafe(runs.update(run.id, progress=progress), loop).result(30)
+
+    def write(line: str) -> None:
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    out = registry.path(run.adapter_version)
+    train_metrics = await asyncio.to_thread(train_adapter, settings, train, eval_messages, out, report, write)
+    await registry.seal(run.adapter_version)
+    await registry.transition(run.adapter_version, "candidate", metrics={"training": train_metrics})
+    await runs.update(run.id, progress={"phase": "evaluating", "training": train_metrics})
+    evaluation = await evaluate_against_baseline(settings, registry, run.adapter_version, eval_rows, retrieval)
+    decision = gate(settings, evaluation)
+    metrics = {"training": train_metrics, "evaluation": evaluation, "gate": decision}
+    champion = await registry.champion()
+    if decision["passed"]:
+        state = "champion" if champion is None else "challenger"
+        await registry.transition(run.adapter_version, state, reason=decision["reason"], metrics=metrics)
+    else:
+        await registry.update(run.adapter_version, reason=decision["reason"], metrics=metrics)
+    write(json.dumps({"gate": decision}))
+    log_file.close()
+    return metrics
+
+
+async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistry, version: str,
+                                    eval_rows: list[dict], retrieval: FrozenRetrieval) -> dict:
+    """Candidate vs the champion (or the base model) on the frozen split, with and without retrieval."""
+    from gateway.app import build_engine
+    from gateway.rag.embeddings import Embedder
+    from retraining.evaluate import QA, evaluate
+
+    rows = [QA(r["question"], r["answer"]) for r in eval_rows]
+    champion = await registry.champion()
+    baseline = champion.version if champion else "base"
+    engine = build_engine(settings)
+    await engine.start()
+    try:
+        await engine.load_adapter(version, str(await registry.verify(version)))
+        if champion:
+            await engine.load_adapter(champion.version, str(await registry.verify(champion.version)))
+        embedder = await asyncio.to_thread(Embedder, settings.rag.embedding_model)
+        result: dict = {"baseline_version": baseline, "rows": len(rows)}
+        for name, adapter in (("candidate", version), ("baseline", None if baseline == "base" else baseline)):
+            result[name] = {}
+            for rag in (True, False):
+                report = await evaluate(settings, engine, embedder, rows, kb=retrieval if rag else None, rag=rag,
+                                        adapter=adapter, max_tokens=settings.retraining.eval_max_tokens)
+                result[name]["rag" if rag else "no_rag"] = report["summary"]
+        return result
+    finally:
+        await engine.stop()
+
+
+def gate(settings: Settings, evaluation: dict) -> dict:
+    """Pass when the candidate's mean similarity is at least the baseline's minus the margin, both
+    with and without retrieval."""
+    margin = settings.retraining.gate_margin
+    checks = {}
+    for mode in ("rag", "no_rag"):
+        cand = evaluation["candidate"][mode]["similarity_mean"]
+        base = evaluation["baseline"][mode]["similarity_mean"]
+        checks[mode] = {"candidate": cand, "baseline": base, "passed": cand >= base - margin}
+    passed = all(c["passed"] for c in checks.values())
+    detail = ", ".join(f"{m}: {c['candidate']:.3f} vs {c['baseline']:.3f}" for m, c in checks.items())
+    name = evaluation["baseline_version"]
+    reason = (f"passed the offline gate against {name} ({detail})" if passed else
+              f"not better than {name} on the frozen split ({detail}; margin {margin})")
+    return {"passed": passed, "reason": reason, "checks": checks}
+
+
+# ---- scheduler ------------------------------------------------------------------------------------
+_RETRAINER: Retrainer | None = None  # the gateway's, for the persisted job (jobs are stored by reference)
+
+
+async def scheduled_run() -> None:
+    """The APScheduler job: start a run if one is due (too few labels → nothing happens)."""
+    if _RETRAINER is None:
+        return
+    try:
+        run = await _RETRAINER.start("schedule", "scheduler")
+        log.info("retrain.scheduled_run", run_id=run.id, status=run.status)
+    except RunRefused as exc:
+        log.info("retrain.not_started", reason=exc.code, detail=str(exc))
+    except RegistryError as exc:
+        log.warning("retrain.registry_error", detail=str(exc))
+
+
+def sync_url(url: str) -> str:
+    """The job store uses a synchronous engine: same database, synchronous driver."""
+    return url.replace("+aiosqlite", "").replace("+asyncpg", "+psycopg")
+
+
+def make_scheduler(settings: Settings, retrainer: Retrainer):
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    global _RETRAINER
+    _RETRAINER = retrainer
+    cfg = settings.retraining
+    scheduler = AsyncIOScheduler(jobstores={"default": SQLAlchemyJobStore(
+        url=sync_url(settings.storage.resolved_database_url), tablename="scheduler_jobs")})
+    trigger = CronTrigger.from_crontab(cfg.cron) if cfg.cron else IntervalTrigger(hours=cfg.interval_hours)
+    scheduler.add_job(scheduled_run, trigger, id="retrain", name="retraining cycle", replace_existing=True,
+                      coalesce=True, max_instances=1, misfire_grace_time=3600)
+    return scheduler

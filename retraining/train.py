@@ -1,0 +1,163 @@
+"""The trainer process: `python -m retraining.train RUN_ID --settings FILE`.
+
+Started (niced) by `retraining.jobs` with the run's dataset already built. It trains a LoRA
+adapter (QLoRA with bitsandbytes nf4 when `training.quantization = "4bit"`) with the transformers
+`Trainer` — loss on answer tokens only, gradient accumulation, eval loss each epoch with early
+stopping, a fixed seed — writes progress to the run record and a log file, saves and checksums the
+adapter, evaluates it against the champion (or the base model) on the frozen split with and
+without retrieval, and applies the offline gate. Any failure marks the run (and the adapter)
+failed with the reason; serving, in another process, is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    DataCollatorForSeq2Seq,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from gateway.settings import Settings
+from retraining.dataset import load_train
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def encode(tokenizer, messages: list[dict], max_tokens: int) -> dict:  # noqa: ANN001
+    """Token ids with labels only on the answer (and its end-of-turn token, so answers learn to end).
+    Over-long examples lose prompt tokens from the left, never the answer."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template does not extend the prompt with the answer")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    answer_ids = answer_ids[:max_tokens // 2] if len(answer_ids) > max_tokens // 2 else answer_ids
+    prompt_ids = prompt_ids[-(max_tokens - len(answer_ids)):]
+    ids = prompt_ids + answer_ids
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt_ids) + answer_ids}
+
+
+def load_model(base: str, cfg):  # noqa: ANN001
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    if cfg.quantization == "4bit":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32,
+                                                     local_files_only=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return tokenizer, get_peft_model(model, lora)
+
+
+class _Progress(TrainerCallback):
+    """Step, loss, ETA → the run record (throttled) and the log file."""
+
+    def __init__(self, report, log) -> None:  # noqa: ANN001
+        self.report, self.log = report, log
+        self.started = time.perf_counter()
+        self.epochs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+        logs = logs or {}
+        elapsed = time.perf_counter() - self.started
+        step, total = state.global_step, state.max_steps or 1
+        eta = elapsed / step * (total - step) if step else None
+        progress = {"phase": "training", "step": step, "total_steps": total, "epoch": round(state.epoch or 0, 3),
+                    "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"),
+                    "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1),
+                    "eval_losses": self.epochs}
+        if "eval_loss" in logs:
+            self.epochs.append({"epoch": round(state.epoch or 0, 3), "eval_loss": logs["eval_loss"]})
+        self.log(json.dumps({"at": utcnow().isoformat(), **logs, "step": step}))
+        self.report(progress)
+
+
+def train_adapter(settings: Settings, train_rows: list[list[dict]], eval_rows: list[list[dict]], out_dir: Path,
+                  report, log) -> dict:  # noqa: ANN001
+    """Train and save the adapter; returns training metrics."""
+    cfg = settings.training
+    torch.manual_seed(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    tokenizer, model = load_model(settings.model.base, cfg)
+    train_ds = [encode(tokenizer, m, cfg.max_seq_tokens) for m in train_rows]
+    eval_ds = [encode(tokenizer, m, cfg.max_seq_tokens) for m in eval_rows]
+    steps_per_epoch = max(1, -(-len(train_ds) // (cfg.batch_size * cfg.grad_accum)))
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    args = TrainingArguments(
+        output_dir=str(out_dir.parent / f".{out_dir.name}-checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        warmup_steps=int(total * cfg.warmup_ratio), lr_scheduler_type="linear", logging_steps=cfg.progress_every_steps,
+        eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, save_only_model=True,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), report_to="none",
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    progress = _Progress(report, log)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[progress] + ([EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []),
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    final_eval = trainer.evaluate()
+    seconds = time.perf_counter() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(out_dir)
+    return {
+        "train_loss": result.training_loss, "eval_loss": final_eval.get("eval_loss"), "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 3), "train_seconds": round(seconds, 1),
+        "examples_per_s": round(len(train_ds) * (trainer.state.epoch or 0) / seconds, 3) if seconds else None,
+        "eval_losses": progress.epochs, "quantization": cfg.quantization,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retraining.train")
+    parser.add_argument("run_id", type=int)
+    parser.add_argument("--settings", required=True, help="the run's settings JSON (written by retraining.jobs)")
+    args = parser.parse_args(argv)
+    settings = Settings.model_validate_json(Path(args.settings).read_text())
+    from retraining.jobs import execute_run  # the run's pipeline: train → evaluate → gate
+
+    try:
+        asyncio.run(execute_run(settings, args.run_id))
+    except Exception:  # noqa: BLE001 - already recorded on the run; the exit status tells the parent
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
