@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import AsyncIterator
 
@@ -20,6 +21,9 @@ from gateway.api.exchanges import ExchangesController
 from gateway.api.health import health, ready
 from gateway.api.knowledge import KnowledgeController
 from gateway.api.review import ExchangeSignalsController, ReviewController
+from gateway.api.adapters import AdaptersController, RetrainingController
+from gateway.adapters import AdapterService
+from retraining.jobs import Retrainer, make_scheduler
 from gateway.chat import ChatService
 from gateway import console
 from gateway.console.pages import ConsoleAuthController, ConsoleController
@@ -76,6 +80,10 @@ def _review_service(state: State) -> ReviewService:
     return state.review_service
 
 
+def _adapter_service(state: State) -> AdapterService:
+    return state.adapter_service
+
+
 class _MetricsController(PrometheusController):
     path = "/metrics"
 
@@ -97,6 +105,20 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             embedder=lambda: app.state.kb.embedder if app.state.kb is not None else None)
         await app.state.review_service.refresh_queue_gauge()
         app.state.chat_service = ChatService(settings, engine, repo)
+        retrainer = Retrainer(settings, sessions, kb=lambda: app.state.kb,
+                              on_adapter_ready=lambda adapter: app.state.adapter_service.load(adapter))
+        app.state.adapter_service = AdapterService(settings, engine, app.state.chat_service, retrainer)
+        interrupted = await retrainer.mark_interrupted()
+        if interrupted:
+            log.warning("retrain.interrupted_runs_failed", runs=interrupted)
+        scheduler = None
+        if settings.retraining.enabled:
+            scheduler = make_scheduler(settings, retrainer)
+            scheduler.start()
+            if await retrainer.bootstrap_due():
+                first = datetime.now(timezone.utc) + timedelta(minutes=settings.retraining.bootstrap_delay_minutes)
+                scheduler.modify_job("retrain", next_run_time=first)
+                log.info("retrain.bootstrap_scheduled", at=first.isoformat(timespec="seconds"))
         metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
         metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
 
@@ -113,6 +135,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             # In the background so /health answers during the first start's model conversion.
             try:
                 await asyncio.gather(engine.start(), load_knowledge())
+                await app.state.adapter_service.load_served()
                 log.info("gateway.ready", host=settings.server.host, port=settings.server.port)
             except Exception as exc:  # noqa: BLE001
                 log.exception("engine.start_failed")
@@ -123,17 +146,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             yield
         finally:
             loader.cancel()
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+            for task in list(retrainer.tasks):
+                task.cancel()
+            await asyncio.gather(*retrainer.tasks, return_exceptions=True)
             await engine.stop()
             await db.dispose()
 
     return Litestar(
         route_handlers=[ChatController, ExchangesController, ExchangeSignalsController, ReviewController,
+                        AdaptersController, RetrainingController,
                         KnowledgeController, health, ready, _MetricsController,
                         ConsoleAuthController, ConsoleController, console.static_router()],
         dependencies={
             "chat_service": Provide(_chat_service, sync_to_thread=False),
             "exchange_repository": Provide(_exchange_repository, sync_to_thread=False),
             "review_service": Provide(_review_service, sync_to_thread=False),
+            "adapter_service": Provide(_adapter_service, sync_to_thread=False),
         },
         state=State({"settings": settings, "engine": engine, "kb": None, "startup_error": None}),
         lifespan=[lifespan],

@@ -114,6 +114,7 @@ class ChatService:
         self.engine = engine
         self.exchanges = exchanges
         self.kb = kb
+        self.default_variant = "base"  # the champion adapter once one is loaded (gateway/adapters.py)
 
     # ---- preparation: everything that can fail with a 4xx happens before generation ---------
     def _validate(self, req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]], SamplingParams]:
@@ -136,7 +137,7 @@ class ChatService:
                 param="max_tokens",
             )
         try:
-            variant = resolve_variant(req.model, cfg.name, self.engine.variants())
+            variant = resolve_variant(req.model, cfg.name, self.engine.variants(), default=self.default_variant)
         except UnknownModel as exc:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
         if req.rag_top_k is not None and req.rag_top_k > self.settings.rag.max_top_k:

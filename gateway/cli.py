@@ -199,6 +199,69 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain(args: argparse.Namespace) -> int:
+    """Without --now: say whether a run is due. With --now: run one cycle in the foreground (works
+    with the gateway stopped; beside a running gateway, the database keeps it to one run at a time)."""
+    from gateway.app import build_knowledge_base
+    from gateway.logging import configure_logging
+    from gateway.store.db import create_engine, migrate, session_factory
+    from retraining.jobs import Retrainer, RunRefused
+
+    settings = _settings(args)
+    overrides = {k: v for k, v in {"max_steps": args.max_steps, "epochs": args.epochs,
+                                   "quantization": args.quantization}.items() if v is not None}
+    for name in ("max_steps", "epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    configure_logging(settings.logging.model_copy(update={"level": "warning"}))
+
+    async def run() -> int:
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        db = create_engine(settings.storage.resolved_database_url)
+        try:
+            await migrate(db)
+            kb_box: list = [None]
+            retrainer = Retrainer(settings, session_factory(db), kb=lambda: kb_box[0])
+            if not args.now:
+                reason = await retrainer.why_not(args.force)
+                new = await retrainer.runs.resolved_labels() - await retrainer.runs.last_watermark()
+                print(json.dumps({"due": reason is None, "reason": reason, "new_labels": new,
+                                  "min_new_labels": settings.retraining.min_new_labels,
+                                  "bootstrap": await retrainer.bootstrap_due()}))
+                return 0
+            if settings.rag.enabled_by_default or settings.retraining.context_in_prompts:
+                kb_box[0] = await asyncio.to_thread(build_knowledge_base, settings)
+            try:
+                started = await retrainer.start("cli", "cli", overrides, force=args.force)
+            except RunRefused as exc:
+                raise CliError(str(exc)) from None
+            if started.status == "failed":
+                raise CliError(f"run {started.id} failed: {started.error}")
+            bar, update = _progress(f"run {started.id} → {started.adapter_version}")
+            bar.unit = "step"
+            while retrainer.tasks:
+                await asyncio.sleep(2)
+                current = await retrainer.runs.get(started.id)
+                p = current.progress or {}
+                if p.get("total_steps"):
+                    update(p.get("step", 0), p["total_steps"])
+                    bar.set_postfix_str(f"loss={p.get('loss')} eta={p.get('eta_s')}s")
+                elif p.get("phase"):
+                    bar.set_description_str(f"run {started.id}: {p['phase']}")
+            bar.close()
+            await retrainer.wait()
+            final = await retrainer.runs.get(started.id)
+            adapter = await retrainer.registry.get(final.adapter_version)
+            print(json.dumps({"run": final.id, "status": final.status, "error": final.error,
+                              "adapter": adapter.version, "state": adapter.state, "reason": adapter.reason,
+                              "gate": (final.metrics or {}).get("gate", {}).get("checks")}, indent=1))
+            return 0 if final.status == "succeeded" else 1
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tellerloop", description="Self-improving banking support chatbot gateway")
     common = argparse.ArgumentParser(add_help=False)
@@ -224,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("source")
     delete.add_argument("--collection")
     delete.set_defaults(func=_kb_delete)
+
+    retrain = sub.add_parser("retrain", parents=[common], help="is a retraining run due? --now runs one cycle")
+    retrain.add_argument("--now", action="store_true", help="run a cycle now, in the foreground, with progress")
+    retrain.add_argument("--force", action="store_true", help="even with fewer than retraining.min_new_labels new labels")
+    retrain.add_argument("--max-steps", type=int, help="cap optimizer steps (overrides training.max_steps)")
+    retrain.add_argument("--epochs", type=int)
+    retrain.add_argument("--quantization", choices=["4bit", "none"])
+    retrain.set_defaults(func=_retrain)
 
     export = sub.add_parser("export", parents=[common], help="resolved review items as chat-format JSONL")
     export.add_argument("--out", required=True, help="file to write (replaced atomically)")

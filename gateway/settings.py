@@ -159,6 +159,7 @@ class RetrainingSettings(_Section):
     replay_ratio: float = Field(1.0, ge=0.0)  # seed Q&A replayed per reviewed example (capped by the seed size)
     seed_data: str = "data/bank_faq/faq.csv"  # seed Q&A (also the frozen eval split's source); "" → none
     bootstrap: bool = True  # with no champion, the first run trains v0001 on the seed data
+    bootstrap_delay_minutes: float = Field(10.0, ge=0.0)  # with no champion, the first slot comes this soon
     context_in_prompts: bool = True  # seed examples carry retrieved context in their prompt (measured)
     eval_seed_size: int = Field(100, ge=0)  # seed questions frozen into the evaluation split
     eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation

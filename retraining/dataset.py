@@ -135,11 +135,11 @@ def build(settings: Settings, resolved: list[tuple[int, str, list[dict], str]], 
     split = FrozenSplit.load_or_create(settings)
     reviewed: dict[str, Example] = {}
     for item_id, _, messages, answer in sorted(resolved, key=lambda r: (r[1], r[0])):
-        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        question = scrub(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
         if not question.strip():
             continue
         if in_eval_share(question, cfg.eval_share):
-            split.add({"question": scrub(question), "answer": scrub(answer), "source": "review", "item_id": item_id})
+            split.add({"question": question, "answer": scrub(answer), "source": "review", "item_id": item_id})
         key = question_key(question)
         if key in split.keys:
             reviewed.pop(key, None)
@@ -160,7 +160,7 @@ def build(settings: Settings, resolved: list[tuple[int, str, list[dict], str]], 
         if key in seen:
             continue
         seen.add(key)
-        seed_examples.append(Example("seed", qa.question, scrub_messages(seed_messages(settings, qa.question, qa.answer, kb))))
+        seed_examples.append(Example("seed", scrub(qa.question), scrub_messages(seed_messages(settings, qa.question, qa.answer, kb))))
     train = list(reviewed.values()) + seed_examples
 
     leaked = [e.question for e in train if question_key(e.question) in split.keys]

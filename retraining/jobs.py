@@ -44,6 +44,16 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class FrozenRetrieval:
     """The retrieval results of the frozen split's questions, saved with the dataset, so the trainer
     process evaluates "with retrieval" without opening the (single-process) Chroma store."""
@@ -92,6 +102,11 @@ class Retrainer:
         """At start-up: runs left queued/running by a previous process are failed (retried next slot)."""
         n = 0
         for run in await self.runs.active():
+            if run.pid and _alive(run.pid):
+                continue  # e.g. `tellerloop retrain --now` running beside the gateway
+            created = run.created_at if run.created_at.tzinfo else run.created_at.replace(tzinfo=timezone.utc)
+            if not run.pid and (utcnow() - created).total_seconds() < 1800:
+                continue  # still building its dataset in another process
             await self._fail(run.id, run.adapter_version, "interrupted: the process running it stopped")
             n += 1
         return n
@@ -102,13 +117,13 @@ class Retrainer:
         if force:
             return None
         new = await self.runs.resolved_labels() - await self.runs.last_watermark()
-        if await self._bootstrap_due():
+        if await self.bootstrap_due():
             return None
         if new < self.settings.retraining.min_new_labels:
             return f"too_few_labels:{new}"
         return None
 
-    async def _bootstrap_due(self) -> bool:
+    async def bootstrap_due(self) -> bool:
         cfg = self.settings.retraining
         return (cfg.bootstrap and bool(cfg.seed_data) and await self.registry.champion() is None
                 and not any(a.state not in ("failed",) for a in await self.registry.list()))
@@ -125,7 +140,7 @@ class Retrainer:
             if reason:
                 raise RunRefused(f"{reason.split(':')[1]} new resolved labels; retraining.min_new_labels="
                                  f"{self.settings.retraining.min_new_labels} (force to run anyway)", "not_due")
-            bootstrap = await self._bootstrap_due()
+            bootstrap = await self.bootstrap_due()
             watermark = await self.runs.resolved_labels()
             run = await self.runs.create("bootstrap" if bootstrap else trigger, requested_by, overrides, watermark)
         try:

@@ -92,6 +92,7 @@ def make_settings(tmp_path: Path):
         sections["model"].setdefault("base", str(model_dir))
         sections.setdefault("logging", {}).setdefault("json", True)
         sections.setdefault("rag", {}).setdefault("demo_data", "")
+        sections.setdefault("retraining", {}).setdefault("enabled", False)  # tests start the scheduler themselves
         return load_settings(None, **sections)
 
     return _make
