@@ -88,6 +88,8 @@ class AdapterService:
             run = await self.retrainer.start("manual", actor, overrides, force=force)
         except RunRefused as exc:
             raise ApiError(409, str(exc), code=exc.code) from None
+        if run.status == "failed":  # the dataset could not be built: nothing was trained
+            raise ApiError(409, f"Run {run.id} failed before training: {run.error}", code="dataset_failed")
         return self.run_dict(run)
 
     async def runs(self) -> list[dict]:

@@ -205,18 +205,23 @@ class Retrainer:
             await self._fail(run_id, version, "interrupted: the gateway stopped")
             raise
         run = await self.runs.get(run_id)
-        if run.status != "succeeded":
+        if run.status != "trained" or code != 0:
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             await self._fail(run_id, version, run.error or f"trainer {how}; see {log_path}")
             return
         adapter = await self.registry.get(version)
+        try:
+            if self._on_adapter_ready is not None and adapter.state in ("challenger", "champion"):
+                await self._on_adapter_ready(adapter)
+        except Exception as exc:  # noqa: BLE001 - e.g. a corrupted file: the run's adapter is not served
+            await self._fail(run_id, version, f"trained, but loading {version} failed: {type(exc).__name__}: {exc}")
+            return
+        await self.runs.update(run_id, status="succeeded", finished_at=utcnow())
         log.info("retrain.finished", run_id=run_id, adapter=version, state=adapter.state)
-        if self._on_adapter_ready is not None and adapter.state in ("challenger", "champion"):
-            await self._on_adapter_ready(adapter)
 
     async def _fail(self, run_id: int, version: str | None, reason: str) -> None:
         run = await self.runs.get(run_id)
-        if run is not None and run.status not in ("succeeded", "failed"):
+        if run is not None and run.status not in ("succeeded", "failed"):  # incl. queued/running/trained
             await self.runs.update(run_id, status="failed", error=reason[-2000:], finished_at=utcnow())
         elif run is not None and run.status == "failed" and not run.error:
             await self.runs.update(run_id, error=reason[-2000:])
@@ -245,8 +250,9 @@ async def execute_run(settings: Settings, run_id: int) -> None:
     try:
         await runs.update(run_id, status="running", started_at=utcnow(), pid=os.getpid())
         metrics = await _train_evaluate_gate(settings, run, runs, registry, folder)
-        await runs.update(run_id, status="succeeded", finished_at=utcnow(),
-                          metrics={**(run.metrics or {}), **metrics}, progress={"phase": "done"})
+        # "trained": the parent marks it succeeded once the adapter is in service (or needs none).
+        await runs.update(run_id, status="trained", metrics={**(run.metrics or {}), **metrics},
+                          progress={"phase": "done"})
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         await runs.update(run_id, status="failed", error=reason[-2000:], finished_at=utcnow())

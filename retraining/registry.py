@@ -26,7 +26,7 @@ TRANSITIONS = {
     "retired": {"champion"},  # rollback
     "failed": set(),
 }
-ACTIVE_RUN = ("queued", "running")
+ACTIVE_RUN = ("queued", "running", "trained")  # trained: the parent is putting the adapter in service
 
 
 class RegistryError(Exception):
@@ -169,7 +169,7 @@ class RunStore:
         """Resolved-label count when the last run that got going started (failed runs do not count)."""
         async with self._sessions() as session:
             value = await session.scalar(select(TrainingRun.label_watermark)
-                                         .where(TrainingRun.status.in_(("running", "succeeded")))
+                                         .where(TrainingRun.status.in_(("running", "trained", "succeeded")))
                                          .order_by(TrainingRun.id.desc()).limit(1))
             return value or 0
 

@@ -34,7 +34,6 @@ from transformers import (
 )
 
 from gateway.settings import Settings
-from retraining.dataset import load_train
 
 
 def utcnow() -> datetime:

@@ -176,7 +176,7 @@ def real_server(tmp_path_factory, real_model_dir: Path, faq_chroma_dir: Path):
     the server's own first-start ingestion would produce, only faster)."""
     tmp = tmp_path_factory.mktemp("real-server")
     seed_knowledge(tmp / "var", faq_chroma_dir)
-    server = start_server(tmp, f'[model]\nbase = "{real_model_dir}"\n')
+    server = start_server(tmp, f'[model]\nbase = "{real_model_dir}"\n[retraining]\nenabled = false\n')
     yield server
     server.stop()
 

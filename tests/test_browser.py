@@ -39,6 +39,8 @@ max_context_tokens = 512
 [rag]
 enabled_by_default = false
 demo_data = ""
+[retraining]
+enabled = false
 [[auth.keys]]
 name = "shop-app"
 role = "client"

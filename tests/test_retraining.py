@@ -14,7 +14,6 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 
 from gateway.app import create_app
@@ -222,8 +221,11 @@ async def test_api_run_then_promote_and_corrupt_adapter_refused(gateway):
     assert (await c.post("/v1/retraining/runs", json={"force": True}, headers={"Authorization": "Bearer dev-reviewer-key"})).status_code == 403
     assert (await c.post("/v1/retraining/runs", json={"force": True, "max_steps": 0}, headers=ADMIN)).status_code == 400
     assert (await c.post("/v1/retraining/runs", json={"force": True, "bogus": 1}, headers=ADMIN)).status_code == 400
-    r = await c.post("/v1/retraining/runs", json={"force": True, "max_steps": 1}, headers=ADMIN)
-    assert r.status_code == 202, r.text
+    r = await c.post("/v1/retraining/runs", json={"force": True}, headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "dataset_failed"  # no labels, no bootstrap: nothing to learn
+    await _resolve_items(c.settings, 3)
+    r = await c.post("/v1/retraining/runs", json={"max_steps": 1}, headers=ADMIN)  # 3 new labels ≥ 2: due
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
     busy = await c.post("/v1/retraining/runs", json={"force": True}, headers=ADMIN)
     assert busy.status_code == 409 and busy.json()["error"]["code"] == "busy"  # one run at a time
     run = await _wait_run(c, r.json()["id"], ("succeeded", "failed"))
@@ -231,14 +233,17 @@ async def test_api_run_then_promote_and_corrupt_adapter_refused(gateway):
     assert run["log_tail"] and run["metrics"]["gate"]["checks"]
     listing = (await c.get("/v1/adapters", headers={"Authorization": "Bearer dev-reviewer-key"})).json()
     [v1] = listing["data"]
-    assert v1["version"] == "v0001" and v1["state"] in ("candidate", "challenger")
+    # No champion yet: a candidate that passes the gate against the base model becomes champion at once.
+    passed = run["metrics"]["gate"]["passed"]
+    assert v1["version"] == "v0001" and v1["state"] == ("champion" if passed else "candidate")
     assert (await c.get("/v1/adapters/v0009", headers=ADMIN)).status_code == 404
     assert (await c.post("/v1/adapters/v0001/promote", headers={"Authorization": "Bearer dev-reviewer-key"})).status_code == 403
-    r = await c.post("/v1/adapters/v0001/promote", headers=ADMIN)
-    assert r.status_code == 200 and r.json()["state"] == "champion" and r.json()["default"] is True
+    if not passed:
+        r = await c.post("/v1/adapters/v0001/promote", headers=ADMIN)  # the admin's manual override
+        assert r.status_code == 200 and r.json()["state"] == "champion" and r.json()["default"] is True
     chat = await c.post("/v1/chat/completions", headers=CLIENT, json={
         "model": "tellerloop", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "rag": False})
-    assert chat.json()["variant"] == "v0001"  # the logical name now routes to the champion
+    assert chat.json()["variant"] == "v0001"  # the logical name now routes to the champion (hot, no restart)
     pinned = await c.post("/v1/chat/completions", headers=CLIENT, json={
         "model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "rag": False})
     assert pinned.json()["variant"] == "base"
@@ -258,6 +263,7 @@ async def test_api_run_then_promote_and_corrupt_adapter_refused(gateway):
 
 async def test_killed_trainer_fails_the_run_and_serving_continues(gateway):
     c = gateway
+    await _resolve_items(c.settings, 3)
     r = await c.post("/v1/retraining/runs", json={"force": True, "max_steps": 5000}, headers=ADMIN)
     run_id = r.json()["id"]
     deadline = time.monotonic() + 120

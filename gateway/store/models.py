@@ -184,7 +184,7 @@ class TrainingRun(Base):
     __tablename__ = "training_runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    status: Mapped[str] = mapped_column(String(12), index=True)  # queued | running | succeeded | failed
+    status: Mapped[str] = mapped_column(String(12), index=True)  # queued | running | trained | succeeded | failed
     trigger: Mapped[str] = mapped_column(String(12))  # schedule | manual | cli | bootstrap
     requested_by: Mapped[str] = mapped_column(String(100))
     overrides: Mapped[dict] = mapped_column(JSON, default=dict)
