@@ -150,7 +150,7 @@ class Retrainer:
             await self._fail(run.id, None, f"{type(exc).__name__}: {exc}")
             return await self.runs.get(run.id)
         champion = await self.registry.champion()
-        adapter = await self.registry.create(run_id=run.id, base_model=settings.model.base,
+        adapter = await self.registry.create(run_id=run.id, base_model=settings.model.base or "embedded SmolLM2-135M-Instruct",
                                              parent=champion.version if champion else None,
                                              config=settings.training.model_dump())
         await self.registry.update(adapter.version, dataset_hash=snapshot.hash, label_count=snapshot.label_count,

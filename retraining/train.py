@@ -33,6 +33,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from gateway.engine.model_files import resolve_base_model
 from gateway.settings import Settings
 
 
@@ -100,7 +101,7 @@ def train_adapter(settings: Settings, train_rows: list[list[dict]], eval_rows: l
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    tokenizer, model = load_model(settings.model.base, cfg)
+    tokenizer, model = load_model(resolve_base_model(settings.model.base, settings.storage.data_dir), cfg)
     train_ds = [encode(tokenizer, m, cfg.max_seq_tokens) for m in train_rows]
     eval_ds = [encode(tokenizer, m, cfg.max_seq_tokens) for m in eval_rows]
     steps_per_epoch = max(1, -(-len(train_ds) // (cfg.batch_size * cfg.grad_accum)))

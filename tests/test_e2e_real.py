@@ -238,3 +238,60 @@ def test_review_loop_on_the_real_model(real_server, sdk, tmp_path):
     exported = [x for x in lines if x["exchange_id"] == eid]
     assert exported and exported[0]["messages"][-1]["content"] == fix
     assert exported[0]["messages"][-2]["content"] == "Can I get a replacement card delivered abroad?"
+
+
+def test_retraining_cycle_through_the_real_server(tmp_path, real_model_dir):
+    """Issue 5 end to end on the real model: a gateway process with a tiny seed set bootstraps an
+    adapter through the admin API; the run reports progress and its gate; a champion is served
+    under the logical name at once, and the base model stays pinnable."""
+    from tests.conftest import ROOT, start_server
+
+    seed = tmp_path / "seed.csv"
+    seed.write_text("\n".join((ROOT / "data" / "bank_faq" / "faq.csv").read_text(encoding="utf-8-sig").splitlines()[:31]) + "\n")
+    server = start_server(tmp_path, f"""
+[model]
+base = "{real_model_dir}"
+[rag]
+enabled_by_default = false
+demo_data = ""
+[retraining]
+enabled = false
+seed_data = "{seed}"
+eval_seed_size = 4
+eval_max_tokens = 16
+min_examples = 4
+[training]
+max_steps = 2
+batch_size = 2
+grad_accum = 1
+learning_rate = 0.005
+""")
+    admin = {"Authorization": "Bearer dev-admin-key"}
+    try:
+        base = server.base_url
+        r = httpx.post(f"{base}/v1/retraining/runs", json={}, headers=admin, timeout=60)  # bootstrap is due
+        assert r.status_code == 202, r.text
+        run_id = r.json()["id"]
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            run = httpx.get(f"{base}/v1/retraining/runs/{run_id}", headers=admin, timeout=10).json()
+            if run["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(1)
+        assert run["status"] == "succeeded", run
+        assert run["trigger"] == "bootstrap" and run["metrics"]["training"]["steps"] == 2
+        assert run["metrics"]["evaluation"]["baseline_version"] == "base" and run["log_tail"]
+        [adapter] = httpx.get(f"{base}/v1/adapters", headers=admin, timeout=10).json()["data"]
+        if adapter["state"] != "champion":  # did not beat the base on 4 questions: promote by hand
+            assert adapter["state"] == "candidate"
+            assert httpx.post(f"{base}/v1/adapters/v0001/promote", headers=admin, timeout=60).status_code == 200
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="dev-client-key", max_retries=0)
+        served = client.chat.completions.create(model="tellerloop", max_tokens=8, extra_body={"rag": False},
+                                                messages=[{"role": "user", "content": "How do I block my card?"}])
+        assert served.model_extra["variant"] == "v0001"
+        pinned = client.chat.completions.create(model="base", max_tokens=8, extra_body={"rag": False},
+                                                messages=[{"role": "user", "content": "How do I block my card?"}])
+        assert pinned.model_extra["variant"] == "base"
+        assert "v0001" in [m.id for m in client.models.list().data]
+    finally:
+        server.stop()
