@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
 
-def one(quantization: str, steps: int, context: bool) -> dict:
+def one(quantization: str, steps: int, context: bool, bf16: bool = False) -> dict:
     """Runs in the child process."""
     import resource
 
@@ -32,7 +32,7 @@ def one(quantization: str, steps: int, context: bool) -> dict:
     from retraining.train import train_adapter
 
     settings = load_settings(None, storage={"data_dir": str(ROOT / ".cache" / "bench")},
-                             training={"quantization": quantization, "max_steps": steps, "nice": 0})
+                             training={"quantization": quantization, "max_steps": steps, "nice": 0, "bf16": bf16})
     rows = load_qa(ROOT / "data" / "bank_faq" / "faq.csv", steps * 16 + 16, seed=7)
 
     def messages(qa):  # noqa: ANN001

@@ -145,6 +145,7 @@ class TrainingSettings(_Section):
     warmup_ratio: float = Field(0.05, ge=0.0, le=0.5)
     early_stopping_patience: int = Field(1, ge=0)  # epochs without eval-loss improvement before stopping
     seed: int = 1234
+    bf16: bool = False  # bf16 autocast for training (measured in bench/training.py)
     nice: int = Field(10, ge=0, le=19)  # the trainer process runs niced so serving keeps the CPU
     torch_threads: int = Field(0, ge=0)
     progress_every_steps: int = Field(1, ge=1)

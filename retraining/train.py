@@ -115,6 +115,9 @@ def train_adapter(settings: Settings, train_rows: list[list[dict]], eval_rows: l
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), report_to="none",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        prediction_loss_only=True,  # never keep eval logits (batch × tokens × 49k vocab) in memory
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding to push through the model
+        bf16=cfg.bf16,
     )
     progress = _Progress(report, log)
     trainer = Trainer(
