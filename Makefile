@@ -37,6 +37,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/engine_throughput.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/answer_quality.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/training.py
 
 clean:
 	rm -rf $(VENV) var .cache
