@@ -34,6 +34,14 @@ _TYPES = {
 }
 
 
+class CodedError(Exception):
+    """A refusal from a service or store, with a machine-readable `code` the API passes on."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class ApiError(Exception):
     """An error we mean to show the client."""
 

@@ -23,6 +23,7 @@ from typing import Callable
 import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from gateway.errors import CodedError
 from gateway.rag.knowledge import Hit, KnowledgeBase
 from gateway.settings import Settings
 from gateway.store.reviews import ReviewRepository
@@ -32,12 +33,8 @@ from retraining.registry import AdapterRegistry, RegistryError, RunStore
 log = structlog.get_logger(__name__)
 
 
-class RunRefused(Exception):
+class RunRefused(CodedError):
     """Not started: another run is active, or too few new labels (unless forced)."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def utcnow() -> datetime:

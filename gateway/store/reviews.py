@@ -20,6 +20,7 @@ from sqlalchemy import and_, case, exists, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.errors import CodedError
 from gateway.settings import ReviewSettings
 from gateway.store.models import Exchange, Feedback, Flag, ReviewEvent, ReviewItem, ReviewLabel, ReviewPair
 
@@ -31,12 +32,8 @@ class StaleItem(Exception):
     """The review item changed between read and write; the transaction is retried."""
 
 
-class ReviewConflict(Exception):
+class ReviewConflict(CodedError):
     """A rule refuses the write (already labelled, claimed by someone else, resolved...)."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def utcnow() -> datetime:
