@@ -88,8 +88,9 @@ class _Progress(TrainerCallback):
                     "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"),
                     "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1),
                     "eval_losses": self.epochs}
-        if "eval_loss" in logs:
-            self.epochs.append({"epoch": round(state.epoch or 0, 3), "eval_loss": logs["eval_loss"]})
+        epoch = round(state.epoch or 0, 3)
+        if "eval_loss" in logs and not (self.epochs and self.epochs[-1]["epoch"] == epoch):  # not the final re-check
+            self.epochs.append({"epoch": epoch, "eval_loss": logs["eval_loss"]})
         self.log(json.dumps({"at": utcnow().isoformat(), **logs, "step": step}))
         self.report(progress)
 
