@@ -12,16 +12,12 @@ from gateway.chat import ChatService
 from gateway.engine.base import Engine
 from gateway.errors import ApiError
 from gateway.settings import Settings
-from gateway.store.models import Adapter, TrainingRun
+from gateway.store.models import Adapter, TrainingRun, iso_utc
 from retraining.jobs import Retrainer, RunRefused
 from retraining.registry import AdapterCorrupt, RegistryError
 
 log = structlog.get_logger(__name__)
 SERVED_STATES = ("champion", "challenger")
-
-
-def _iso(value) -> str | None:  # noqa: ANN001
-    return value.isoformat(timespec="seconds") if value else None
 
 
 class AdapterService:
@@ -80,7 +76,7 @@ class AdapterService:
                 "train_examples": a.train_examples, "reason": a.reason, "gate": gate.get("checks"),
                 "loaded": a.version in self.engine.variants(),
                 "default": self.chat.default_variant == a.version,
-                "created_at": _iso(a.created_at), "updated_at": _iso(a.updated_at)}
+                "created_at": iso_utc(a.created_at), "updated_at": iso_utc(a.updated_at)}
 
     # ---- retraining runs ---------------------------------------------------------------------
     async def start_run(self, actor: str, overrides: dict, force: bool) -> dict:
@@ -96,7 +92,7 @@ class AdapterService:
         return [self.run_dict(r, tail=0) for r in await self.retrainer.runs.list()]
 
     async def run(self, run_id: int) -> dict:
-        run = await self.retrainer.runs.get(run_id) if 0 < run_id < 2**62 else None
+        run = await self.retrainer.runs.get(run_id)
         if run is None:
             raise ApiError(404, f"No retraining run {run_id}", param="run_id", code="not_found")
         return self.run_dict(run)
@@ -109,5 +105,5 @@ class AdapterService:
         return {"id": run.id, "status": run.status, "trigger": run.trigger, "requested_by": run.requested_by,
                 "overrides": run.overrides, "adapter_version": run.adapter_version, "dataset_hash": run.dataset_hash,
                 "progress": run.progress, "metrics": run.metrics, "error": run.error,
-                "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
-                "finished_at": _iso(run.finished_at), "log_tail": lines}
+                "created_at": iso_utc(run.created_at), "started_at": iso_utc(run.started_at),
+                "finished_at": iso_utc(run.finished_at), "log_tail": lines}

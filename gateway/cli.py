@@ -223,9 +223,12 @@ def _retrain(args: argparse.Namespace) -> int:
             kb_box: list = [None]
             retrainer = Retrainer(settings, session_factory(db), kb=lambda: kb_box[0])
             if not args.now:
-                reason = await retrainer.why_not(args.force)
-                new = await retrainer.runs.resolved_labels() - await retrainer.runs.last_watermark()
-                print(json.dumps({"due": reason is None, "reason": reason, "new_labels": new,
+                try:
+                    await retrainer.check_due(args.force)
+                    reason = None
+                except RunRefused as exc:
+                    reason = str(exc)
+                print(json.dumps({"due": reason is None, "reason": reason, "new_labels": await retrainer.new_labels(),
                                   "min_new_labels": settings.retraining.min_new_labels,
                                   "bootstrap": await retrainer.bootstrap_due()}))
                 return 0

@@ -28,7 +28,10 @@ from gateway.pii import scrub, scrub_messages
 from gateway.rag.embeddings import Embedder
 from gateway.security import ROLE_RANK, Principal
 from gateway.settings import Settings
-from gateway.store.models import Exchange, Feedback, Flag, ReviewEvent, ReviewItem, ReviewLabel, ReviewPair
+from gateway.store.exchanges import exchange_record
+from gateway.store.models import (
+    Exchange, Feedback, Flag, ReviewEvent, ReviewItem, ReviewLabel, ReviewPair, iso_utc,
+)
 from gateway.store.reviews import LabelCommit, ReviewConflict, ReviewRepository, StaleItem, event, priority_parts
 
 NEW = -1  # placeholder id of the label being decided
@@ -37,16 +40,6 @@ VERDICTS = ("approve", "correct", "reject")
 
 def _norm(text: str | None) -> str:
     return re.sub(r"\s+", " ", text or "").strip().lower()
-
-
-def _iso(value: datetime | float | None) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float):
-        value = datetime.fromtimestamp(value, timezone.utc)
-    if value.tzinfo is None:  # SQLite hands back naive datetimes; we only ever store UTC
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat(timespec="seconds")
 
 
 def _trim(text: str, limit: int = 280) -> str:
@@ -126,7 +119,7 @@ class ReviewService:
 
     def _claim_info(self, item: ReviewItem, now: float) -> tuple[str | None, str | None]:
         live = item.claimed_by is not None and (item.claim_expires_epoch or 0) >= now
-        return (item.claimed_by, _iso(item.claim_expires_epoch)) if live else (None, None)
+        return (item.claimed_by, iso_utc(item.claim_expires_epoch)) if live else (None, None)
 
     def _summary(self, item: ReviewItem, exchange: Exchange, priority: float, n_labels: int, now: float) -> dict:
         claimed_by, until = self._claim_info(item, now)
@@ -134,7 +127,7 @@ class ReviewService:
             "id": item.id, "exchange_id": item.exchange_id, "status": item.status,
             "priority": round(priority, 4), "reasons": self.reasons(item),
             "confidence": item.confidence, "question": _trim(question_of(exchange)),
-            "answer": _trim(exchange.answer), "created_at": _iso(item.created_at),
+            "answer": _trim(exchange.answer), "created_at": iso_utc(item.created_at),
             "waiting_s": round(max(0.0, now - item.created_epoch)), "labels": n_labels,
             "required_labels": item.required_labels, "claimed_by": claimed_by, "claimed_until": until,
         }
@@ -151,7 +144,7 @@ class ReviewService:
             raise ApiError(404, f"No review item {item_id}", param="item_id", code="not_found") from None
         except ReviewConflict as exc:
             raise ApiError(409, str(exc), code=exc.code) from None
-        return {"item_id": item.id, "claimed_by": item.claimed_by, "claimed_until": _iso(item.claim_expires_epoch)}
+        return {"item_id": item.id, "claimed_by": item.claimed_by, "claimed_until": iso_utc(item.claim_expires_epoch)}
 
     async def release(self, item_id: int, principal: Principal) -> dict:
         if not await self.repo.release(item_id, principal.name):
@@ -189,21 +182,12 @@ class ReviewService:
             "priority_parts": {k: round(v, 4) for k, v in parts.items()},
             "proposed_answer": {"id": pid, "text": ptext, "by": pby},
             "resolution": item.resolution, "resolved_answer": item.resolved_answer,
-            "resolved_at": _iso(item.resolved_at), "decided_by": item.decided_by,
-            "exchange": self.exchange_dict(exchange),
+            "resolved_at": iso_utc(item.resolved_at), "decided_by": item.decided_by,
+            "exchange": exchange_record(exchange),
             "feedback": self._feedback_dict(feedback) if feedback else None,
             "flags": [self._flag_dict(f) for f in flags],
             "labels": [self._label_dict(label) for label in labels],
             "events": [self._event_dict(e) for e in events],
-        }
-
-    @staticmethod
-    def exchange_dict(row: Exchange) -> dict:
-        return {
-            "id": row.id, "created_at": _iso(row.created_at), "model": row.model_requested, "variant": row.variant,
-            "messages": row.messages, "answer": row.answer, "finish_reason": row.finish_reason,
-            "sources": row.sources, "confidence": row.confidence, "confidence_parts": row.confidence_parts,
-            "flagged": row.flagged,
         }
 
     async def exchange_signals(self, exchange_id: str) -> dict:
@@ -222,22 +206,22 @@ class ReviewService:
 
     @staticmethod
     def _feedback_dict(fb: Feedback) -> dict:
-        return {"rating": fb.rating, "comment": fb.comment, "created_at": _iso(fb.created_at),
-                "updated_at": _iso(fb.updated_at)}
+        return {"rating": fb.rating, "comment": fb.comment, "created_at": iso_utc(fb.created_at),
+                "updated_at": iso_utc(fb.updated_at)}
 
     @staticmethod
     def _flag_dict(flag: Flag) -> dict:
-        return {"flagged_by": flag.flagged_by, "reason": flag.reason, "created_at": _iso(flag.created_at)}
+        return {"flagged_by": flag.flagged_by, "reason": flag.reason, "created_at": iso_utc(flag.created_at)}
 
     @staticmethod
     def _label_dict(label: ReviewLabel) -> dict:
         return {"id": label.id, "reviewer": label.reviewer, "role": label.role, "verdict": label.verdict,
                 "category": label.category, "corrected_answer": label.corrected_answer,
-                "approved_proposal": label.shown_label_id, "note": label.note, "created_at": _iso(label.created_at)}
+                "approved_proposal": label.shown_label_id, "note": label.note, "created_at": iso_utc(label.created_at)}
 
     @staticmethod
     def _event_dict(ev: ReviewEvent) -> dict:
-        return {"at": _iso(ev.created_at), "actor": ev.actor, "action": ev.action, "detail": ev.detail}
+        return {"at": iso_utc(ev.created_at), "actor": ev.actor, "action": ev.action, "detail": ev.detail}
 
     # ---- labels and consensus -----------------------------------------------------------------
     async def _similarity(self, a: str, b: str) -> float:
@@ -371,6 +355,6 @@ class ReviewService:
             messages = scrub_messages(exchange.messages) + [{"role": "assistant", "content": scrub(item.resolved_answer)}]
             yield json.dumps({
                 "messages": messages, "item_id": item.id, "exchange_id": exchange.id,
-                "resolution": item.resolution, "decided_by": item.decided_by, "resolved_at": _iso(item.resolved_at),
+                "resolution": item.resolution, "decided_by": item.decided_by, "resolved_at": iso_utc(item.resolved_at),
                 "variant": exchange.variant,
             }, ensure_ascii=False) + "\n"

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from gateway.errors import CodedError
 from gateway.rag.knowledge import Hit, KnowledgeBase
 from gateway.settings import Settings
+from gateway.store.models import utcnow
 from gateway.store.reviews import ReviewRepository
 from retraining import dataset as datasets
 from retraining.registry import AdapterRegistry, RegistryError, RunStore
@@ -36,9 +37,6 @@ log = structlog.get_logger(__name__)
 class RunRefused(CodedError):
     """Not started: another run is active, or too few new labels (unless forced)."""
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _alive(pid: int) -> bool:
@@ -67,8 +65,9 @@ def run_dir(settings: Settings, run_id: int) -> Path:
 
 
 def apply_overrides(settings: Settings, overrides: dict) -> Settings:
-    training = settings.training.model_copy(update={k: v for k, v in overrides.items() if k in type(settings.training).model_fields})
-    return settings.model_copy(update={"training": type(settings.training).model_validate(training.model_dump())})
+    cls = type(settings.training)
+    training = cls.model_validate({**settings.training.model_dump(), **{k: v for k, v in overrides.items() if k in cls.model_fields}})
+    return settings.model_copy(update={"training": training})
 
 
 async def resolved_rows(reviews: ReviewRepository) -> list[tuple[int, str, list[dict], str]]:
@@ -77,6 +76,19 @@ async def resolved_rows(reviews: ReviewRepository) -> list[tuple[int, str, list[
         rows.append((item.id, item.resolved_at.isoformat() if item.resolved_at else "", exchange.messages,
                      item.resolved_answer))
     return rows
+
+
+async def fail_run(runs: RunStore, registry: AdapterRegistry, run_id: int, version: str | None, reason: str) -> None:
+    """Mark an unfinished run failed (a first reason wins) and its adapter too if it never left training."""
+    run = await runs.get(run_id)
+    if run is not None and run.status not in ("succeeded", "failed"):  # queued, running or trained
+        await runs.update(run_id, status="failed", error=reason[-2000:], finished_at=utcnow())
+    version = version or (run.adapter_version if run else None)
+    if version:
+        adapter = await registry.get(version)
+        if adapter is not None and adapter.state == "training":
+            await registry.transition(version, "failed", reason=reason[-2000:])
+    log.warning("retrain.failed", run_id=run_id, reason=reason[-300:])
 
 
 # ---- parent side ---------------------------------------------------------------------------------
@@ -108,35 +120,33 @@ class Retrainer:
             n += 1
         return n
 
-    async def why_not(self, force: bool) -> str | None:
-        if await self.runs.active():
-            return "busy"
-        if force:
-            return None
-        new = await self.runs.resolved_labels() - await self.runs.last_watermark()
-        if await self.bootstrap_due():
-            return None
+    async def new_labels(self) -> int:
+        return await self.runs.resolved_labels() - await self.runs.last_watermark()
+
+    async def check_due(self, force: bool) -> None:
+        """Raise RunRefused when a run is active, or (unless forced or bootstrapping) too few new labels."""
+        active = await self.runs.active()
+        if active:
+            raise RunRefused(f"run {active[0].id} is already {active[0].status}; one run at a time", "busy")
+        if force or await self.bootstrap_due():
+            return
+        new = await self.new_labels()
         if new < self.settings.retraining.min_new_labels:
-            return f"too_few_labels:{new}"
-        return None
+            raise RunRefused(f"{new} new resolved labels; retraining.min_new_labels="
+                             f"{self.settings.retraining.min_new_labels} (force to run anyway)", "not_due")
 
     async def bootstrap_due(self) -> bool:
+        """No adapter has ever been trained successfully (so there is no champion) and seeds exist."""
         cfg = self.settings.retraining
-        return (cfg.bootstrap and bool(cfg.seed_data) and await self.registry.champion() is None
-                and not any(a.state not in ("failed",) for a in await self.registry.list()))
+        return (cfg.bootstrap and bool(cfg.seed_data)
+                and all(a.state == "failed" for a in await self.registry.list()))
 
     async def start(self, trigger: str, requested_by: str, overrides: dict | None = None, force: bool = False):
         """Create the run, build its dataset, spawn the trainer; returns the run at once (watching
         continues in a task). Raises RunRefused when busy or not due."""
         overrides = overrides or {}
         async with self._lock:
-            reason = await self.why_not(force)
-            if reason == "busy":
-                active = (await self.runs.active())[0]
-                raise RunRefused(f"run {active.id} is already {active.status}; one run at a time", "busy")
-            if reason:
-                raise RunRefused(f"{reason.split(':')[1]} new resolved labels; retraining.min_new_labels="
-                                 f"{self.settings.retraining.min_new_labels} (force to run anyway)", "not_due")
+            await self.check_due(force)
             bootstrap = await self.bootstrap_due()
             watermark = await self.runs.resolved_labels()
             run = await self.runs.create("bootstrap" if bootstrap else trigger, requested_by, overrides, watermark)
@@ -217,17 +227,7 @@ class Retrainer:
         log.info("retrain.finished", run_id=run_id, adapter=version, state=adapter.state)
 
     async def _fail(self, run_id: int, version: str | None, reason: str) -> None:
-        run = await self.runs.get(run_id)
-        if run is not None and run.status not in ("succeeded", "failed"):  # incl. queued/running/trained
-            await self.runs.update(run_id, status="failed", error=reason[-2000:], finished_at=utcnow())
-        elif run is not None and run.status == "failed" and not run.error:
-            await self.runs.update(run_id, error=reason[-2000:])
-        version = version or (run.adapter_version if run else None)
-        if version:
-            adapter = await self.registry.get(version)
-            if adapter is not None and adapter.state == "training":
-                await self.registry.transition(version, "failed", reason=reason[-2000:])
-        log.warning("retrain.failed", run_id=run_id, reason=reason[-300:])
+        await fail_run(self.runs, self.registry, run_id, version, reason)
 
     async def wait(self) -> None:
         while self.tasks:
@@ -251,11 +251,7 @@ async def execute_run(settings: Settings, run_id: int) -> None:
         await runs.update(run_id, status="trained", metrics={**(run.metrics or {}), **metrics},
                           progress={"phase": "done"})
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        await runs.update(run_id, status="failed", error=reason[-2000:], finished_at=utcnow())
-        adapter = await registry.get(version)
-        if adapter is not None and adapter.state == "training":
-            await registry.transition(version, "failed", reason=reason[-2000:])
+        await fail_run(runs, registry, run_id, version, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         await db.dispose()

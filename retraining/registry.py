@@ -9,14 +9,14 @@ tampered file is refused with a clear error instead of serving garbage.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from gateway.store.models import Adapter, ReviewItem, TrainingRun
+from gateway.store.db import is_row_id
+from gateway.store.models import Adapter, ReviewItem, TrainingRun, utcnow
 
 TRANSITIONS = {
     "training": {"candidate", "failed"},
@@ -36,9 +36,6 @@ class RegistryError(Exception):
 class AdapterCorrupt(RegistryError):
     pass
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
@@ -150,6 +147,8 @@ class RunStore:
         return run
 
     async def get(self, run_id: int) -> TrainingRun | None:
+        if not is_row_id(run_id):
+            return None
         async with self._sessions() as session:
             return await session.get(TrainingRun, run_id)
 

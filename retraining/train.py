@@ -17,7 +17,6 @@ import json
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -35,10 +34,8 @@ from transformers import (
 
 from gateway.engine.model_files import resolve_base_model
 from gateway.settings import Settings
+from gateway.store.models import utcnow
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def encode(tokenizer, messages: list[dict], max_tokens: int) -> dict:  # noqa: ANN001
@@ -50,7 +47,7 @@ def encode(tokenizer, messages: list[dict], max_tokens: int) -> dict:  # noqa: A
         raise ValueError("chat template does not extend the prompt with the answer")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    answer_ids = answer_ids[:max_tokens // 2] if len(answer_ids) > max_tokens // 2 else answer_ids
+    answer_ids = answer_ids[: max_tokens // 2]  # a huge answer keeps at least half the window for its prompt
     prompt_ids = prompt_ids[-(max_tokens - len(answer_ids)):]
     ids = prompt_ids + answer_ids
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt_ids) + answer_ids}

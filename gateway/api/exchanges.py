@@ -9,7 +9,7 @@ from litestar.params import FromPath
 from gateway.errors import ApiError
 from gateway.review import ReviewService
 from gateway.security import require
-from gateway.store.exchanges import ExchangeRepository
+from gateway.store.exchanges import ExchangeRepository, exchange_record
 
 
 class ExchangesController(Controller):
@@ -25,27 +25,4 @@ class ExchangesController(Controller):
         row = await exchange_repository.get(exchange_id) if len(exchange_id) <= 64 else None
         if row is None:
             raise ApiError(404, f"No exchange with id '{exchange_id[:64]}'", param="exchange_id", code="not_found")
-        return {
-            "id": row.id,
-            "created_at": row.created_at.isoformat(),
-            "completed_at": row.completed_at.isoformat(),
-            "api_key_name": row.api_key_name,
-            "user": row.user,
-            "model": row.model_requested,
-            "variant": row.variant,
-            "messages": row.messages,
-            "answer": row.answer,
-            "finish_reason": row.finish_reason,
-            "stream": row.stream,
-            "rag": row.rag,
-            "retrieval_ms": row.retrieval_ms,
-            "sources": row.sources,
-            "params": row.params,
-            "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens},
-            "ttft_ms": row.ttft_ms,
-            "latency_ms": row.latency_ms,
-            "confidence": row.confidence,
-            "confidence_parts": row.confidence_parts,
-            "flagged": row.flagged,
-            **await review_service.exchange_signals(row.id),
-        }
+        return {**exchange_record(row), **await review_service.exchange_signals(row.id)}

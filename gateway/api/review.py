@@ -14,9 +14,6 @@ from gateway.errors import ApiError
 from gateway.review import ReviewService
 from gateway.security import require
 
-MAX_ID = 2**62  # larger path ids cannot exist and would overflow the database's integer
-
-
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,12 +36,6 @@ class LabelRequest(BaseModel):
     note: str | None = Field(None, max_length=100_000)
     proposed_answer_id: int | None = Field(
         None, ge=0, description="the proposal you reviewed (0 = the model's answer); 409 if it changed meanwhile")
-
-
-def _item_id(item_id: int) -> int:
-    if not 0 < item_id < MAX_ID:
-        raise ApiError(404, f"No review item {item_id}", param="item_id", code="not_found")
-    return item_id
 
 
 class ExchangeSignalsController(Controller):
@@ -94,15 +85,15 @@ class ReviewController(Controller):
 
     @get("/items/{item_id:int}", summary="One item: conversation, answer, sources, signals, labels, audit trail")
     async def item(self, item_id: FromPath[int], review_service: NamedDependency[ReviewService]) -> dict:
-        return await review_service.item_detail(_item_id(item_id))
+        return await review_service.item_detail(item_id)
 
     @post("/items/{item_id:int}/claim", status_code=200, summary="Reserve an item (expires after review.claim_ttl_s)")
     async def claim(self, request: Request, item_id: FromPath[int], review_service: NamedDependency[ReviewService]) -> dict:
-        return await review_service.claim(_item_id(item_id), request.user)
+        return await review_service.claim(item_id, request.user)
 
     @delete("/items/{item_id:int}/claim", status_code=200, summary="Give a claimed item back")
     async def release(self, request: Request, item_id: FromPath[int], review_service: NamedDependency[ReviewService]) -> dict:
-        return await review_service.release(_item_id(item_id), request.user)
+        return await review_service.release(item_id, request.user)
 
     @post("/items/{item_id:int}/labels", status_code=201, summary="Approve, correct or reject an item's answer")
     async def label(self, request: Request, item_id: FromPath[int], data: JSONBody[LabelRequest],
@@ -113,7 +104,7 @@ class ReviewController(Controller):
                            param="corrected_answer")
         if data.note and len(data.note) > cfg.max_note_chars:
             raise ApiError(400, f"note is longer than {cfg.max_note_chars} characters", param="note")
-        return await review_service.label(_item_id(item_id), request.user, data.verdict, data.corrected_answer,
+        return await review_service.label(item_id, request.user, data.verdict, data.corrected_answer,
                                           data.note, data.proposed_answer_id)
 
     @get("/stats", summary="Queue counts, labels per reviewer, agreement (percent, Cohen's kappa), confidence histogram")

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.errors import ApiError
 from gateway.review import ReviewService
 from gateway.security import ROLE_RANK, KeyStore, Principal
-from gateway.api.review import MAX_ID
 
 FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 
@@ -114,7 +113,7 @@ class ConsoleController(Controller):
         notice = None
         if done:
             try:
-                item = await review_service.item_detail(done) if done < MAX_ID else None
+                item = await review_service.item_detail(done)
             except ApiError:
                 item = None
             if item:
@@ -144,8 +143,6 @@ class ConsoleController(Controller):
 
     async def _item(self, request: Request, service: ReviewService, me: Principal, item_id: int, claim: bool,
                     error: str | None = None, status_code: int = 200, form: LabelForm | None = None) -> Template:
-        if not 0 < item_id < MAX_ID:
-            return page("error.html", request, status_code=404, message=f"No review item {item_id}.")
         claim_error = None
         if claim:
             try:
@@ -154,7 +151,10 @@ class ConsoleController(Controller):
                 if exc.status == 404:
                     return page("error.html", request, status_code=404, message=exc.message)
                 claim_error = exc.message
-        item = await service.item_detail(item_id)
+        try:
+            item = await service.item_detail(item_id)
+        except ApiError as exc:
+            return page("error.html", request, status_code=exc.status, message=exc.message)
         mine = next((x for x in item["labels"] if x["reviewer"] == me.name), None)
         can_label = item["status"] in ("open", "escalated") and mine is None and (
             item["claimed_by"] in (None, me.name))
@@ -174,7 +174,10 @@ class ConsoleController(Controller):
         elif verdict == "correct" and not corrected:
             error = "Write the corrected answer before choosing Correct."
         if error is None and verdict == "correct":
-            item = await review_service.item_detail(item_id) if 0 < item_id < MAX_ID else None
+            try:
+                item = await review_service.item_detail(item_id)
+            except ApiError:
+                item = None  # unknown item: the label call below says so
             if item and " ".join(corrected.split()) == " ".join(item["proposed_answer"]["text"].split()):
                 error = "The answer is unchanged: edit it, or choose Approve."
         if error is None:

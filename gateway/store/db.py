@@ -11,6 +11,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+MAX_ROW_ID = 2**62  # integer primary keys stay below this; larger path ids would overflow the driver
+
+
+def is_row_id(value: int) -> bool:
+    """Whether `value` can be an integer primary key at all (so lookups of others are just "not found")."""
+    return 0 < value < MAX_ROW_ID
 
 
 def create_engine(url: str) -> AsyncEngine:

@@ -5,8 +5,35 @@ from __future__ import annotations
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from gateway.store.models import Exchange, ReviewItem
+from gateway.store.models import Exchange, ReviewItem, iso_utc
 from gateway.store.reviews import event
+
+
+def exchange_record(row: Exchange) -> dict:
+    """The full logged record of an exchange, as the API and the review console show it."""
+    return {
+        "id": row.id,
+        "created_at": iso_utc(row.created_at),
+        "completed_at": iso_utc(row.completed_at),
+        "api_key_name": row.api_key_name,
+        "user": row.user,
+        "model": row.model_requested,
+        "variant": row.variant,
+        "messages": row.messages,
+        "answer": row.answer,
+        "finish_reason": row.finish_reason,
+        "stream": row.stream,
+        "rag": row.rag,
+        "retrieval_ms": row.retrieval_ms,
+        "sources": row.sources,
+        "params": row.params,
+        "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens},
+        "ttft_ms": row.ttft_ms,
+        "latency_ms": row.latency_ms,
+        "confidence": row.confidence,
+        "confidence_parts": row.confidence_parts,
+        "flagged": row.flagged,
+    }
 
 
 class ExchangeRepository:

@@ -22,7 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.errors import CodedError
 from gateway.settings import ReviewSettings
-from gateway.store.models import Exchange, Feedback, Flag, ReviewEvent, ReviewItem, ReviewLabel, ReviewPair
+from gateway.store.db import is_row_id
+from gateway.store.models import Exchange, Feedback, Flag, ReviewEvent, ReviewItem, ReviewLabel, ReviewPair, utcnow
 
 T = TypeVar("T")
 OPEN_STATUSES = ("open", "escalated")
@@ -35,9 +36,6 @@ class StaleItem(Exception):
 class ReviewConflict(CodedError):
     """A rule refuses the write (already labelled, claimed by someone else, resolved...)."""
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def new_item(exchange: Exchange, cfg: ReviewSettings, *, low_confidence: bool = False, thumbs_down: bool = False,
@@ -133,6 +131,8 @@ class ReviewRepository:
             return await session.get(Exchange, exchange_id)
 
     async def item(self, item_id: int) -> ReviewItem | None:
+        if not is_row_id(item_id):
+            return None
         async with self._sessions() as session:
             return await session.get(ReviewItem, item_id)
 
@@ -296,7 +296,7 @@ class ReviewRepository:
 
         async def work(session: AsyncSession) -> ReviewItem:
             now = time.time()
-            item = await session.get(ReviewItem, item_id)
+            item = await session.get(ReviewItem, item_id) if is_row_id(item_id) else None
             if item is None:
                 raise LookupError(item_id)
             self.check_reviewable(item, reviewer, now)
@@ -319,6 +319,8 @@ class ReviewRepository:
         return await self._transaction(work)
 
     async def release(self, item_id: int, reviewer: str) -> bool:
+        if not is_row_id(item_id):
+            return False
         async with self._sessions() as session, session.begin():
             result = await session.execute(
                 update(ReviewItem).where(ReviewItem.id == item_id, ReviewItem.claimed_by == reviewer)
