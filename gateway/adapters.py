@@ -1,82 +1,222 @@
-"""Adapter versions in serving: which are loaded, which one the logical model name means, manual
-promotion, and retraining runs. The registry and the trainer live in `retraining/`; this service
-connects them to the running engine (hot: loading a version never stops the others)."""
+"""Adapter versions in serving: which are loaded, what the logical model name routes to (champion,
+or champion and challenger while an experiment runs), promotion, rollback, and retraining runs.
+
+Serving follows the registry: every change goes to the database first (`retraining/experiments.py`),
+then `reconcile()` makes the engine and the split match it — loading what should serve, retiring
+what should not (in-flight requests finish on the version they started with). The gateway also
+reconciles every `experiment.sync_interval_s`, which picks up changes made by the CLI.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import structlog
 
+from gateway import metrics
 from gateway.chat import ChatService
 from gateway.engine.base import Engine
 from gateway.errors import ApiError
+from gateway.routing import Split
 from gateway.settings import Settings
 from gateway.store.models import Adapter, TrainingRun, iso_utc
+from retraining.experiments import (BASE, Experiments, age_days, decide, decision_dict, experiment_dict,
+                                    refresh_gauges)
 from retraining.jobs import Retrainer, RunRefused
 from retraining.registry import AdapterCorrupt, RegistryError
 
 log = structlog.get_logger(__name__)
-SERVED_STATES = ("champion", "challenger")
 
 
 class AdapterService:
     def __init__(self, settings: Settings, engine: Engine, chat: ChatService, retrainer: Retrainer) -> None:
         self.settings, self.engine, self.chat, self.retrainer = settings, engine, chat, retrainer
         self.registry = retrainer.registry
+        self.experiments = Experiments(settings, retrainer.sessions, self.registry)
+        self._lock = asyncio.Lock()  # one serving change at a time (API, console, scheduled jobs)
+        self.pinned: set[str] = set()  # extra versions an admin asked to keep loaded (for `model: "<version>"`)
 
     # ---- serving -----------------------------------------------------------------------------
-    async def load(self, adapter: Adapter) -> None:
-        """Verify checksums, load into the engine, and route the logical name to a champion."""
-        folder = await self.registry.verify(adapter.version)
-        if adapter.version not in self.engine.variants():
-            await self.engine.load_adapter(adapter.version, str(folder))
-        if adapter.state == "champion":
-            self.chat.default_variant = adapter.version
-        log.info("adapter.serving", version=adapter.version, state=adapter.state)
+    async def reconcile(self) -> Split:
+        """Load the champion and the challenger, route the logical name, retire the rest."""
+        async with self._lock:
+            return await self._reconcile()
 
-    async def load_served(self) -> None:
-        """At start-up: the champion and any challenger. A corrupt one is refused and logged; the
-        gateway serves without it rather than serving garbage."""
-        for adapter in await self.registry.list():
-            if adapter.state in SERVED_STATES:
-                try:
-                    await self.load(adapter)
-                except (AdapterCorrupt, RegistryError, OSError, ValueError) as exc:
-                    log.error("adapter.refused", version=adapter.version, reason=str(exc))
+    async def _reconcile(self) -> Split:
+        for _ in range(3):  # again after a challenger was refused (it leaves the experiment)
+            split = await self._reconcile_once()
+            if split is not None:
+                return split
+        return self.chat.split
+
+    async def _reconcile_once(self) -> Split | None:
+        experiment = await self.experiments.sync()
+        adapters = {a.version: a for a in await self.registry.list()}
+        champion = next((v for v, a in adapters.items() if a.state == "champion"), BASE)
+        challenger = experiment.challenger if experiment else None
+        for version in (champion, challenger, *sorted(self.pinned)):
+            if version in (None, BASE) or version in self.engine.variants():
+                continue
+            try:
+                folder = await self.registry.verify(version)
+                await self.engine.load_adapter(version, str(folder))
+                log.info("adapter.serving", version=version, state=adapters[version].state)
+            except (AdapterCorrupt, RegistryError, OSError, ValueError) as exc:
+                log.error("adapter.refused", version=version, reason=str(exc))
+                if version in self.pinned:
+                    self.pinned.discard(version)
+                    continue
+                if version == challenger:  # a challenger that cannot load leaves the experiment
+                    await self.experiments.retire(version, "gateway", True, f"refused at load: {exc}")
+                    return None
+                champion = BASE  # never serve garbage: the base model answers until this is fixed
+        wanted = {BASE, champion, challenger, *self.pinned}
+        for version in self.engine.variants():
+            if version not in wanted:
+                await self.engine.unload_adapter(version)
+                log.info("adapter.retired_from_serving", version=version)
+        split = Split(champion, challenger, experiment.share if experiment else 0.0,
+                      experiment.id if experiment else None)
+        if split != self.chat.split:
+            log.info("routing.changed", champion=champion, challenger=challenger, share=split.share,
+                     experiment_id=split.experiment_id)
+        self.chat.split = split
+        for variant, size in self.engine.weight_bytes().items():
+            metrics.ADAPTER_MEMORY.labels(variant).set(size)
+        return split
 
     async def promote(self, version: str, actor: str) -> dict:
-        adapter = await self.registry.get(version)
+        await self._known(version)
+        async with self._lock:
+            try:
+                await self.experiments.promote(version, actor)
+            except AdapterCorrupt as exc:
+                raise ApiError(409, str(exc), code="adapter_corrupt") from None
+            except RegistryError as exc:
+                raise ApiError(409, str(exc), code="illegal_transition") from None
+            finally:
+                await self._reconcile()
+        return await self.describe(version)
+
+    async def retire(self, version: str, actor: str) -> dict:
+        await self._known(version)
+        async with self._lock:
+            try:
+                await self.experiments.retire(version, actor)
+            except RegistryError as exc:
+                raise ApiError(409, str(exc), code="illegal_transition") from None
+            finally:
+                await self._reconcile()
+        return await self.describe(version)
+
+    async def rollback(self, actor: str) -> dict:
+        async with self._lock:
+            try:
+                restored = await self.experiments.rollback(actor)
+            except AdapterCorrupt as exc:
+                raise ApiError(409, f"cannot roll back: {exc}", code="adapter_corrupt") from None
+            except RegistryError as exc:
+                raise ApiError(409, str(exc), code="nothing_to_roll_back") from None
+            finally:
+                await self._reconcile()
+        return {"champion": restored, "default_variant": self.chat.default_variant,
+                "decision": decision_dict((await self.experiments.decisions(limit=1))[0])}
+
+    async def evaluate(self, actor: str) -> dict:
+        """The decision rule, applied now (the scheduled job, `POST /v1/experiments/evaluate`)."""
+        async with self._lock:
+            try:
+                return await self.experiments.evaluate(actor)
+            finally:
+                await self._reconcile()
+
+    async def pin(self, version: str, keep: bool) -> dict:
+        """Keep a version loaded beside the champion and challenger (or stop), for pinned requests."""
+        adapter = await self._known(version)
+        if keep and adapter.state in ("training", "failed"):
+            raise ApiError(409, f"{version} is '{adapter.state}': there is nothing to load", code="illegal_transition")
+        if keep:
+            try:
+                await self.registry.verify(version)
+            except AdapterCorrupt as exc:
+                raise ApiError(409, str(exc), code="adapter_corrupt") from None
+            self.pinned.add(version)
+        else:
+            self.pinned.discard(version)
+        async with self._lock:
+            await self._reconcile()
+        return await self.describe(version)
+
+    async def _known(self, version: str) -> Adapter:
+        adapter = await self.registry.get(version[:20])
         if adapter is None:
             raise ApiError(404, f"No adapter version '{version[:20]}'", param="version", code="not_found")
-        try:
-            await self.registry.verify(version)
-            adapter = await self.registry.transition(version, "champion", reason=f"promoted by {actor}")
-            await self.load(adapter)
-        except AdapterCorrupt as exc:
-            raise ApiError(409, str(exc), code="adapter_corrupt") from None
-        except RegistryError as exc:
-            raise ApiError(409, str(exc), code="illegal_transition") from None
-        return await self.describe(version)
+        return adapter
+
+    # ---- experiments (read) ------------------------------------------------------------------
+    async def experiment_view(self, experiment_id: int | None = None) -> dict | None:
+        """One experiment (default: the running one, else the latest) with its arms, evidence and decisions."""
+        if experiment_id is None:
+            exp = await self.experiments.running() or next(iter(await self.experiments.list(1)), None)
+        else:
+            exp = await self.experiments.get(experiment_id)
+        if exp is None:
+            return None
+        champion, challenger = await self.experiments.arms(exp)
+        verdict = decide(self.settings.experiment, champion, challenger, age_days(exp))
+        if exp.status == "running":
+            refresh_gauges(exp, verdict.evidence)
+        return {**experiment_dict(exp), "arms": verdict.evidence["arms"],
+                "p_challenger_better": verdict.evidence["p_challenger_better"],
+                "p_challenger_flagged_more": verdict.evidence["p_challenger_flagged_more"],
+                "rule": verdict.evidence["rule"],
+                "would_decide": {"action": verdict.action, "reason": verdict.reason} if exp.status == "running" else None,
+                "timeline": await self.experiments.timeline(exp),
+                "decisions": [decision_dict(d) for d in await self.experiments.decisions(exp.id, limit=50)]}
+
+    async def experiments_overview(self) -> dict:
+        current = await self.experiment_view()
+        return {"object": "experiments", "routing": {**self.split_dict()},
+                "current": current,
+                "experiments": [experiment_dict(e) for e in await self.experiments.list()],
+                "decisions": [decision_dict(d) for d in await self.experiments.decisions(limit=50, include_continue=False)]}
+
+    def split_dict(self) -> dict:
+        split = self.chat.split
+        return {"champion": split.champion, "challenger": split.challenger, "challenger_share": split.share,
+                "experiment_id": split.experiment_id, "enabled": self.settings.experiment.enabled,
+                "sticky_by": ["user", self.settings.experiment.session_header]}
 
     # ---- read --------------------------------------------------------------------------------
     async def list(self) -> list[dict]:
-        return [self._summary(a) for a in await self.registry.list()]
+        weights = self.engine.weight_bytes()
+        return [self._summary(a, weights) for a in await self.registry.list()]
 
     async def describe(self, version: str) -> dict:
         adapter = await self.registry.get(version)
         if adapter is None:
             raise ApiError(404, f"No adapter version '{version[:20]}'", param="version", code="not_found")
-        return {**self._summary(adapter), "metrics": adapter.metrics, "config": adapter.config, "files": adapter.files}
+        return {**self._summary(adapter, self.engine.weight_bytes()), "metrics": adapter.metrics,
+                "config": adapter.config, "files": adapter.files}
 
-    def _summary(self, a: Adapter) -> dict:
+    def _summary(self, a: Adapter, weights: dict[str, int] | None = None) -> dict:
         gate = (a.metrics or {}).get("gate") or {}
         return {"version": a.version, "state": a.state, "parent": a.parent, "run_id": a.run_id,
                 "base_model": a.base_model, "dataset_hash": a.dataset_hash, "label_count": a.label_count,
                 "train_examples": a.train_examples, "reason": a.reason, "gate": gate.get("checks"),
                 "loaded": a.version in self.engine.variants(),
+                "weight_bytes": (weights or {}).get(a.version),
+                "pinned_loaded": a.version in self.pinned,
                 "default": self.chat.default_variant == a.version,
+                "traffic_share": self._share(a.version),
                 "created_at": iso_utc(a.created_at), "updated_at": iso_utc(a.updated_at)}
+
+    def _share(self, version: str) -> float:
+        split = self.chat.split
+        if version == split.challenger:
+            return split.share
+        return (1.0 - split.share if split.challenger else 1.0) if version == split.champion else 0.0
 
     # ---- retraining runs ---------------------------------------------------------------------
     async def start_run(self, actor: str, overrides: dict, force: bool) -> dict:

@@ -21,9 +21,9 @@ from gateway.api.exchanges import ExchangesController
 from gateway.api.health import health, ready
 from gateway.api.knowledge import KnowledgeController
 from gateway.api.review import ExchangeSignalsController, ReviewController
-from gateway.api.adapters import AdaptersController, RetrainingController
+from gateway.api.adapters import AdaptersController, ExperimentsController, RetrainingController
 from gateway.adapters import AdapterService
-from retraining.jobs import Retrainer, make_scheduler
+from retraining.jobs import Retrainer, drop_disabled_jobs, make_scheduler
 from gateway.chat import ChatService
 from gateway import console
 from gateway.console.pages import ConsoleAuthController, ConsoleController
@@ -106,19 +106,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         await app.state.review_service.refresh_queue_gauge()
         app.state.chat_service = ChatService(settings, engine, repo)
         retrainer = Retrainer(settings, sessions, kb=lambda: app.state.kb,
-                              on_adapter_ready=lambda adapter: app.state.adapter_service.load(adapter))
+                              on_adapter_ready=lambda: app.state.adapter_service.reconcile())
         app.state.adapter_service = AdapterService(settings, engine, app.state.chat_service, retrainer)
         interrupted = await retrainer.mark_interrupted()
         if interrupted:
             log.warning("retrain.interrupted_runs_failed", runs=interrupted)
-        scheduler = None
-        if settings.retraining.enabled:
-            scheduler = make_scheduler(settings, retrainer)
-            scheduler.start()
-            if await retrainer.bootstrap_due():
-                first = datetime.now(timezone.utc) + timedelta(minutes=settings.retraining.bootstrap_delay_minutes)
-                scheduler.modify_job("retrain", next_run_time=first)
-                log.info("retrain.bootstrap_scheduled", at=first.isoformat(timespec="seconds"))
+        scheduler = make_scheduler(settings, retrainer, app.state.adapter_service)
+        scheduler.start(paused=True)  # the jobs need the model: resumed once it is loaded
+        drop_disabled_jobs(scheduler, settings)
+        if settings.retraining.enabled and await retrainer.bootstrap_due():
+            first = datetime.now(timezone.utc) + timedelta(minutes=settings.retraining.bootstrap_delay_minutes)
+            scheduler.modify_job("retrain", next_run_time=first)
+            log.info("retrain.bootstrap_scheduled", at=first.isoformat(timespec="seconds"))
         metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
         metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
 
@@ -135,7 +134,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             # In the background so /health answers during the first start's model conversion.
             try:
                 await asyncio.gather(engine.start(), load_knowledge())
-                await app.state.adapter_service.load_served()
+                await app.state.adapter_service.reconcile()
+                app.state.serving_ready = True
+                scheduler.resume()
                 log.info("gateway.ready", host=settings.server.host, port=settings.server.port)
             except Exception as exc:  # noqa: BLE001
                 log.exception("engine.start_failed")
@@ -146,8 +147,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             yield
         finally:
             loader.cancel()
-            if scheduler is not None:
-                scheduler.shutdown(wait=False)
+            scheduler.shutdown(wait=False)
             for task in list(retrainer.tasks):
                 task.cancel()
             await asyncio.gather(*retrainer.tasks, return_exceptions=True)
@@ -156,7 +156,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[ChatController, ExchangesController, ExchangeSignalsController, ReviewController,
-                        AdaptersController, RetrainingController,
+                        AdaptersController, ExperimentsController, RetrainingController,
                         KnowledgeController, health, ready, _MetricsController,
                         ConsoleAuthController, ConsoleController, console.static_router()],
         dependencies={
@@ -165,7 +165,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             "review_service": Provide(_review_service, sync_to_thread=False),
             "adapter_service": Provide(_adapter_service, sync_to_thread=False),
         },
-        state=State({"settings": settings, "engine": engine, "kb": None, "startup_error": None}),
+        state=State({"settings": settings, "engine": engine, "kb": None, "startup_error": None,
+                     "serving_ready": False}),
         lifespan=[lifespan],
         middleware=[
             RequestContextMiddleware,

@@ -36,8 +36,8 @@ from gateway.errors import ApiError, error_body
 from gateway.pii import scrub, scrub_messages
 from gateway.prompting import build_messages, last_user_message
 from gateway.rag.knowledge import Hit, KnowledgeBase
-from gateway.routing import UnknownModel, resolve_variant
-from gateway.security import Principal
+from gateway.routing import PinNotAllowed, Route, Split, UnknownModel, resolve_variant
+from gateway.security import ROLE_RANK, Principal
 from gateway.settings import Settings
 from gateway.store.exchanges import ExchangeRepository
 from gateway.store.models import Exchange
@@ -53,7 +53,7 @@ class _Run:
     exchange_id: str
     request: ChatCompletionRequest
     principal: Principal
-    variant: str
+    route: Route
     messages: list[dict[str, str]]
     params: SamplingParams
     stream: TokenStream
@@ -114,10 +114,15 @@ class ChatService:
         self.engine = engine
         self.exchanges = exchanges
         self.kb = kb
-        self.default_variant = "base"  # the champion adapter once one is loaded (gateway/adapters.py)
+        self.split = Split()  # set by gateway/adapters.py from the registry: champion, challenger, share
+
+    @property
+    def default_variant(self) -> str:
+        return self.split.champion
 
     # ---- preparation: everything that can fail with a 4xx happens before generation ---------
-    def _validate(self, req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]], SamplingParams]:
+    def _validate(self, req: ChatCompletionRequest, principal: Principal,
+                  session: str | None) -> tuple[Route, list[dict[str, str]], SamplingParams]:
         cfg = self.settings.model
         if len(req.messages) > cfg.max_messages:
             raise ApiError(400, f"Too many messages: {len(req.messages)} > {cfg.max_messages}", param="messages")
@@ -136,10 +141,17 @@ class ChatService:
                 f"max_tokens is too large: {max_tokens}. This server allows at most {cfg.max_tokens_limit}.",
                 param="max_tokens",
             )
+        may_pin = ROLE_RANK[principal.role] >= ROLE_RANK[self.settings.experiment.pin_min_role]
         try:
-            variant = resolve_variant(req.model, cfg.name, self.engine.variants(), default=self.default_variant)
+            route = resolve_variant(req.model, cfg.name, self.engine.variants(), self.split,
+                                    unit=req.user or session, may_pin=may_pin)
         except UnknownModel as exc:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+        except PinNotAllowed:
+            raise ApiError(403, f"Pinning the model version '{req.model}' needs the "
+                           f"'{self.settings.experiment.pin_min_role}' role (experiment.pin_min_role); key "
+                           f"'{principal.name}' has '{principal.role}'. Send model '{cfg.name}'.",
+                           param="model", code="permission_denied") from None
         if req.rag_top_k is not None and req.rag_top_k > self.settings.rag.max_top_k:
             raise ApiError(400, f"rag_top_k may be at most {self.settings.rag.max_top_k}", param="rag_top_k")
         messages = [
@@ -149,14 +161,16 @@ class ChatService:
             self.settings, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list,
             seed=req.seed, top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
         )
-        return variant, messages, params
+        return route, messages, params
 
-    async def start(self, req: ChatCompletionRequest, principal: Principal) -> _Run:
+    async def start(self, req: ChatCompletionRequest, principal: Principal, session: str | None = None) -> _Run:
+        """`session`: the routing unit when the request names no `user` (experiment.session_header)."""
         if not self.engine.ready:
             metrics.REJECTED.labels("loading").inc()
             raise ApiError(503, "The model is still loading; retry shortly.", code="model_loading",
                            headers={"Retry-After": str(self.settings.engine.retry_after_s)})
-        variant, messages, params = self._validate(req)
+        route, messages, params = self._validate(req, principal, session)
+        variant = route.variant
         exchange_id = uuid.uuid4().hex
         started = time.perf_counter()
         use_rag = self.settings.rag.enabled_by_default if req.rag is None else req.rag
@@ -184,8 +198,10 @@ class ChatService:
                            headers={"Retry-After": str(self.settings.engine.retry_after_s)}) from None
         except UnknownAdapter as exc:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
-        structlog.contextvars.bind_contextvars(exchange_id=exchange_id)
-        return _Run(exchange_id, req, principal, variant, messages, params, stream, started, int(time.time()),
+        structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
+        if route.experiment_id is not None:
+            metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
+        return _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
                     sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
                     retrieval_ms=retrieval_ms)
 
@@ -273,7 +289,7 @@ class ChatService:
             api_key_name=run.principal.name,
             user=scrub(run.request.user) if run.request.user else None,
             model_requested=run.request.model,
-            variant=run.variant,
+            variant=run.route.variant,
             messages=scrub_messages(run.messages),
             answer=scrub(run.text),
             finish_reason=fin.finish_reason,
@@ -291,6 +307,7 @@ class ChatService:
             confidence=conf.score,
             confidence_parts=conf.parts(),
             flagged=flagged,
+            experiment_id=run.route.experiment_id,
         )
         enqueue = flagged and fin.finish_reason != "cancelled"  # a cancelled answer is not an answer to review
         await self.exchanges.add(row, new_item(row, self.settings.review, low_confidence=True) if enqueue else None)
@@ -298,13 +315,13 @@ class ChatService:
             metrics.ENQUEUED.labels("low_confidence").inc()
         stream_label = str(run.request.stream).lower()
         if ttft_ms is not None:
-            metrics.TTFT.labels(run.variant, stream_label).observe(ttft_ms / 1000)
-        metrics.GENERATION_SECONDS.labels(run.variant, stream_label).observe(done - run.started)
-        metrics.TOKENS.labels(run.variant).inc(fin.completion_tokens)
-        metrics.PROMPT_TOKENS.labels(run.variant).inc(fin.prompt_tokens)
-        metrics.EXCHANGES.labels(run.variant, fin.finish_reason, str(flagged).lower()).inc()
-        metrics.CONFIDENCE.labels(run.variant).observe(conf.score)
-        log.info("exchange.logged", variant=run.variant, finish_reason=fin.finish_reason,
+            metrics.TTFT.labels(run.route.variant, stream_label).observe(ttft_ms / 1000)
+        metrics.GENERATION_SECONDS.labels(run.route.variant, stream_label).observe(done - run.started)
+        metrics.TOKENS.labels(run.route.variant).inc(fin.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(run.route.variant).inc(fin.prompt_tokens)
+        metrics.EXCHANGES.labels(run.route.variant, fin.finish_reason, str(flagged).lower()).inc()
+        metrics.CONFIDENCE.labels(run.route.variant).observe(conf.score)
+        log.info("exchange.logged", variant=run.route.variant, finish_reason=fin.finish_reason,
                  completion_tokens=fin.completion_tokens, confidence=conf.score, flagged=flagged,
                  latency_ms=round(row.latency_ms, 1))
         return row

@@ -265,6 +265,51 @@ def _retrain(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _serving(args: argparse.Namespace) -> int:
+    """promote / rollback / retire / experiments: decisions go to the database; a running gateway
+    follows within experiment.sync_interval_s (no restart, in-flight requests finish)."""
+    from gateway.store.db import create_engine, migrate, session_factory
+    from retraining.experiments import Experiments, decision_dict, experiment_dict
+    from gateway.logging import configure_logging
+    from retraining.registry import AdapterCorrupt, AdapterRegistry, RegistryError
+
+    settings = _settings(args)
+    configure_logging(settings.logging)
+    actor = f"cli:{args.actor}"
+
+    async def run() -> dict:
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        db = create_engine(settings.storage.resolved_database_url)
+        try:
+            await migrate(db)
+            sessions = session_factory(db)
+            experiments = Experiments(settings, sessions, AdapterRegistry(sessions, settings.storage.data_dir))
+            if args.command in ("promote", "retire"):
+                if await experiments.registry.get(args.version) is None:
+                    raise CliError(f"no adapter version '{args.version}' (see GET /v1/adapters)")
+                act = experiments.promote if args.command == "promote" else experiments.retire
+                adapter = await act(args.version, actor)
+                return {"version": adapter.version, "state": adapter.state, "reason": adapter.reason,
+                        "champion": await experiments.champion_name()}
+            if args.command == "rollback":
+                return {"champion": await experiments.rollback(actor)}
+            if args.evaluate:
+                return await experiments.evaluate(actor)
+            running = await experiments.running()
+            return {"champion": await experiments.champion_name(),
+                    "running": experiment_dict(running) if running else None,
+                    "decisions": [decision_dict(d) for d in await experiments.decisions(limit=10, include_continue=False)]}
+        except AdapterCorrupt as exc:
+            raise CliError(f"refused: {exc}") from None
+        except RegistryError as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            await db.dispose()
+
+    print(json.dumps(asyncio.run(run()), indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tellerloop", description="Self-improving banking support chatbot gateway")
     common = argparse.ArgumentParser(add_help=False)
@@ -302,6 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export", parents=[common], help="resolved review items as chat-format JSONL")
     export.add_argument("--out", required=True, help="file to write (replaced atomically)")
     export.set_defaults(func=_export)
+
+    for name, what in (("promote", "make an adapter version the champion (ends its experiment)"),
+                       ("retire", "stop serving a challenger or candidate")):
+        cmd = sub.add_parser(name, parents=[common], help=what)
+        cmd.add_argument("version", help="e.g. v0002")
+        cmd.add_argument("--actor", default="admin", help="recorded with the decision")
+        cmd.set_defaults(func=_serving)
+    rollback = sub.add_parser("rollback", parents=[common], help="the champion goes back to the one it replaced")
+    rollback.add_argument("--actor", default="admin", help="recorded with the decision")
+    rollback.set_defaults(func=_serving)
+    experiments = sub.add_parser("experiments", parents=[common], help="the running A/B experiment and recent decisions")
+    experiments.add_argument("--evaluate", action="store_true", help="apply the decision rule now and act on it")
+    experiments.add_argument("--actor", default="admin", help="recorded with the decision")
+    experiments.set_defaults(func=_serving)
 
     ev = sub.add_parser("eval", parents=[common], help="answer quality on a Q&A CSV (similarity, ROUGE-L, AUROC)")
     ev.add_argument("--data", required=True, help="CSV with question,answer[,category]")

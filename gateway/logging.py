@@ -7,6 +7,7 @@ only (no bodies, headers or query strings), and the chat service logs ids, count
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 
 import structlog
@@ -29,13 +30,14 @@ def _processors(json_lines: bool) -> list:
 
 
 def configure_logging(cfg: LoggingSettings) -> None:
-    """Configure structlog for code that runs outside the app (CLI, startup)."""
+    """Configure structlog for code that runs outside the app (CLI, startup). Logs go to stderr so
+    a command's own output on stdout stays machine-readable."""
     level = getattr(logging, cfg.level.upper())
     logging.basicConfig(level=level, format="%(message)s")
     structlog.configure(
         processors=_processors(cfg.json_lines),
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
 

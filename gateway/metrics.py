@@ -41,3 +41,12 @@ ENQUEUED = Counter("tellerloop_review_enqueued_total", "Exchanges put in the rev
 LABELS = Counter("tellerloop_review_labels_total", "Review labels submitted", ["verdict"])
 RESOLVED = Counter("tellerloop_review_resolved_total", "Review items resolved", ["resolution"])
 REVIEW_ITEMS = Gauge("tellerloop_review_items", "Review items by status (refreshed on every review action)", ["status"])
+ROUTED = Counter("tellerloop_experiment_routed_total", "Requests the A/B split routed, by variant and arm",
+                 ["variant", "arm"])
+ADAPTER_MEMORY = Gauge("tellerloop_variant_weight_bytes", "Weight memory held per served variant (merged copy)",
+                       ["variant"])
+ARM = Gauge("tellerloop_experiment_arm", "Running experiment's online metrics per arm (refreshed on evaluation)",
+            ["variant", "arm", "metric"])
+P_BETTER = Gauge("tellerloop_experiment_probability_better",
+                 "P(challenger's thumbs-up rate > champion's) at the last evaluation")
+DECISIONS = Counter("tellerloop_serving_decisions_total", "Promote / retire / rollback decisions", ["action", "automatic"])

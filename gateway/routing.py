@@ -1,21 +1,66 @@
 """Which variant serves a request.
 
-The logical model name (`model.name`) maps to the current default variant; a served variant's own
-name pins it. (A/B splitting between champion and challenger lands here with the A/B issue.)
+The logical model name (`model.name`) means "whatever is serving now": the champion, or — while an
+experiment runs — the champion or the challenger, chosen by a stable hash of the routing unit (the
+request's `user`, else its session header) salted with the experiment id, so one customer sees one
+variant for the whole experiment and a new experiment draws afresh. A request with neither gets a
+fresh draw (still a fair sample, just not sticky). A served variant's own name pins it, for keys
+whose role may pin (`experiment.pin_min_role`).
 """
 
 from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
 
 
 class UnknownModel(LookupError):
     pass
 
 
-def resolve_variant(requested: str, logical_name: str, served: list[str], default: str = "base") -> str:
+class PinNotAllowed(PermissionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Split:
+    """What the logical name routes to right now (replaced whole, never mutated, so a request
+    reads one consistent split even while a promotion swaps it)."""
+
+    champion: str = "base"
+    challenger: str | None = None
+    share: float = 0.0
+    experiment_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    variant: str
+    experiment_id: int | None = None  # set when the A/B split chose the variant
+    pinned: bool = False
+
+
+def bucket(salt: object, unit: str) -> float:
+    """A uniform number in [0, 1) fixed by (salt, unit)."""
+    digest = hashlib.sha256(f"{salt}\x00{unit}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def choose(split: Split, unit: str | None) -> Route:
+    if split.challenger is None or split.experiment_id is None or split.share <= 0:
+        return Route(split.champion)
+    draw = bucket(split.experiment_id, unit if unit else uuid.uuid4().hex)
+    return Route(split.challenger if draw < split.share else split.champion, split.experiment_id)
+
+
+def resolve_variant(requested: str, logical_name: str, served: list[str], split: Split,
+                    unit: str | None = None, may_pin: bool = True) -> Route:
     if requested == logical_name:
-        return default
+        return choose(split, unit)
     if requested in served:
-        return requested
-    raise UnknownModel(
-        f"The model '{requested}' does not exist. Use '{logical_name}' or one of: {', '.join(served)}."
-    )
+        if not may_pin:
+            raise PinNotAllowed(requested)
+        return Route(requested, pinned=True)
+    known = f"'{logical_name}' or one of: {', '.join(served)}" if may_pin else f"'{logical_name}'"
+    raise UnknownModel(f"The model '{requested}' does not exist. Use {known}.")

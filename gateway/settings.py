@@ -170,6 +170,21 @@ class RetrainingSettings(_Section):
     timeout_minutes: float = Field(120.0, gt=0.0)  # a run longer than this is killed and marked failed
 
 
+class ExperimentSettings(_Section):
+    """Champion vs challenger on live traffic (retraining/experiments.py states the decision rule)."""
+
+    enabled: bool = True  # split traffic and let the scheduled job decide; false → challengers wait for an admin
+    challenger_share: float = Field(0.2, ge=0.0, le=1.0)  # share of routing units (users/sessions) on the challenger
+    min_samples: int = Field(100, ge=1)  # rated exchanges per arm before any decision on the thumbs-up rate
+    promote_probability: float = Field(0.95, gt=0.5, lt=1.0)  # P(challenger better) to promote; ≤ 1 − this retires
+    guardrail_probability: float = Field(0.95, gt=0.5, lt=1.0)  # P(challenger's flag rate higher) that retires it
+    max_days: float = Field(14.0, gt=0.0)  # no decision by then → retire the challenger (inconclusive)
+    evaluate_interval_s: float = Field(300.0, gt=0.0)  # how often the scheduled job evaluates the experiment
+    sync_interval_s: float = Field(10.0, gt=0.0)  # how often serving re-reads the registry (CLI changes, replicas)
+    session_header: str = "X-Session-Id"  # routing unit when a request carries no `user`
+    pin_min_role: Role = "reviewer"  # who may send a version name as `model`
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_lines: bool = Field(True, alias="json")
@@ -218,6 +233,7 @@ class Settings(BaseSettings):
     console: ConsoleSettings = ConsoleSettings()
     training: TrainingSettings = TrainingSettings()
     retraining: RetrainingSettings = RetrainingSettings()
+    experiment: ExperimentSettings = ExperimentSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()
 

@@ -29,6 +29,7 @@ from gateway.settings import Settings
 from gateway.store.models import utcnow
 from gateway.store.reviews import ReviewRepository
 from retraining import dataset as datasets
+from retraining.experiments import Experiments
 from retraining.registry import AdapterRegistry, RegistryError, RunStore
 
 log = structlog.get_logger(__name__)
@@ -130,6 +131,10 @@ class Retrainer:
             raise RunRefused(f"run {active[0].id} is already {active[0].status}; one run at a time", "busy")
         if force or await self.bootstrap_due():
             return
+        testing = [a.version for a in await self.registry.list() if a.state == "challenger"]
+        if testing and self.settings.experiment.enabled:
+            raise RunRefused(f"challenger {testing[0]} is being A/B tested; the next run waits for its decision "
+                             "(force to run anyway)", "experiment_running")
         new = await self.new_labels()
         if new < self.settings.retraining.min_new_labels:
             raise RunRefused(f"{new} new resolved labels; retraining.min_new_labels="
@@ -219,7 +224,7 @@ class Retrainer:
         adapter = await self.registry.get(version)
         try:
             if self._on_adapter_ready is not None and adapter.state in ("challenger", "champion"):
-                await self._on_adapter_ready(adapter)
+                await self._on_adapter_ready()
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupted file: the run's adapter is not served
             await self._fail(run_id, version, f"trained, but loading {version} failed: {type(exc).__name__}: {exc}")
             return
@@ -290,12 +295,14 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
     evaluation = await evaluate_against_baseline(settings, registry, run.adapter_version, eval_rows, retrieval)
     decision = gate(settings, evaluation)
     metrics = {"training": train_metrics, "evaluation": evaluation, "gate": decision}
-    champion = await registry.champion()
-    if decision["passed"]:
-        state = "champion" if champion is None else "challenger"
-        await registry.transition(run.adapter_version, state, reason=decision["reason"], metrics=metrics)
-    else:
-        await registry.update(run.adapter_version, reason=decision["reason"], metrics=metrics)
+    await registry.update(run.adapter_version, reason=decision["reason"], metrics=metrics)
+    if decision["passed"] and settings.experiment.enabled:  # live traffic decides (retraining/experiments.py)
+        await registry.transition(run.adapter_version, "challenger")
+    elif decision["passed"] and await registry.champion() is None:  # no experiments: the first one serves
+        await Experiments(settings, registry.sessions, registry).promote(
+            run.adapter_version, "gate", automatic=True, reason=decision["reason"], evidence={"gate": decision})
+    elif decision["passed"]:
+        await registry.transition(run.adapter_version, "challenger")  # waits for an admin's promotion
     write(json.dumps({"gate": decision}))
     log_file.close()
     return metrics
@@ -348,11 +355,14 @@ def gate(settings: Settings, evaluation: dict) -> dict:
 
 
 # ---- scheduler ------------------------------------------------------------------------------------
-_RETRAINER: Retrainer | None = None  # the gateway's, for the persisted job (jobs are stored by reference)
+# Jobs are stored by reference (the job store pickles the function's import path), so they reach the
+# gateway's objects through these module globals, set by `make_scheduler`.
+_RETRAINER: Retrainer | None = None
+_SERVING = None  # the gateway's AdapterService: `evaluate(actor)` and `reconcile()`
 
 
 async def scheduled_run() -> None:
-    """The APScheduler job: start a run if one is due (too few labels → nothing happens)."""
+    """The retraining job: start a run if one is due (too few labels → nothing happens)."""
     if _RETRAINER is None:
         return
     try:
@@ -364,23 +374,65 @@ async def scheduled_run() -> None:
         log.warning("retrain.registry_error", detail=str(exc))
 
 
+async def scheduled_evaluation() -> None:
+    """The experiment job: apply the decision rule and act (promote / retire / keep collecting)."""
+    if _SERVING is None:
+        return
+    try:
+        result = await _SERVING.evaluate("scheduler")
+        log.info("experiment.evaluated", experiment_id=result["experiment_id"], action=result["action"],
+                 reason=result["reason"])
+    except RegistryError as exc:  # e.g. an admin changed the registry at the same moment
+        log.warning("experiment.evaluation_refused", detail=str(exc))
+
+
+async def scheduled_sync() -> None:
+    """Serving follows the registry, including changes made by the CLI or another process."""
+    if _SERVING is not None:
+        await _SERVING.reconcile()
+
+
 def sync_url(url: str) -> str:
     """The job store uses a synchronous engine: same database, synchronous driver."""
     return url.replace("+aiosqlite", "").replace("+asyncpg", "+psycopg")
 
 
-def make_scheduler(settings: Settings, retrainer: Retrainer):
+def make_scheduler(settings: Settings, retrainer: Retrainer, serving=None):  # noqa: ANN001
+    """APScheduler with the retraining job persisted in the database (a restart keeps its next run
+    time: it may be a day away) and the frequent jobs (experiment decision, registry sync) in memory:
+    they run every few minutes or seconds, and writing their next run time to SQLite each time would
+    compete with the gateway's own writes for the database lock."""
+    from apscheduler.jobstores.memory import MemoryJobStore
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
-    global _RETRAINER
-    _RETRAINER = retrainer
-    cfg = settings.retraining
-    scheduler = AsyncIOScheduler(jobstores={"default": SQLAlchemyJobStore(
-        url=sync_url(settings.storage.resolved_database_url), tablename="scheduler_jobs")})
-    trigger = CronTrigger.from_crontab(cfg.cron) if cfg.cron else IntervalTrigger(hours=cfg.interval_hours)
-    scheduler.add_job(scheduled_run, trigger, id="retrain", name="retraining cycle", replace_existing=True,
-                      coalesce=True, max_instances=1, misfire_grace_time=3600)
+    global _RETRAINER, _SERVING
+    _RETRAINER, _SERVING = retrainer, serving
+    cfg, exp = settings.retraining, settings.experiment
+    url = sync_url(settings.storage.resolved_database_url)
+    wait_for_lock = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+    scheduler = AsyncIOScheduler(jobstores={
+        "default": SQLAlchemyJobStore(url=url, tablename="scheduler_jobs", engine_options=wait_for_lock),
+        "memory": MemoryJobStore()})
+    common = {"replace_existing": True, "coalesce": True, "max_instances": 1}
+    if cfg.enabled:
+        trigger = CronTrigger.from_crontab(cfg.cron) if cfg.cron else IntervalTrigger(hours=cfg.interval_hours)
+        scheduler.add_job(scheduled_run, trigger, id="retrain", name="retraining cycle", misfire_grace_time=3600,
+                          **common)
+    if serving is not None and exp.enabled:
+        scheduler.add_job(scheduled_evaluation, IntervalTrigger(seconds=exp.evaluate_interval_s), id="experiment",
+                          name="experiment decision", jobstore="memory",
+                          misfire_grace_time=int(exp.evaluate_interval_s) + 60, **common)
+    if serving is not None:
+        scheduler.add_job(scheduled_sync, IntervalTrigger(seconds=exp.sync_interval_s), id="sync",
+                          name="serving follows the registry", jobstore="memory", **common)
     return scheduler
+
+
+def drop_disabled_jobs(scheduler, settings: Settings) -> None:  # noqa: ANN001
+    """A job persisted while enabled must not outlive its switch (nor one from an older version)."""
+    for job_id, enabled in (("retrain", settings.retraining.enabled), ("experiment", False)):
+        if not enabled and scheduler.get_job(job_id, "default") is not None:
+            scheduler.remove_job(job_id, "default")

@@ -51,7 +51,7 @@ def file_checksums(folder: Path) -> dict[str, str]:
 
 class AdapterRegistry:
     def __init__(self, sessions: async_sessionmaker, data_dir: Path) -> None:
-        self._sessions = sessions
+        self._sessions = self.sessions = sessions
         self.root = Path(data_dir) / "adapters"
 
     def path(self, version: str) -> Path:

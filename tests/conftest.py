@@ -189,3 +189,69 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN0
     browser = [r for r in skipped if "BROWSER" in str(r.longrepr)]
     if browser:
         terminalreporter.write_sep("!", f"{len(browser)} browser test(s) SKIPPED: install Debian chromium", red=True)
+
+
+# ---- adapters without training ------------------------------------------------------------------
+async def make_adapter(settings, model_dir: Path, state: str, seed: int) -> str:
+    """A real PEFT LoRA adapter on `model_dir` with random (non-zero) weights, registered and sealed
+    like a trained one, then moved to `state` (candidate | challenger | champion). Serving, routing
+    and promotion do not care how good it is; the tests script the quality through feedback."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gateway.store.db import create_engine, migrate, session_factory
+    from retraining.experiments import Experiments
+    from retraining.registry import AdapterRegistry
+
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    db = create_engine(settings.storage.resolved_database_url)
+    try:
+        await migrate(db)
+        sessions = session_factory(db)
+        registry = AdapterRegistry(sessions, settings.storage.data_dir)
+        adapter = await registry.create(run_id=None, base_model=str(model_dir), parent=None, config={"test": True})
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+        with torch.no_grad():  # a small, visible change: the tests want working variants, not garbage
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.01)
+        peft.save_pretrained(registry.path(adapter.version))
+        await registry.seal(adapter.version)
+        await registry.transition(adapter.version, "candidate")
+        if state == "champion":
+            await Experiments(settings, sessions, registry).promote(adapter.version, "test")
+        elif state == "challenger":
+            await registry.transition(adapter.version, "challenger")
+        return adapter.version
+    finally:
+        await db.dispose()
+
+
+PG_URL = os.environ.get("TELLERLOOP_TEST_POSTGRES_URL", "")
+
+
+@asynccontextmanager
+async def fresh_postgres_database(prefix: str):
+    """The URL of a new, empty PostgreSQL database, dropped afterwards; skips (loudly, see the
+    terminal summary) when TELLERLOOP_TEST_POSTGRES_URL is not set."""
+    import uuid
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    if not PG_URL:
+        pytest.skip("POSTGRES: set TELLERLOOP_TEST_POSTGRES_URL to run the PostgreSQL tests")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()

@@ -70,7 +70,10 @@ def test_stream_text_equals_logged_answer(real_server, sdk):
 
 
 def test_logprobs_and_pinned_variant(real_server, sdk):
-    resp = sdk.chat.completions.create(
+    with pytest.raises(openai.PermissionDeniedError, match="pin_min_role"):  # clients may not pin a version
+        sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello"}], max_tokens=2)
+    reviewer = openai.OpenAI(base_url=f"{real_server.base_url}/v1", api_key="dev-reviewer-key", max_retries=0)
+    resp = reviewer.chat.completions.create(
         model="base", messages=[{"role": "user", "content": "hello"}], max_tokens=8, logprobs=True, top_logprobs=2
     )
     items = resp.choices[0].logprobs.content
@@ -241,9 +244,10 @@ def test_review_loop_on_the_real_model(real_server, sdk, tmp_path):
 
 
 def test_retraining_cycle_through_the_real_server(tmp_path, real_model_dir):
-    """Issue 5 end to end on the real model: a gateway process with a tiny seed set bootstraps an
-    adapter through the admin API; the run reports progress and its gate; a champion is served
-    under the logical name at once, and the base model stays pinnable."""
+    """Issues 5 and 6 end to end on the real model, as a new user meets them: a gateway with a tiny
+    seed set bootstraps an adapter through the admin API (progress, gate); the adapter becomes a
+    challenger against the base model, traffic splits, scripted customers prefer it, and the
+    scheduled decision job promotes it; the console shows the decision and its evidence."""
     from tests.conftest import ROOT, start_server
 
     seed = tmp_path / "seed.csv"
@@ -260,11 +264,16 @@ seed_data = "{seed}"
 eval_seed_size = 4
 eval_max_tokens = 16
 min_examples = 4
+gate_margin = 1.0   # two training steps prove nothing offline: let live traffic decide
 [training]
 max_steps = 2
 batch_size = 2
 grad_accum = 1
 learning_rate = 0.005
+[experiment]
+challenger_share = 0.5
+min_samples = 6
+evaluate_interval_s = 1
 """)
     admin = {"Authorization": "Bearer dev-admin-key"}
     try:
@@ -282,16 +291,145 @@ learning_rate = 0.005
         assert run["trigger"] == "bootstrap" and run["metrics"]["training"]["steps"] == 2
         assert run["metrics"]["evaluation"]["baseline_version"] == "base" and run["log_tail"]
         [adapter] = httpx.get(f"{base}/v1/adapters", headers=admin, timeout=10).json()["data"]
-        if adapter["state"] != "champion":  # did not beat the base on 4 questions: promote by hand
-            assert adapter["state"] == "candidate"
-            assert httpx.post(f"{base}/v1/adapters/v0001/promote", headers=admin, timeout=60).status_code == 200
+        assert adapter["state"] == "challenger" and adapter["loaded"] and adapter["traffic_share"] == 0.5
+        experiments = httpx.get(f"{base}/v1/experiments", headers=admin, timeout=10).json()
+        assert experiments["routing"]["champion"] == "base" and experiments["routing"]["challenger"] == "v0001"
+        promoted = simulate_customers(base, prefer="v0001", until=lambda: httpx.get(
+            f"{base}/v1/adapters/v0001", headers=admin, timeout=10).json()["state"] == "champion")
+        assert promoted, "the scheduled decision job did not promote the preferred challenger"
+        decision = httpx.get(f"{base}/v1/experiments", headers=admin, timeout=10).json()["decisions"][0]
+        assert decision["action"] == "promote" and decision["automatic"] and decision["actor"] == "scheduler"
+        assert decision["evidence"]["p_challenger_better"] >= 0.95
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="dev-client-key", max_retries=0)
         served = client.chat.completions.create(model="tellerloop", max_tokens=8, extra_body={"rag": False},
                                                 messages=[{"role": "user", "content": "How do I block my card?"}])
         assert served.model_extra["variant"] == "v0001"
-        pinned = client.chat.completions.create(model="base", max_tokens=8, extra_body={"rag": False},
-                                                messages=[{"role": "user", "content": "How do I block my card?"}])
-        assert pinned.model_extra["variant"] == "base"
-        assert "v0001" in [m.id for m in client.models.list().data]
+        console = console_session(base)
+        page = console.get(f"{base}/console/experiments").text
+        assert "promote" in page and "v0001" in page and "P(challenger better)" in page
+    finally:
+        server.stop()
+
+
+def simulate_customers(base: str, prefer: str, until, limit: int = 400) -> bool:
+    """Scripted customers: each asks once (sticky by `user`) and rates thumbs-up iff `prefer`
+    answered; stops when `until()` holds (checked every few customers)."""
+    client = {"Authorization": "Bearer dev-client-key"}
+    for i in range(limit):
+        user = f"customer-{prefer}-{i}-{time.monotonic_ns()}"
+        r = httpx.post(f"{base}/v1/chat/completions", headers=client, timeout=60, json={
+            "model": "tellerloop", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "max_tokens": 4, "rag": False, "user": user})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        rating = "up" if body["variant"] == prefer else "down"
+        f = httpx.post(f"{base}/v1/exchanges/{body['exchange_id']}/feedback", headers=client, timeout=10,
+                       json={"rating": rating, "user": user})
+        assert f.status_code == 200, f.text
+        if i % 4 == 3 and until():
+            return True
+    return until()
+
+
+def console_session(base: str) -> httpx.Client:
+    console = httpx.Client(timeout=30, follow_redirects=True)
+    login = console.get(f"{base}/console/login")
+    token = login.text.split('name="_csrf_token" value="')[1].split('"')[0]
+    console.post(f"{base}/console/login", data={"key": "dev-admin-key", "_csrf_token": token})
+    return console
+
+
+def test_ab_simulation_with_two_real_adapters_hot_swap_and_rollback(tmp_path, real_model_dir):
+    """Issue 6 on the real model, one server, no restart: customers who prefer the challenger get it
+    promoted by the scheduled job; a worse next challenger is retired; a promotion while 16 streams
+    are in flight drops none; rollback restores the previous champion."""
+    from gateway.settings import load_settings
+    from tests.conftest import make_adapter, start_server
+
+    server = start_server(tmp_path, f"""
+[model]
+base = "{real_model_dir}"
+[rag]
+enabled_by_default = false
+demo_data = ""
+[retraining]
+enabled = false
+[experiment]
+challenger_share = 0.5
+min_samples = 8
+evaluate_interval_s = 1
+sync_interval_s = 1
+""")
+    admin = {"Authorization": "Bearer dev-admin-key"}
+    settings = load_settings(None, storage={"data_dir": str(server.data_dir)})
+    base = server.base_url
+
+    def state(version):
+        return httpx.get(f"{base}/v1/adapters/{version}", headers=admin, timeout=10).json()["state"]
+
+    def wait_for(predicate, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.5)
+        return False
+
+    try:
+        asyncio.run(make_adapter(settings, real_model_dir, "champion", seed=1))
+        asyncio.run(make_adapter(settings, real_model_dir, "challenger", seed=2))
+        assert wait_for(lambda: httpx.get(f"{base}/v1/experiments", headers=admin, timeout=10)
+                        .json()["routing"]["challenger"] == "v0002")  # the sync job picked both up
+        # Better challenger → promoted by the scheduled job.
+        assert simulate_customers(base, prefer="v0002", until=lambda: state("v0002") == "champion")
+        assert state("v0001") == "retired"
+        # Worse challenger → retired; the champion stays.
+        asyncio.run(make_adapter(settings, real_model_dir, "challenger", seed=3))
+        assert wait_for(lambda: httpx.get(f"{base}/v1/experiments", headers=admin, timeout=10)
+                        .json()["routing"]["challenger"] == "v0003")
+        assert simulate_customers(base, prefer="v0002", until=lambda: state("v0003") == "retired")
+        assert state("v0002") == "champion"
+        overview = httpx.get(f"{base}/v1/experiments", headers=admin, timeout=10).json()
+        assert [e["status"] for e in overview["experiments"][:2]] == ["retired", "promoted"]
+        print("\nA/B simulation:", json.dumps([{k: d[k] for k in ("action", "version", "reason")}
+                                               for d in overview["decisions"]], indent=1))
+
+        # Hot swap under load: 16 streams in flight while an admin promotes the pinned-loaded v0003.
+        assert httpx.post(f"{base}/v1/adapters/v0003/load", headers=admin, timeout=120).status_code == 200
+
+        async def streams():
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="dev-client-key", max_retries=0)
+
+            async def one(i):
+                variants, finish = set(), None
+                stream = await client.chat.completions.create(
+                    model="tellerloop", messages=[{"role": "user", "content": QUESTIONS[i % 8]}], max_tokens=24,
+                    stream=True, user=f"swap-{i}", extra_body={"rag": False})
+                async for chunk in stream:
+                    if chunk.model_extra.get("variant"):
+                        variants.add(chunk.model_extra["variant"])
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finish = chunk.choices[0].finish_reason
+                return variants, finish
+
+            tasks = [asyncio.create_task(one(i)) for i in range(16)]
+            await asyncio.sleep(1.0)
+            async with httpx.AsyncClient(timeout=120) as http:
+                r = await http.post(f"{base}/v1/adapters/v0003/promote", headers=admin)
+                assert r.status_code == 200, r.text
+            return await asyncio.gather(*tasks)
+
+        results = asyncio.run(streams())
+        assert len(results) == 16 and all(finish in ("stop", "length") for _, finish in results)
+        assert all(len(v) == 1 for v, _ in results) and {v.pop() for v, _ in results} <= {"v0002", "v0003"}
+        assert state("v0003") == "champion" and state("v0002") == "retired"
+        # Rollback restores the previous champion, hot.
+        r = httpx.post(f"{base}/v1/adapters/rollback", headers=admin, timeout=120)
+        assert r.status_code == 200 and r.json()["champion"] == "v0002"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="dev-client-key", max_retries=0)
+        served = client.chat.completions.create(model="tellerloop", max_tokens=4, extra_body={"rag": False},
+                                                messages=[{"role": "user", "content": "hi"}], user="after-rollback")
+        assert served.model_extra["variant"] == "v0002"
+        assert server.proc.poll() is None  # the same process throughout
     finally:
         server.stop()

@@ -172,7 +172,7 @@ async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings,
     assert evaluation["baseline_version"] == "base" and evaluation["rows"] == 3
     assert set(evaluation["candidate"]) == {"rag", "no_rag"}
     passed = run.metrics["gate"]["passed"]
-    assert adapter.state == ("champion" if passed else "candidate")  # bootstrap: champion iff it beat the base
+    assert adapter.state == ("challenger" if passed else "candidate")  # passed: live traffic decides (A/B)
     assert adapter.dataset_hash == run.dataset_hash and adapter.train_examples > 0 and adapter.files
     assert adapter.metrics["gate"] == run.metrics["gate"]
     assert run.progress["phase"] == "done" and Path(run.log_path).read_text().count('"step"') >= 3
@@ -233,18 +233,17 @@ async def test_api_run_then_promote_and_corrupt_adapter_refused(gateway):
     assert run["log_tail"] and run["metrics"]["gate"]["checks"]
     listing = (await c.get("/v1/adapters", headers={"Authorization": "Bearer dev-reviewer-key"})).json()
     [v1] = listing["data"]
-    # No champion yet: a candidate that passes the gate against the base model becomes champion at once.
+    # Passing the gate makes a challenger (A/B against the base model); failing it leaves a candidate.
     passed = run["metrics"]["gate"]["passed"]
-    assert v1["version"] == "v0001" and v1["state"] == ("champion" if passed else "candidate")
+    assert v1["version"] == "v0001" and v1["state"] == ("challenger" if passed else "candidate")
     assert (await c.get("/v1/adapters/v0009", headers=ADMIN)).status_code == 404
     assert (await c.post("/v1/adapters/v0001/promote", headers={"Authorization": "Bearer dev-reviewer-key"})).status_code == 403
-    if not passed:
-        r = await c.post("/v1/adapters/v0001/promote", headers=ADMIN)  # the admin's manual override
-        assert r.status_code == 200 and r.json()["state"] == "champion" and r.json()["default"] is True
+    r = await c.post("/v1/adapters/v0001/promote", headers=ADMIN)  # the admin's manual override
+    assert r.status_code == 200 and r.json()["state"] == "champion" and r.json()["default"] is True
     chat = await c.post("/v1/chat/completions", headers=CLIENT, json={
         "model": "tellerloop", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "rag": False})
     assert chat.json()["variant"] == "v0001"  # the logical name now routes to the champion (hot, no restart)
-    pinned = await c.post("/v1/chat/completions", headers=CLIENT, json={
+    pinned = await c.post("/v1/chat/completions", headers={"Authorization": "Bearer dev-reviewer-key"}, json={
         "model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "rag": False})
     assert pinned.json()["variant"] == "base"
     again = await c.post("/v1/adapters/v0001/promote", headers=ADMIN)
@@ -353,4 +352,4 @@ def test_retrain_cli(make_settings, tiny_model_dir, seed_csv, tmp_path):
     done = subprocess.run(base + ["--now", "--max-steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
-    assert out["status"] == "succeeded" and out["adapter"] == "v0001" and out["state"] in ("champion", "candidate")
+    assert out["status"] == "succeeded" and out["adapter"] == "v0001" and out["state"] in ("challenger", "candidate")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from gateway.agreement import cohen_kappa, consensus_group, percent_agreement
 from gateway.app import create_app
 from gateway.store.models import Exchange
-from tests.conftest import ROOT, ready_client
+from tests.conftest import ROOT, fresh_postgres_database, ready_client
 
 KEYS = [
     {"name": "app", "role": "client", "key": "k-client"},
@@ -34,9 +33,6 @@ def chat(content="How do I block my card?", **extra):
     return {"model": "tellerloop", "messages": [{"role": "user", "content": content}], "max_tokens": 6, **extra}
 
 
-PG_URL = os.environ.get("TELLERLOOP_TEST_POSTGRES_URL", "")
-
-
 @pytest.fixture
 async def client(make_settings, tiny_model_dir):
     async for c in _client(make_settings, tiny_model_dir):
@@ -46,22 +42,9 @@ async def client(make_settings, tiny_model_dir):
 @pytest.fixture
 async def pg_client(make_settings, tiny_model_dir):
     """The same app on a fresh PostgreSQL database (the race-prone paths must hold there too)."""
-    if not PG_URL:
-        pytest.skip("POSTGRES: set TELLERLOOP_TEST_POSTGRES_URL to run the PostgreSQL tests")
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    name = f"tellerloop_review_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        async for c in _client(make_settings, tiny_model_dir, PG_URL.rsplit("/", 1)[0] + f"/{name}"):
+    async with fresh_postgres_database("tellerloop_review") as url:
+        async for c in _client(make_settings, tiny_model_dir, url):
             yield c
-    finally:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
 
 
 async def _client(make_settings, tiny_model_dir, database_url: str = ""):

@@ -1,18 +1,15 @@
 """The exchange log on real databases: SQLite (always) and PostgreSQL (when TELLERLOOP_TEST_POSTGRES_URL is set)."""
 
-import os
 import uuid
 from datetime import datetime, timezone
 
-import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.store.db import create_engine, migrate, session_factory
 from gateway.store.exchanges import ExchangeRepository
 from gateway.store.models import Exchange
+from tests.conftest import fresh_postgres_database
 
-PG_URL = os.environ.get("TELLERLOOP_TEST_POSTGRES_URL", "")
 
 
 def make_row(**kw) -> Exchange:
@@ -54,15 +51,6 @@ async def test_sqlite_roundtrip_and_wal(tmp_path):
     await engine.dispose()
 
 
-@pytest.mark.skipif(not PG_URL, reason="POSTGRES: set TELLERLOOP_TEST_POSTGRES_URL to run the PostgreSQL tests")
 async def test_postgres_roundtrip():
-    name = f"tellerloop_test_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        await roundtrip(PG_URL.rsplit("/", 1)[0] + f"/{name}")
-    finally:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
+    async with fresh_postgres_database("tellerloop_test") as url:
+        await roundtrip(url)

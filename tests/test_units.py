@@ -1,4 +1,4 @@
-"""Pure-function units: PII scrubbing, confidence, routing."""
+"""Pure-function units: PII scrubbing, confidence, routing without an experiment (A/B: test_experiments)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 
 from gateway.confidence import is_looping, score
 from gateway.pii import scrub, scrub_messages
-from gateway.routing import UnknownModel, resolve_variant
+from gateway.routing import Route, Split, UnknownModel, resolve_variant
 from gateway.settings import ConfidenceSettings
 
 CFG = ConfidenceSettings(truncation_penalty=0.5, loop_penalty=0.25, retrieval_weight=0.5,
@@ -78,8 +78,8 @@ def test_loop_detection():
     assert not is_looping("Please call the branch to block your card.")
 
 
-def test_routing():
-    assert resolve_variant("tellerloop", "tellerloop", ["base"]) == "base"
-    assert resolve_variant("base", "tellerloop", ["base"]) == "base"
+def test_routing_without_an_experiment():
+    assert resolve_variant("tellerloop", "tellerloop", ["base"], Split()) == Route("base")
+    assert resolve_variant("base", "tellerloop", ["base"], Split()) == Route("base", pinned=True)
     with pytest.raises(UnknownModel):
-        resolve_variant("gpt-4", "tellerloop", ["base"])
+        resolve_variant("gpt-4", "tellerloop", ["base"], Split())

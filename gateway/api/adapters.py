@@ -1,4 +1,7 @@
-"""Adapter versions (registry, manual promotion) and retraining runs."""
+"""Adapter versions (registry, manual promotion, retirement, rollback), experiments, retraining runs.
+
+Manual actions always win over the experiment: they end it (or restart it against the new
+champion) and are recorded as decisions like the automatic ones."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from litestar.params import FromPath, JSONBody
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.adapters import AdapterService
+from gateway.errors import ApiError
+from gateway.store.db import is_row_id
 from gateway.security import require
 
 
@@ -42,6 +47,49 @@ class AdaptersController(Controller):
     async def promote(self, request: Request, version: FromPath[str],
                       adapter_service: NamedDependency[AdapterService]) -> dict:
         return await adapter_service.promote(version, request.user.name)
+
+    @post("/{version:str}/retire", guards=[require("admin")], status_code=200,
+          summary="Stop serving a challenger or candidate (ends its experiment)")
+    async def retire(self, request: Request, version: FromPath[str],
+                     adapter_service: NamedDependency[AdapterService]) -> dict:
+        return await adapter_service.retire(version, request.user.name)
+
+    @post("/{version:str}/load", guards=[require("admin")], status_code=200,
+          summary="Keep a version loaded for pinned requests (model: \"<version>\")")
+    async def load(self, version: FromPath[str], adapter_service: NamedDependency[AdapterService]) -> dict:
+        return await adapter_service.pin(version, keep=True)
+
+    @post("/{version:str}/unload", guards=[require("admin")], status_code=200,
+          summary="Stop keeping a pinned version loaded (in-flight requests finish on it)")
+    async def unload(self, version: FromPath[str], adapter_service: NamedDependency[AdapterService]) -> dict:
+        return await adapter_service.pin(version, keep=False)
+
+    @post("/rollback", guards=[require("admin")], status_code=200,
+          summary="The champion goes back to the one it replaced (or the base model); hot")
+    async def rollback(self, request: Request, adapter_service: NamedDependency[AdapterService]) -> dict:
+        return await adapter_service.rollback(request.user.name)
+
+
+class ExperimentsController(Controller):
+    path = "/v1/experiments"
+    tags = ["experiments"]
+
+    @get("/", guards=[require("reviewer")],
+         summary="A/B state: routing, the current experiment's arms, metrics, decision rule, history")
+    async def overview(self, adapter_service: NamedDependency[AdapterService]) -> dict:
+        return await adapter_service.experiments_overview()
+
+    @get("/{experiment_id:int}", guards=[require("reviewer")], summary="One experiment with its evidence")
+    async def one(self, experiment_id: FromPath[int], adapter_service: NamedDependency[AdapterService]) -> dict:
+        view = await adapter_service.experiment_view(experiment_id) if is_row_id(experiment_id) else None
+        if view is None:
+            raise ApiError(404, f"No experiment {experiment_id}", param="experiment_id", code="not_found")
+        return view
+
+    @post("/evaluate", guards=[require("admin")], status_code=200,
+          summary="Apply the decision rule now (what the scheduled job does) and act on it")
+    async def evaluate(self, request: Request, adapter_service: NamedDependency[AdapterService]) -> dict:
+        return await adapter_service.evaluate(request.user.name)
 
 
 class RetrainingController(Controller):

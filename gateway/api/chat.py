@@ -21,8 +21,9 @@ class ChatController(Controller):
     async def create(
         self, request: Request, data: JSONBody[ChatCompletionRequest], chat_service: NamedDependency[ChatService]
     ) -> Response | ServerSentEvent:
-        run = await chat_service.start(data, request.user)
-        headers = {"X-Exchange-Id": run.exchange_id}
+        session = request.headers.get(chat_service.settings.experiment.session_header)
+        run = await chat_service.start(data, request.user, session=session[:200] if session else None)
+        headers = {"X-Exchange-Id": run.exchange_id, "X-Variant": run.route.variant}
         if data.stream:
             return ServerSentEvent(chat_service.stream(run), headers={**headers, "Cache-Control": "no-cache"})
         return Response(await chat_service.complete(run), headers=headers)

@@ -99,6 +99,18 @@ class Engine(Protocol):
         """Queue depth, active sequences: for /metrics and /ready."""
         ...
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter folder as variant `name`, without stopping the others."""
+        ...
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Stop routing new requests to `name`; requests already submitted finish on it."""
+        ...
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Weight memory per served variant, for /v1/adapters and /metrics."""
+        ...
+
     async def submit(self, request: GenerationRequest) -> "TokenStream":
         """Validate and enqueue; raises ContextLengthExceeded / EngineOverloaded / UnknownAdapter
         before anything is generated. The returned stream yields TokenEvents then one Finished;

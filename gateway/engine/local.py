@@ -10,7 +10,9 @@ All blocking model work stays on the worker thread; the event loop only awaits p
 Adapters: each loaded LoRA version is merged into its own copy of the base weights (PEFT
 `merge_and_unload`), so it decodes as fast as the base model; every variant has its own running
 batch ("lane") and the worker steps the lanes in turn. Loading or unloading a version never stops
-the others (hot swap); a lane keeps its model until its last sequence finishes.
+the others (hot swap). Unloading only retires a version: new requests can no longer name it, but
+every request already submitted for it (queued or decoding) finishes on it; the worker frees its
+weights once none is left.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ class LocalEngine:
         self.model = None
         self.tokenizer = None
         self._adapters: dict[str, object] = {}  # version → merged model
+        self._retiring: set[str] = set()  # unloaded, freed once no submitted request needs them
+        self._adapters_lock = threading.Lock()  # submit's check-and-enqueue vs the worker's freeing
         self.adapter_paths: dict[str, str] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -149,25 +153,56 @@ class LocalEngine:
         return self.model is not None and self._thread is not None and self._thread.is_alive()
 
     def variants(self) -> list[str]:
-        return ["base", *sorted(self._adapters)]
+        return ["base", *sorted(set(self._adapters) - self._retiring)]
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Memory held by each served variant's weights (each adapter is a merged full copy)."""
+        models = {"base": self.model, **{k: v for k, v in self._adapters.items() if k not in self._retiring}}
+        return {name: sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+                for name, m in models.items() if m is not None}
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load a LoRA adapter folder as variant `name` (merged into a fresh copy of the base)."""
         if name == "base":
             raise ValueError("'base' is reserved for the base model")
+        with self._adapters_lock:
+            if name in self._retiring and self.adapter_paths.get(name) == str(path):
+                self._retiring.discard(name)  # still in memory: serve it again
+                return
         await asyncio.to_thread(self._load_adapter, name, str(path))
 
     async def unload_adapter(self, name: str) -> bool:
-        self.adapter_paths.pop(name, None)
-        return self._adapters.pop(name, None) is not None
+        """Stop routing new requests to `name`; its weights go once its last request finishes."""
+        with self._adapters_lock:
+            if name not in self._adapters or name in self._retiring:
+                return False
+            self._retiring.add(name)
+        if self._thread is None or not self._thread.is_alive():
+            self._free_retired(set())
+        return True
+
+    def _free_retired(self, busy: set[str]) -> None:
+        """Drop retired versions no lane (`busy`) and no queued request still needs."""
+        if not self._retiring:
+            return
+        with self._adapters_lock, self._pending.mutex:
+            waiting = {seq.request.adapter for seq in self._pending.queue}
+            for name in list(self._retiring):
+                if name not in busy and name not in waiting:
+                    self._retiring.discard(name)
+                    self._adapters.pop(name, None)
+                    self.adapter_paths.pop(name, None)
+                    log.info("engine.adapter_freed", adapter=name)
 
     def _load_adapter(self, name: str, path: str) -> None:
         started = time.perf_counter()
         with MODEL_LOAD_LOCK:
             base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self._dtype, local_files_only=True)
             merged = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
-        self._adapters[name] = merged
-        self.adapter_paths[name] = path
+        with self._adapters_lock:
+            self._adapters[name] = merged
+            self.adapter_paths[name] = path
+            self._retiring.discard(name)
         log.info("engine.adapter_loaded", adapter=name, seconds=round(time.perf_counter() - started, 2))
 
     def stats(self) -> dict[str, int]:
@@ -207,6 +242,7 @@ class LocalEngine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def submit(self, request: GenerationRequest) -> LocalTokenStream:
+        """A request for a retiring version is still accepted: it was routed there before the swap."""
         if request.adapter not in (None, "base") and request.adapter not in self._adapters:
             raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded")
         prompt_ids = await asyncio.to_thread(self.encode, request.messages)
@@ -218,10 +254,13 @@ class LocalEngine:
         if request.params.temperature > 0:
             generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         seq = _Sequence(request, prompt_ids, asyncio.get_running_loop(), asyncio.Queue(), generator=generator)
-        try:
-            self._pending.put_nowait(seq)
-        except queue.Full:
-            raise EngineOverloaded("the generation queue is full; retry shortly") from None
+        with self._adapters_lock:  # so the worker cannot free the adapter between the check and the put
+            if request.adapter not in (None, "base") and request.adapter not in self._adapters:
+                raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded")
+            try:
+                self._pending.put_nowait(seq)
+            except queue.Full:
+                raise EngineOverloaded("the generation queue is full; retry shortly") from None
         return LocalTokenStream(seq)
 
     # ---- worker thread ---------------------------------------------------------------------
@@ -229,6 +268,7 @@ class LocalEngine:
         lanes: dict[str, _Lane] = {}
         with torch.inference_mode():
             while not self._stopping.is_set():
+                self._free_retired(set(lanes))  # a retired adapter's weights go once it has drained
                 newcomers = self._admit(sum(len(lane.batch) for lane in lanes.values()))
                 if not newcomers and not any(lane.batch for lane in lanes.values()):
                     continue
@@ -247,7 +287,7 @@ class LocalEngine:
                         lane = lanes[variant] = _Lane(model)
                     self._step(lane, new)
                     if not lane.batch:
-                        del lanes[variant]  # frees an unloaded adapter's weights once it drains
+                        del lanes[variant]
                 self._active = sum(len(lane.batch) for lane in lanes.values())
         for lane in lanes.values():
             for seq in lane.batch:

@@ -1,0 +1,343 @@
+"""A/B testing: routing, the decision rule, the experiment API and its decisions, manual promote /
+retire / rollback (API and CLI), and a promotion while 16 streams are in flight. Tiny random-weight
+model here; the real-model simulation is in test_e2e_real.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gateway.app import create_app
+from gateway.routing import PinNotAllowed, Split, UnknownModel, bucket, choose, resolve_variant
+from gateway.settings import ExperimentSettings
+from retraining.experiments import Arm, decide, interval, prob_better
+from tests.conftest import ROOT, fresh_postgres_database, make_adapter, ready_client
+
+ADMIN = {"Authorization": "Bearer dev-admin-key"}
+REVIEWER = {"Authorization": "Bearer dev-reviewer-key"}
+CLIENT = {"Authorization": "Bearer dev-client-key"}
+
+
+# ---- routing --------------------------------------------------------------------------------------
+def test_split_is_sticky_and_close_to_the_share_over_10k_users():
+    split = Split("v0001", "v0002", 0.2, experiment_id=7)
+    users = [f"user-{i}" for i in range(10_000)]
+    first = [choose(split, u).variant for u in users]
+    assert first == [choose(split, u).variant for u in users]  # sticky: the same user, the same variant
+    share = first.count("v0002") / len(users)
+    assert abs(share - 0.2) < 0.015, share  # 3 standard errors at n=10k is ±0.012
+    assert all(choose(split, u).experiment_id == 7 for u in users[:10])
+    # A new experiment draws afresh (salted by its id), still at the configured share.
+    again = [choose(Split("v0001", "v0002", 0.2, experiment_id=8), u).variant for u in users]
+    assert again != first and abs(again.count("v0002") / len(users) - 0.2) < 0.015
+    assert 0 <= bucket(1, "x") < 1
+    # No experiment, or share 0: everyone gets the champion, and nothing is attributed to an experiment.
+    assert {choose(Split("v0001"), u) for u in users[:50]} == {choose(Split("v0001"), "x")}
+    assert choose(Split("v0001", "v0002", 0.0, 3), "u").variant == "v0001"
+    # No routing unit: a fresh draw per request (not sticky, still the share).
+    draws = [choose(split, None).variant for _ in range(2000)]
+    assert 0.15 < draws.count("v0002") / 2000 < 0.25
+
+
+def test_pinning_needs_permission_and_unknown_names_fail():
+    served = ["base", "v0001", "v0002"]
+    split = Split("v0001", "v0002", 0.5, 1)
+    assert resolve_variant("v0002", "tellerloop", served, split, may_pin=True).pinned
+    with pytest.raises(PinNotAllowed):
+        resolve_variant("v0002", "tellerloop", served, split, "u", may_pin=False)
+    with pytest.raises(UnknownModel, match="Use 'tellerloop'.$"):  # a client is not told version names
+        resolve_variant("v0009", "tellerloop", served, split, may_pin=False)
+    with pytest.raises(UnknownModel, match="v0002"):
+        resolve_variant("v0009", "tellerloop", served, split, may_pin=True)
+
+
+# ---- statistics and the rule ----------------------------------------------------------------------
+def test_prob_better_matches_monte_carlo_and_is_symmetric():
+    rng = np.random.default_rng(0)
+    for a_yes, a_no, b_yes, b_no in [(10, 10, 10, 10), (30, 20, 40, 10), (3, 50, 1, 60), (120, 80, 100, 100)]:
+        exact = prob_better(a_yes, a_no, b_yes, b_no)
+        sampled = np.mean(rng.beta(b_yes + 1, b_no + 1, 200_000) > rng.beta(a_yes + 1, a_no + 1, 200_000))
+        assert abs(exact - sampled) < 0.005, (exact, sampled)
+        assert abs(exact + prob_better(b_yes, b_no, a_yes, a_no) - 1) < 1e-9
+    assert prob_better(10, 10, 10, 10) == pytest.approx(0.5)
+    low, high = interval(80, 20)
+    assert low < 0.8 < high and high - low < 0.2
+
+
+def _arms(up_a, rated_a, up_b, rated_b, flags_a=0, flags_b=0, n=None):
+    n = n or max(rated_a, rated_b)
+    return (Arm("v0001", "champion", n, rated_a, up_a, flags_a), Arm("v0002", "challenger", n, rated_b, up_b, flags_b))
+
+
+def test_decision_rule():
+    cfg = ExperimentSettings(min_samples=50, promote_probability=0.95, guardrail_probability=0.95, max_days=14)
+    # Too few ratings in one arm: keep collecting, however good it looks.
+    verdict = decide(cfg, *_arms(20, 60, 45, 49), age_days=1)
+    assert verdict.action == "continue" and "49/50" in verdict.reason
+    better = decide(cfg, *_arms(30, 60, 50, 60), age_days=1)
+    assert better.action == "promote" and better.evidence["p_challenger_better"] >= 0.95
+    worse = decide(cfg, *_arms(50, 60, 30, 60), age_days=1)
+    assert worse.action == "retire" and worse.evidence["p_challenger_better"] <= 0.05
+    close = decide(cfg, *_arms(40, 60, 42, 60), age_days=1)
+    assert close.action == "continue" and "undecided" in close.reason
+    assert decide(cfg, *_arms(40, 60, 42, 60), age_days=15).action == "retire"  # inconclusive at max_days
+    # Guardrail: a better thumbs-up rate does not save a challenger staff flag much more often.
+    flagged = decide(cfg, *_arms(30, 60, 50, 60, flags_a=1, flags_b=12, n=100), age_days=1)
+    assert flagged.action == "retire" and "guardrail" in flagged.reason
+    arms = better.evidence["arms"]
+    assert arms[1]["thumbs_up_rate"] == pytest.approx(50 / 60) and len(arms[1]["thumbs_up_interval"]) == 2
+    assert better.evidence["rule"]["min_samples"] == 50
+
+
+# ---- the gateway: experiment API, decisions, manual actions ------------------------------------------
+@pytest.fixture
+async def ab_gateway(make_settings, tiny_model_dir):
+    settings = make_settings(tiny_model_dir, experiment={"min_samples": 8, "challenger_share": 0.5})
+    await make_adapter(settings, tiny_model_dir, "champion", seed=1)
+    await make_adapter(settings, tiny_model_dir, "challenger", seed=2)
+    app = create_app(settings)
+    async with ready_client(app, settings) as c:
+        yield c
+
+
+async def _chat(c, user: str, headers=CLIENT, model="tellerloop", **extra):
+    r = await c.post("/v1/chat/completions", headers=headers, json={
+        "model": model, "messages": [{"role": "user", "content": f"hello from {user}"}], "max_tokens": 3,
+        "rag": False, "user": user, **extra})
+    assert r.status_code == 200, r.text
+    return r
+
+
+async def _rate_until(c, good: str, per_arm: int) -> dict[str, int]:
+    """Scripted customers: each chats once, then rates thumbs-up iff `good` served them."""
+    rated = {"v0001": 0, "v0002": 0, "v0003": 0}
+    i = 0
+    while min(rated[v] for v in ("v0001", "v0002")) < per_arm and i < 400:
+        i += 1
+        body = (await _chat(c, f"customer-{i}")).json()
+        rating = "up" if body["variant"] == good else "down"
+        r = await c.post(f"/v1/exchanges/{body['exchange_id']}/feedback", headers=CLIENT,
+                         json={"rating": rating, "user": f"customer-{i}"})
+        assert r.status_code == 200, r.text
+        rated[body["variant"]] += 1
+    return rated
+
+
+async def test_experiment_promotes_the_better_arm_then_rollback_and_manual_actions(ab_gateway):
+    c = ab_gateway
+    overview = (await c.get("/v1/experiments", headers=REVIEWER)).json()
+    assert overview["routing"] == {"champion": "v0001", "challenger": "v0002", "challenger_share": 0.5,
+                                   "experiment_id": 1, "enabled": True, "sticky_by": ["user", "X-Session-Id"]}
+    current = overview["current"]
+    assert current["status"] == "running" and [a["variant"] for a in current["arms"]] == ["v0001", "v0002"]
+    listing = {a["version"]: a for a in (await c.get("/v1/adapters", headers=REVIEWER)).json()["data"]}
+    assert listing["v0001"]["traffic_share"] == 0.5 and listing["v0002"]["weight_bytes"] > 0
+
+    # Sticky: the same customer keeps one variant; the header names it too.
+    first = await _chat(c, "alice")
+    assert first.headers["x-variant"] == first.json()["variant"]
+    assert {(await _chat(c, "alice")).json()["variant"] for _ in range(3)} == {first.json()["variant"]}
+    # Pinning: reviewers may, clients may not (403 with the rule), unknown names are 404.
+    assert (await _chat(c, "x", headers=REVIEWER, model="v0002")).json()["variant"] == "v0002"
+    denied = await c.post("/v1/chat/completions", headers=CLIENT, json={
+        "model": "v0002", "messages": [{"role": "user", "content": "hi"}]})
+    assert denied.status_code == 403 and "pin_min_role" in denied.json()["error"]["message"]
+
+    # Not enough evidence: the evaluation keeps collecting and records why.
+    r = await c.post("/v1/experiments/evaluate", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["action"] == "continue", r.json()
+    assert (await c.post("/v1/experiments/evaluate", headers=REVIEWER)).status_code == 403
+
+    rated = await _rate_until(c, good="v0002", per_arm=8)
+    r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
+    assert r["action"] == "promote", (r, rated)
+    assert r["evidence"]["p_challenger_better"] >= 0.95
+    overview = (await c.get("/v1/experiments", headers=REVIEWER)).json()
+    assert overview["routing"]["champion"] == "v0002" and overview["routing"]["challenger"] is None
+    assert overview["experiments"][0]["status"] == "promoted"
+    promote = overview["decisions"][0]
+    assert promote["action"] == "promote" and promote["automatic"] and promote["champion_before"] == "v0001"
+    assert promote["evidence"]["arms"][1]["rated"] >= 8
+    states = {a["version"]: a["state"] for a in (await c.get("/v1/adapters", headers=ADMIN)).json()["data"]}
+    assert states == {"v0001": "retired", "v0002": "champion"}
+    assert (await _chat(c, "bob")).json()["variant"] == "v0002"  # hot: no restart
+    history = (await c.get("/v1/experiments/1", headers=REVIEWER)).json()
+    assert history["timeline"][-1]["challenger"] == 1.0 and history["timeline"][-1]["champion"] == 0.0
+    assert [d["action"] for d in history["decisions"]][:2] == ["promote", "continue"]
+    metrics = (await c.get("/metrics")).text
+    assert 'tellerloop_experiment_arm{arm="challenger",metric="thumbs_up_rate",variant="v0002"} 1.0' in metrics
+    assert 'tellerloop_variant_weight_bytes{variant="v0002"}' in metrics
+    assert 'tellerloop_serving_decisions_total{action="promote",automatic="true"} 1.0' in metrics
+
+    # Rollback restores the previous champion; a second one walks back to the base model.
+    r = await c.post("/v1/adapters/rollback", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["champion"] == "v0001" and r.json()["default_variant"] == "v0001"
+    assert (await _chat(c, "bob")).json()["variant"] == "v0001"
+    assert (await c.post("/v1/adapters/rollback", headers=ADMIN)).json()["champion"] == "base"
+    assert (await _chat(c, "bob")).json()["variant"] == "base"
+    nothing = await c.post("/v1/adapters/rollback", headers=ADMIN)
+    assert nothing.status_code == 409 and nothing.json()["error"]["code"] == "nothing_to_roll_back"
+    assert (await c.post("/v1/adapters/rollback", headers=REVIEWER)).status_code == 403
+
+    # Manual promote always wins; retiring the champion is refused with a reason; unknowns are 404.
+    assert (await c.post("/v1/adapters/v0002/promote", headers=ADMIN)).json()["state"] == "champion"
+    r = await c.post("/v1/adapters/v0002/retire", headers=ADMIN)
+    assert r.status_code == 409 and "roll back" in r.json()["error"]["message"]
+    assert (await c.post("/v1/adapters/v0042/retire", headers=ADMIN)).status_code == 404
+    assert (await c.get("/v1/experiments/99999999999999999999", headers=REVIEWER)).status_code in (400, 404)
+    assert (await c.get("/v1/experiments/5", headers=REVIEWER)).status_code == 404
+    # Pinned loading: an admin keeps a retired version loaded for pinned requests.
+    assert "v0001" not in (await c.get("/v1/models", headers=CLIENT)).text
+    r = await c.post("/v1/adapters/v0001/load", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["loaded"] and r.json()["pinned_loaded"]
+    assert (await _chat(c, "y", headers=ADMIN, model="v0001")).json()["variant"] == "v0001"
+    assert (await c.post("/v1/adapters/v0001/unload", headers=ADMIN)).json()["loaded"] is False
+
+
+async def test_a_worse_challenger_is_retired_and_its_experiment_recorded(ab_gateway):
+    c = ab_gateway
+    await _rate_until(c, good="v0001", per_arm=8)
+    r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
+    assert r["action"] == "retire" and r["evidence"]["p_challenger_better"] <= 0.05
+    overview = (await c.get("/v1/experiments", headers=ADMIN)).json()
+    assert overview["routing"]["challenger"] is None and overview["routing"]["champion"] == "v0001"
+    assert overview["experiments"][0]["status"] == "retired"
+    assert (await _chat(c, "z")).json()["variant"] == "v0001"
+    r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
+    assert r["action"] == "none"
+
+
+async def test_promotion_while_16_streams_are_in_flight(ab_gateway):
+    """Zero failed requests; each stream finishes on the one variant it started on; the retired
+    champion's weights go once its last stream is done."""
+    c = ab_gateway
+
+    async def stream(i: int) -> tuple[str, str, int]:
+        variants, chunks = set(), 0
+        async with c.stream("POST", "/v1/chat/completions", headers=CLIENT, json={
+                "model": "tellerloop", "messages": [{"role": "user", "content": f"tell me a story {i}"}],
+                "max_tokens": 48, "stream": True, "rag": False, "user": f"stream-user-{i}"}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    chunks += 1
+                    if "variant" in event:
+                        variants.add(event["variant"])
+                elif line == "data: [DONE]":
+                    return variants.pop(), event["exchange_id"], chunks
+        raise AssertionError("stream ended without [DONE]")
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(16)]
+    await asyncio.sleep(0.3)
+    promoted = await c.post("/v1/adapters/v0002/promote", headers=ADMIN)
+    assert promoted.status_code == 200
+    results = await asyncio.gather(*tasks)
+    assert len(results) == 16
+    served = {v for v, _, _ in results}
+    assert served <= {"v0001", "v0002"}
+    for variant, exchange_id, _ in results:
+        row = (await c.get(f"/v1/exchanges/{exchange_id}", headers=REVIEWER)).json()
+        assert row["variant"] == variant
+    engine = c.app.state.engine
+    for _ in range(50):
+        if "v0001" not in engine._adapters:
+            break
+        await asyncio.sleep(0.1)
+    assert "v0001" not in engine._adapters and engine.variants() == ["base", "v0002"]
+
+
+async def test_cli_promote_and_rollback_reach_a_running_gateway(ab_gateway):
+    c = ab_gateway
+    cfg = c.settings.storage.data_dir
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--data-dir", str(cfg)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+    out = cli("promote", "v0002", "--actor", "ops")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["champion"] == "v0002"
+    await c.app.state.adapter_service.reconcile()  # what the sync job does every experiment.sync_interval_s
+    assert (await _chat(c, "carol")).json()["variant"] == "v0002"
+    out = cli("rollback")
+    assert out.returncode == 0 and json.loads(out.stdout)["champion"] == "v0001"
+    await c.app.state.adapter_service.reconcile()
+    assert (await _chat(c, "carol")).json()["variant"] == "v0001"
+    status = json.loads(cli("experiments").stdout)
+    assert [d["action"] for d in status["decisions"]][:2] == ["rollback", "promote"]
+    assert status["decisions"][1]["actor"] == "cli:ops"
+    bad = cli("promote", "v0042")
+    assert bad.returncode == 2 and "no adapter version 'v0042'" in bad.stderr
+    again = cli("promote", "v0001")
+    assert again.returncode == 2 and "cannot become 'champion'" in again.stderr
+
+
+async def test_console_experiments_page_and_admin_actions(ab_gateway):
+    from tests.test_roles_console import csrf
+
+    c = ab_gateway
+    await _rate_until(c, good="v0002", per_arm=3)
+
+    async def sign_in(key):
+        page = await c.get("/console/login")
+        r = await c.post("/console/login", data={"key": key, "next": "/console/experiments", "_csrf_token": csrf(page.text)})
+        assert r.status_code in (200, 303)
+
+    await sign_in("dev-reviewer-key")
+    page = await c.get("/console/experiments")
+    assert page.status_code == 200
+    html = page.text
+    assert "Experiment 1: v0002 vs v0001" in html and 'id="arms"' in html and "P(challenger better)" in html
+    assert "<polyline" in html and 'points="' in html and "Evaluate now" not in html  # reviewers only look
+    r = await c.post("/console/experiments/evaluate", data={"_csrf_token": csrf(html)})
+    assert r.status_code == 403 and "Only admins" in r.text
+    await c.post("/console/logout", data={"_csrf_token": csrf(html)})
+
+    await sign_in("dev-admin-key")
+    html = (await c.get("/console/experiments")).text
+    assert "Evaluate now" in html and "Promote v0002" in html
+    r = await c.post("/console/experiments/evaluate", data={"_csrf_token": csrf(html)}, follow_redirects=True)
+    assert r.status_code == 200 and "Evaluated: continue" in r.text  # 3 < min_samples
+    r = await c.post("/console/experiments/promote", data={"version": "v0002", "_csrf_token": csrf(html)},
+                     follow_redirects=True)
+    assert "v0002 is now champion" in r.text and "promote" in r.text
+    r = await c.post("/console/experiments/retire", data={"version": "v0099", "_csrf_token": csrf(r.text)})
+    assert r.status_code == 404 and "No adapter version" in r.text
+    r = await c.post("/console/experiments/explode", data={"_csrf_token": csrf(r.text)})
+    assert r.status_code == 404
+    assert (await c.post("/console/experiments/evaluate", data={})).status_code == 403  # no CSRF token
+
+
+@pytest.fixture
+async def pg_ab_gateway(make_settings, tiny_model_dir):
+    """The same A/B set-up on a fresh PostgreSQL database (the arm aggregates must hold there too)."""
+    async with fresh_postgres_database("tellerloop_ab") as url:
+        settings = make_settings(tiny_model_dir, experiment={"min_samples": 8, "challenger_share": 0.5},
+                                 storage={"database_url": url})
+        await make_adapter(settings, tiny_model_dir, "champion", seed=1)
+        await make_adapter(settings, tiny_model_dir, "challenger", seed=2)
+        app = create_app(settings)
+        async with ready_client(app, settings) as c:
+            yield c
+
+
+async def test_experiment_decides_and_rolls_back_on_postgres(pg_ab_gateway):
+    c = pg_ab_gateway
+    await _rate_until(c, good="v0002", per_arm=8)
+    r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
+    assert r["action"] == "promote", r
+    arms = r["evidence"]["arms"]
+    assert arms[0]["thumbs_up"] == 0 and arms[1]["thumbs_up"] == arms[1]["rated"] >= 8
+    assert isinstance(arms[0]["mean_latency_ms"], float) and arms[0]["exchanges"] >= arms[0]["rated"]
+    assert (await c.post("/v1/adapters/rollback", headers=ADMIN)).json()["champion"] == "v0001"
+    overview = (await c.get("/v1/experiments", headers=REVIEWER)).json()
+    assert [d["action"] for d in overview["decisions"][:2]] == ["rollback", "promote"]
+    assert overview["current"]["timeline"][-1]["challenger"] == 1.0
