@@ -38,6 +38,8 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/answer_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/training.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/ab_serving.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/ab_decision.py
 
 # ~40 min on 2 cores: the full bootstrap cycle, with and without context in the training prompts
 bench-bootstrap: install

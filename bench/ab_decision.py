@@ -23,7 +23,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.settings import ExperimentSettings  # noqa: E402
 from retraining.experiments import Arm, decide  # noqa: E402
 
 SCENARIOS = [("A/A (no difference)", 0.70, 0.70), ("challenger +10 pts", 0.70, 0.80),
@@ -58,9 +57,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--horizon", type=int, default=6000, help="rated exchanges (both arms) before giving up")
     ap.add_argument("--every", type=int, default=100, help="ratings between two looks of the scheduled job")
+    ap.add_argument("--min-samples", type=int, help="default: the shipped experiment.min_samples")
+    ap.add_argument("--promote-probability", type=float, help="default: the shipped experiment.promote_probability")
     ap.add_argument("--out", default="bench/results/ab_decision.md")
     args = ap.parse_args()
-    cfg = ExperimentSettings()  # the shipped defaults: share 0.2, min_samples 100, promote at 0.95
+    from gateway.settings import load_settings
+
+    cfg = load_settings().experiment  # config/default.toml's values, unless overridden here
+    if args.min_samples:
+        cfg = cfg.model_copy(update={"min_samples": args.min_samples})
+    if args.promote_probability:
+        cfg = cfg.model_copy(update={"promote_probability": args.promote_probability})
     rng = np.random.default_rng(7)
     rows, started = [], time.perf_counter()
     for name, pa, pb in SCENARIOS:
@@ -74,7 +81,7 @@ def main() -> None:
     lines = [
         "# A/B decision rule, simulated",
         "",
-        f"Shipped defaults: challenger_share {cfg.challenger_share}, min_samples {cfg.min_samples} rated per arm, "
+        f"Settings: challenger_share {cfg.challenger_share}, min_samples {cfg.min_samples} rated per arm, "
         f"promote_probability {cfg.promote_probability}. {args.reps} simulated experiments per row; the rule looks "
         f"every {args.every} ratings; horizon {args.horizon} ratings (both arms). Baseline: one look at the horizon. "
         f"Run time {time.perf_counter() - started:.0f} s.",

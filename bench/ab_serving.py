@@ -80,9 +80,10 @@ async def run_row(model_dir: str, adapters: list[str], requests: int, max_tokens
     tokens = sum(await asyncio.gather(*[one(i) for i in range(requests)]))
     seconds = time.perf_counter() - started
     weights = engine.weight_bytes()
+    rss_after = rss_bytes()
     await engine.stop()
     return {"variants": names, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
-            "load_s": load_s, "weight_bytes": weights,
+            "load_s": load_s, "weight_bytes": weights, "rss_after_run": rss_after,
             "rss_growth_per_adapter": [b - a for a, b in zip(rss, rss[1:])]}
 
 
@@ -120,16 +121,20 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {args.requests} concurrent requests × {args.max_tokens} tokens, "
         "real SmolLM2-135M float32, greedy; each row in a fresh process.",
         "",
-        "| row | tokens/s | ratio vs champion only | adapter load (merge) s | weight MB per variant | RSS growth per adapter MB |",
-        "|---|---|---|---|---|---|",
+        "| row | tokens/s | ratio vs champion only | adapter load (merge) s | weight MB per variant | RSS growth at load MB | RSS after the run MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
         weights = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["weight_bytes"].items())
         lines.append(f"| {label} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
                      f"{', '.join(f'{s:.1f}' for s in r['load_s'])} | {weights} | "
-                     f"{', '.join(f'{b / 2**20:.0f}' for b in r['rss_growth_per_adapter'])} |")
-    lines += ["", "Each adapter is merged into its own copy of the base weights (no LoRA overhead per token); "
-              "two variants decode as two batches stepped in turn."]
+                     f"{', '.join(f'{b / 2**20:.0f}' for b in r['rss_growth_per_adapter'])} | "
+                     f"{r['rss_after_run'] / 2**20:.0f} |")
+    extra = rows["champion + challenger"]["rss_after_run"] - rows["champion only"]["rss_after_run"]
+    lines += ["", f"A served challenger costs {extra / 2**20:.0f} MB of resident memory after use (RSS difference "
+              "between the rows; at load time the merged weights are mostly untouched pages). Each adapter is merged "
+              "into its own copy of the base weights (no LoRA overhead per token); two variants decode as two "
+              "batches stepped in turn, so a split batch is smaller per step."]
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

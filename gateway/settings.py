@@ -175,8 +175,8 @@ class ExperimentSettings(_Section):
 
     enabled: bool = True  # split traffic and let the scheduled job decide; false → challengers wait for an admin
     challenger_share: float = Field(0.2, ge=0.0, le=1.0)  # share of routing units (users/sessions) on the challenger
-    min_samples: int = Field(100, ge=1)  # rated exchanges per arm before any decision on the thumbs-up rate
-    promote_probability: float = Field(0.95, gt=0.5, lt=1.0)  # P(challenger better) to promote; ≤ 1 − this retires
+    min_samples: int = Field(200, ge=1)  # rated exchanges per arm before any decision on the thumbs-up rate
+    promote_probability: float = Field(0.99, gt=0.5, lt=1.0)  # P(challenger better) to promote; ≤ 1 − this retires
     guardrail_probability: float = Field(0.95, gt=0.5, lt=1.0)  # P(challenger's flag rate higher) that retires it
     max_days: float = Field(14.0, gt=0.0)  # no decision by then → retire the challenger (inconclusive)
     evaluate_interval_s: float = Field(300.0, gt=0.0)  # how often the scheduled job evaluates the experiment
