@@ -177,7 +177,7 @@ class AdapterService:
 
     async def experiments_overview(self) -> dict:
         current = await self.experiment_view()
-        return {"object": "experiments", "routing": {**self.split_dict()},
+        return {"object": "experiments", "routing": self.split_dict(),
                 "current": current,
                 "experiments": [experiment_dict(e) for e in await self.experiments.list()],
                 "decisions": [decision_dict(d) for d in await self.experiments.decisions(limit=50, include_continue=False)]}

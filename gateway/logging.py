@@ -37,7 +37,7 @@ def configure_logging(cfg: LoggingSettings) -> None:
     structlog.configure(
         processors=_processors(cfg.json_lines),
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),  # one write per line
         cache_logger_on_first_use=False,
     )
 
@@ -49,7 +49,7 @@ def structlog_plugin(cfg: LoggingSettings) -> StructlogPlugin:
             structlog_logging_config=StructLoggingConfig(
                 processors=_processors(cfg.json_lines),
                 wrapper_class=structlog.make_filtering_bound_logger(level),
-                logger_factory=structlog.PrintLoggerFactory(),
+                logger_factory=structlog.WriteLoggerFactory(),  # one write per line: never interleaved mid-line
                 log_exceptions="debug",
             ),
             middleware_logging_config=LoggingMiddlewareConfig(
