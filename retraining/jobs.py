@@ -296,13 +296,11 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
     decision = gate(settings, evaluation)
     metrics = {"training": train_metrics, "evaluation": evaluation, "gate": decision}
     await registry.update(run.adapter_version, reason=decision["reason"], metrics=metrics)
-    if decision["passed"] and settings.experiment.enabled:  # live traffic decides (retraining/experiments.py)
-        await registry.transition(run.adapter_version, "challenger")
-    elif decision["passed"] and await registry.champion() is None:  # no experiments: the first one serves
-        await Experiments(settings, registry.sessions, registry).promote(
+    if decision["passed"] and not settings.experiment.enabled and await registry.champion() is None:
+        await Experiments(settings, registry.sessions, registry).promote(  # no experiments: the first one serves
             run.adapter_version, "gate", automatic=True, reason=decision["reason"], evidence={"gate": decision})
-    elif decision["passed"]:
-        await registry.transition(run.adapter_version, "challenger")  # waits for an admin's promotion
+    elif decision["passed"]:  # live traffic decides (retraining/experiments.py), or an admin when disabled
+        await registry.transition(run.adapter_version, "challenger")
     write(json.dumps({"gate": decision}))
     log_file.close()
     return metrics
@@ -432,7 +430,6 @@ def make_scheduler(settings: Settings, retrainer: Retrainer, serving=None):  # n
 
 
 def drop_disabled_jobs(scheduler, settings: Settings) -> None:  # noqa: ANN001
-    """A job persisted while enabled must not outlive its switch (nor one from an older version)."""
-    for job_id, enabled in (("retrain", settings.retraining.enabled), ("experiment", False)):
-        if not enabled and scheduler.get_job(job_id, "default") is not None:
-            scheduler.remove_job(job_id, "default")
+    """The retraining job, persisted while it was enabled, must not outlive its switch."""
+    if not settings.retraining.enabled and scheduler.get_job("retrain", "default") is not None:
+        scheduler.remove_job("retrain", "default")

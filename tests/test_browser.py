@@ -4,6 +4,8 @@
 Story (issue 4): a customer thumbs-downs an answer; reviewer 1 signs in, opens the top item and
 corrects it; reviewer 2 signs in, opens the top item and approves the correction with the `a`
 keyboard shortcut → the item is resolved → `tellerloop export` contains the corrected answer.
+Story (issue 6): with a challenger in an experiment, an admin opens the Experiments page (arms,
+chart, rule), evaluates it, then promotes the challenger by hand; the decision is listed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ enabled_by_default = false
 demo_data = ""
 [retraining]
 enabled = false
+[experiment]
+challenger_share = 0.5
+sync_interval_s = 1
 [[auth.keys]]
 name = "shop-app"
 role = "client"
@@ -53,6 +58,10 @@ key = "dev-reviewer-key"
 name = "bob"
 role = "reviewer"
 key = "dev-reviewer2-key"
+[[auth.keys]]
+name = "carol"
+role = "admin"
+key = "dev-admin-key"
 """)
     server.config = tmp / "test.toml"
     yield server
@@ -123,3 +132,55 @@ async def test_two_reviewers_resolve_a_thumbs_down_in_the_console(console_server
     assert line["messages"][-1] == {"role": "assistant", "content": CORRECTION}
     assert line["decided_by"] == "consensus:alice,bob"
 
+
+
+async def test_admin_decides_an_experiment_in_the_console(console_server, tiny_model_dir, tmp_path):
+    import asyncio
+
+    from playwright.async_api import async_playwright
+
+    from gateway.settings import load_settings
+    from tests.conftest import make_adapter
+
+    base = console_server.base_url
+    settings = load_settings(None, storage={"data_dir": str(console_server.data_dir)})
+    await make_adapter(settings, tiny_model_dir, "champion", seed=1)
+    await make_adapter(settings, tiny_model_dir, "challenger", seed=2)
+    client = {"Authorization": "Bearer dev-client-key"}
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        for _ in range(60):  # the gateway's sync job picks the new versions up
+            routing = (await http.get("/v1/experiments", headers={"Authorization": "Bearer dev-admin-key"})).json()
+            if routing["routing"]["challenger"] == "v0002":
+                break
+            await asyncio.sleep(0.5)
+        assert routing["routing"]["challenger"] == "v0002"
+        for i in range(12):  # customers who prefer the challenger
+            r = await http.post("/v1/chat/completions", headers=client, json={
+                "model": "tellerloop", "user": f"ab-{i}", "max_tokens": 3,
+                "messages": [{"role": "user", "content": "What are your opening hours?"}]})
+            rating = "up" if r.json()["variant"] == "v0002" else "down"
+            await http.post(f"/v1/exchanges/{r.json()['exchange_id']}/feedback", headers=client,
+                            json={"rating": rating, "user": f"ab-{i}"})
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = await (await browser.new_context()).new_page()
+            await page.goto(f"{base}/console/login")
+            await page.get_by_label("API key").fill("dev-admin-key")
+            await page.get_by_role("button", name="Sign in").click()
+            await page.get_by_role("link", name="Experiments").click()
+            await page.get_by_role("heading", name="Experiment 1: v0002 vs v0001").wait_for()
+            assert await page.locator("#arms tbody tr").count() == 2
+            assert await page.locator("#chart polyline").count() == 2
+            assert "P(challenger better)" in await page.content()
+            await page.get_by_role("button", name="Evaluate now").click()
+            await page.get_by_text("Evaluated: continue").wait_for()  # 12 ratings < min_samples 200
+            shot_dir = Path(os.environ.get("TELLERLOOP_SCREENSHOTS", tmp_path))
+            await page.screenshot(path=str(shot_dir / "console-experiments.png"), full_page=True)
+            await page.get_by_role("button", name="Promote v0002").click()
+            await page.get_by_text("v0002 is now champion").wait_for()
+            assert "carol" in await page.locator("#decisions").inner_text()
+            assert "no challenger is being tested" in await page.locator("#routing").inner_text()
+        finally:
+            await browser.close()

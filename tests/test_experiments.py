@@ -201,6 +201,8 @@ async def test_experiment_promotes_the_better_arm_then_rollback_and_manual_actio
 
 async def test_a_worse_challenger_is_retired_and_its_experiment_recorded(ab_gateway):
     c = ab_gateway
+    busy = await c.post("/v1/retraining/runs", json={}, headers=ADMIN)
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "experiment_running"  # retraining waits
     await _rate_until(c, good="v0001", per_arm=8)
     r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
     assert r["action"] == "retire" and r["evidence"]["p_challenger_better"] <= 0.05
@@ -210,6 +212,8 @@ async def test_a_worse_challenger_is_retired_and_its_experiment_recorded(ab_gate
     assert (await _chat(c, "z")).json()["variant"] == "v0001"
     r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
     assert r["action"] == "none"
+    after = await c.post("/v1/retraining/runs", json={}, headers=ADMIN)
+    assert after.json()["error"]["code"] == "not_due"  # decided: only the label count matters again
 
 
 async def test_promotion_while_16_streams_are_in_flight(ab_gateway):
