@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gateway.settings import ExperimentSettings, load_settings  # noqa: E402
 from retraining.experiments import Arm, decide  # noqa: E402
 
 SCENARIOS = [("A/A (no difference)", 0.70, 0.70), ("challenger +10 pts", 0.70, 0.80),
@@ -61,8 +62,6 @@ def main() -> None:
     ap.add_argument("--promote-probability", type=float, help="default: the shipped experiment.promote_probability")
     ap.add_argument("--out", default="bench/results/ab_decision.md")
     args = ap.parse_args()
-    from gateway.settings import load_settings
-
     cfg = load_settings().experiment  # config/default.toml's values, unless overridden here
     if args.min_samples:
         cfg = cfg.model_copy(update={"min_samples": args.min_samples})

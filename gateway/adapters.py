@@ -82,28 +82,25 @@ class AdapterService:
             log.info("routing.changed", champion=champion, challenger=challenger, share=split.share,
                      experiment_id=split.experiment_id)
         self.chat.split = split
+        metrics.ADAPTER_MEMORY.clear()  # retired variants leave the gauge
         for variant, size in self.engine.weight_bytes().items():
             metrics.ADAPTER_MEMORY.labels(variant).set(size)
         return split
 
     async def promote(self, version: str, actor: str) -> dict:
-        await self._known(version)
-        async with self._lock:
-            try:
-                await self.experiments.promote(version, actor)
-            except AdapterCorrupt as exc:
-                raise ApiError(409, str(exc), code="adapter_corrupt") from None
-            except RegistryError as exc:
-                raise ApiError(409, str(exc), code="illegal_transition") from None
-            finally:
-                await self._reconcile()
-        return await self.describe(version)
+        return await self._decide(version, actor, self.experiments.promote)
 
     async def retire(self, version: str, actor: str) -> dict:
+        return await self._decide(version, actor, self.experiments.retire)
+
+    async def _decide(self, version: str, actor: str, action) -> dict:  # noqa: ANN001
+        """A manual decision on one version: recorded, then served (hot), or a 409 saying why not."""
         await self._known(version)
         async with self._lock:
             try:
-                await self.experiments.retire(version, actor)
+                await action(version, actor)
+            except AdapterCorrupt as exc:
+                raise ApiError(409, str(exc), code="adapter_corrupt") from None
             except RegistryError as exc:
                 raise ApiError(409, str(exc), code="illegal_transition") from None
             finally:
