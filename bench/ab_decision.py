@@ -91,13 +91,11 @@ def main() -> None:
     ]
     for r in rows:
         s, f = r["sequential"], r["fixed_horizon"]
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "–"
         lines.append(
             f"| {r['scenario']} | {r['champion']:.2f} → {r['challenger']:.2f} | {s['promote']:.1%} | {s['retire']:.1%} | "
             f"{s['none']:.1%} | {s['median_ratings'] or '–'} | {f['promote']:.1%} | {f['retire']:.1%} | {f['none']:.1%} | "
-            f"{f['median_ratings'] or '–'} | {r['ratio']:.2f} |" if r["ratio"] else
-            f"| {r['scenario']} | {r['champion']:.2f} → {r['challenger']:.2f} | {s['promote']:.1%} | {s['retire']:.1%} | "
-            f"{s['none']:.1%} | {s['median_ratings'] or '–'} | {f['promote']:.1%} | {f['retire']:.1%} | {f['none']:.1%} | "
-            f"{f['median_ratings'] or '–'} | – |")
+            f"{f['median_ratings'] or '–'} | {ratio} |")
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

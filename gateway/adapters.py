@@ -163,7 +163,7 @@ class AdapterService:
         champion, challenger = await self.experiments.arms(exp)
         verdict = decide(self.settings.experiment, champion, challenger, age_days(exp))
         if exp.status == "running":
-            refresh_gauges(exp, verdict.evidence)
+            refresh_gauges(verdict.evidence)
         return {**experiment_dict(exp), "arms": verdict.evidence["arms"],
                 "p_challenger_better": verdict.evidence["p_challenger_better"],
                 "p_challenger_flagged_more": verdict.evidence["p_challenger_flagged_more"],
@@ -191,9 +191,7 @@ class AdapterService:
         return [self._summary(a, weights) for a in await self.registry.list()]
 
     async def describe(self, version: str) -> dict:
-        adapter = await self.registry.get(version)
-        if adapter is None:
-            raise ApiError(404, f"No adapter version '{version[:20]}'", param="version", code="not_found")
+        adapter = await self._known(version)
         return {**self._summary(adapter, self.engine.weight_bytes()), "metrics": adapter.metrics,
                 "config": adapter.config, "files": adapter.files}
 

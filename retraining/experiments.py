@@ -21,7 +21,6 @@ keep that in check, and every decision stores its evidence so it can be audited.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import timezone
 
 import numpy as np
 import structlog
@@ -31,7 +30,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway import metrics
 from gateway.settings import ExperimentSettings, Settings
-from gateway.store.models import Adapter, Decision, Exchange, Experiment, Feedback, Flag, iso_utc, utcnow
+from gateway.store.models import (Adapter, Decision, Exchange, Experiment, Feedback, Flag, as_utc, iso_utc,
+                                  utcnow)
 from retraining.registry import AdapterRegistry, RegistryError
 
 log = structlog.get_logger(__name__)
@@ -122,8 +122,7 @@ def decide(cfg: ExperimentSettings, champion: Arm, challenger: Arm, age_days: fl
 
 
 def age_days(exp: Experiment) -> float:
-    started = exp.started_at if exp.started_at.tzinfo else exp.started_at.replace(tzinfo=timezone.utc)
-    return (utcnow() - started).total_seconds() / 86400
+    return (utcnow() - as_utc(exp.started_at)).total_seconds() / 86400
 
 
 # ---- experiments and decisions ------------------------------------------------------------------------
@@ -138,9 +137,13 @@ class Experiments:
 
     # ---- reads -----------------------------------------------------------------------------------
     async def running(self) -> Experiment | None:
+        return next(iter(await self._all_running()), None)
+
+    async def _all_running(self) -> list[Experiment]:
+        """Newest first; normally one (`sync` ends any other)."""
         async with self._sessions() as session:
-            return await session.scalar(select(Experiment).where(Experiment.status == "running")
-                                        .order_by(Experiment.id.desc()).limit(1))
+            return list(await session.scalars(select(Experiment).where(Experiment.status == "running")
+                                              .order_by(Experiment.id.desc())))
 
     async def get(self, experiment_id: int) -> Experiment | None:
         async with self._sessions() as session:
@@ -194,27 +197,24 @@ class Experiments:
                 select(Exchange.created_at, Exchange.variant, Feedback.rating)
                 .join(Feedback, Feedback.exchange_id == Exchange.id)
                 .where(Exchange.experiment_id == exp.id).order_by(Exchange.created_at)))
-        start = exp.started_at.replace(tzinfo=None) if exp.started_at.tzinfo else exp.started_at
-        end = exp.ended_at or utcnow()
-        end = end.replace(tzinfo=None) if end.tzinfo else end
-        span = max((end - start).total_seconds(), 1e-6)
-        counts = {exp.champion: [0, 0], exp.challenger: [0, 0]}
+        start = as_utc(exp.started_at).timestamp()
+        span = max(as_utc(exp.ended_at or utcnow()).timestamp() - start, 1e-6)
+        counts = {exp.champion: [0, 0], exp.challenger: [0, 0]}  # variant → [thumbs-up, rated]
+
+        def rate(variant: str) -> float | None:
+            up, rated = counts[variant]
+            return up / rated if rated else None
+
         out, index = [], 0
         for k in range(1, points + 1):
-            moment = start.timestamp() + span * k / points
-            while index < len(rows):
-                created = rows[index][0]
-                created = created.replace(tzinfo=None) if created.tzinfo else created
-                if created.timestamp() > moment:
-                    break
+            moment = start + span * k / points
+            while index < len(rows) and as_utc(rows[index][0]).timestamp() <= moment:
                 tally = counts.get(rows[index][1])
                 if tally is not None:
                     tally[0] += rows[index][2] == "up"
                     tally[1] += 1
                 index += 1
-            out.append({"fraction": k / points,
-                        "champion": counts[exp.champion][0] / counts[exp.champion][1] if counts[exp.champion][1] else None,
-                        "challenger": counts[exp.challenger][0] / counts[exp.challenger][1] if counts[exp.challenger][1] else None,
+            out.append({"fraction": k / points, "champion": rate(exp.champion), "challenger": rate(exp.challenger),
                         "champion_rated": counts[exp.champion][1], "challenger_rated": counts[exp.challenger][1]})
         return out
 
@@ -250,9 +250,7 @@ class Experiments:
             await self.registry.transition(older.version, "retired", reason=f"superseded by {challengers[-1].version}")
         challenger = challengers[-1] if challengers else None
         champion = next((a.version for a in adapters if a.state == "champion"), BASE)
-        async with self._sessions() as session:
-            running = list(await session.scalars(select(Experiment).where(Experiment.status == "running")
-                                                 .order_by(Experiment.id.desc())))
+        running = await self._all_running()
         for stale in running[1:]:  # e.g. started by another process at the same moment: the newest stays
             await self._end(stale, "ended", "superseded by a newer experiment")
         exp = running[0] if running else None
@@ -333,7 +331,7 @@ class Experiments:
             return {"experiment_id": None, "action": "none", "reason": "no experiment is running"}
         champion, challenger = await self.arms(exp)
         verdict = decide(self.cfg, champion, challenger, age_days(exp))
-        refresh_gauges(exp, verdict.evidence)
+        refresh_gauges(verdict.evidence)
         if verdict.action == "promote":
             await self.promote(exp.challenger, actor, True, verdict.reason, verdict.evidence)
         elif verdict.action == "retire":
@@ -353,7 +351,7 @@ class Experiments:
         return counts(last[0].evidence) != counts(evidence)
 
 
-def refresh_gauges(exp: Experiment, evidence: dict) -> None:
+def refresh_gauges(evidence: dict) -> None:
     for arm in evidence.get("arms", []):
         for name in ("exchanges", "rated", "thumbs_up_rate", "flag_rate", "mean_confidence", "mean_latency_ms"):
             value = arm.get(name)

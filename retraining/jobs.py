@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict
-from datetime import timezone
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +25,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from gateway.errors import CodedError
 from gateway.rag.knowledge import Hit, KnowledgeBase
 from gateway.settings import Settings
-from gateway.store.models import utcnow
+from gateway.store.models import as_utc, utcnow
 from gateway.store.reviews import ReviewRepository
 from retraining import dataset as datasets
 from retraining.experiments import Experiments
@@ -114,8 +113,7 @@ class Retrainer:
         for run in await self.runs.active():
             if run.pid and _alive(run.pid):
                 continue  # e.g. `tellerloop retrain --now` running beside the gateway
-            created = run.created_at if run.created_at.tzinfo else run.created_at.replace(tzinfo=timezone.utc)
-            if not run.pid and (utcnow() - created).total_seconds() < 1800:
+            if not run.pid and (utcnow() - as_utc(run.created_at)).total_seconds() < 1800:
                 continue  # still building its dataset in another process
             await self._fail(run.id, run.adapter_version, "interrupted: the process running it stopped")
             n += 1

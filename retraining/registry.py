@@ -51,7 +51,7 @@ def file_checksums(folder: Path) -> dict[str, str]:
 
 class AdapterRegistry:
     def __init__(self, sessions: async_sessionmaker, data_dir: Path) -> None:
-        self._sessions = self.sessions = sessions
+        self.sessions = sessions  # also for the experiments, which share the registry's database
         self.root = Path(data_dir) / "adapters"
 
     def path(self, version: str) -> Path:
@@ -61,7 +61,7 @@ class AdapterRegistry:
         """A new version in state `training`; the version number is the next free one."""
         for _ in range(5):
             now = utcnow()
-            async with self._sessions() as session:
+            async with self.sessions() as session:
                 last = await session.scalar(select(func.max(Adapter.version)))
                 version = f"v{int(last[1:]) + 1 if last else 1:04d}"
                 row = Adapter(version=version, state="training", parent=parent, run_id=run_id, base_model=base_model,
@@ -76,24 +76,24 @@ class AdapterRegistry:
         raise RegistryError("could not allocate an adapter version")
 
     async def get(self, version: str) -> Adapter | None:
-        async with self._sessions() as session:
+        async with self.sessions() as session:
             return await session.get(Adapter, version)
 
     async def list(self) -> list[Adapter]:
-        async with self._sessions() as session:
+        async with self.sessions() as session:
             return list(await session.scalars(select(Adapter).order_by(Adapter.version)))
 
     async def champion(self) -> Adapter | None:
-        async with self._sessions() as session:
+        async with self.sessions() as session:
             return await session.scalar(select(Adapter).where(Adapter.state == "champion"))
 
     async def update(self, version: str, **fields: object) -> None:
-        async with self._sessions() as session, session.begin():
+        async with self.sessions() as session, session.begin():
             await session.execute(update(Adapter).where(Adapter.version == version).values(updated_at=utcnow(), **fields))
 
     async def transition(self, version: str, state: str, reason: str | None = None, **fields: object) -> Adapter:
         """Move a version along the state machine; becoming champion retires the current one."""
-        async with self._sessions() as session, session.begin():
+        async with self.sessions() as session, session.begin():
             row = await session.get(Adapter, version)
             if row is None:
                 raise RegistryError(f"no adapter version '{version}'")

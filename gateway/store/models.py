@@ -16,16 +16,19 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(value: datetime) -> datetime:
+    """A stored timestamp, timezone-aware. SQLite hands datetimes back naive; we only ever store
+    UTC, so a naive value is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 def iso_utc(value: datetime | float | None) -> str | None:
-    """A stored timestamp (or epoch seconds) as ISO-8601 UTC. SQLite hands datetimes back naive;
-    we only ever store UTC, so a naive value is UTC."""
+    """A stored timestamp (or epoch seconds) as ISO-8601 UTC."""
     if value is None:
         return None
     if isinstance(value, (int, float)):
-        value = datetime.fromtimestamp(value, timezone.utc)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat(timespec="seconds")
+        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds")
+    return as_utc(value).isoformat(timespec="seconds")
 
 
 class Exchange(Base):
