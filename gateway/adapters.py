@@ -197,7 +197,8 @@ class AdapterService:
 
     def _summary(self, a: Adapter, weights: dict[str, int] | None = None) -> dict:
         gate = (a.metrics or {}).get("gate") or {}
-        return {"version": a.version, "state": a.state, "parent": a.parent, "run_id": a.run_id,
+        return {"version": a.version, "state": a.state, "parent": a.parent,
+                "initialised_from": (a.config or {}).get("initialised_from"), "run_id": a.run_id,
                 "base_model": a.base_model, "dataset_hash": a.dataset_hash, "label_count": a.label_count,
                 "train_examples": a.train_examples, "reason": a.reason, "gate": gate.get("checks"),
                 "loaded": a.version in self.engine.variants(),

@@ -108,9 +108,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         retrainer = Retrainer(settings, sessions, kb=lambda: app.state.kb,
                               on_adapter_ready=lambda: app.state.adapter_service.reconcile())
         app.state.adapter_service = AdapterService(settings, engine, app.state.chat_service, retrainer)
-        interrupted = await retrainer.mark_interrupted()
-        if interrupted:
-            log.warning("retrain.interrupted_runs_failed", runs=interrupted)
         scheduler = make_scheduler(settings, retrainer, app.state.adapter_service)
         scheduler.start(paused=True)  # the jobs need the model: resumed once it is loaded
         drop_disabled_jobs(scheduler, settings)
@@ -135,6 +132,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             try:
                 await asyncio.gather(engine.start(), load_knowledge())
                 await app.state.adapter_service.reconcile()
+                # Runs a stopped process left behind: adopt live trainers, complete finished ones, fail the rest
+                # (after the engine is up, so a completed run's adapter can be put in service).
+                interrupted = await retrainer.mark_interrupted()
+                if interrupted:
+                    log.warning("retrain.interrupted_runs_failed", runs=interrupted)
                 app.state.serving_ready = True
                 scheduler.resume()
                 log.info("gateway.ready", host=settings.server.host, port=settings.server.port)

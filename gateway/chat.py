@@ -290,8 +290,8 @@ class ChatService:
             user=scrub(run.request.user) if run.request.user else None,
             model_requested=run.request.model,
             variant=run.route.variant,
-            messages=scrub_messages(run.messages),
-            answer=scrub(run.text),
+            messages=scrub_messages(run.messages, self.settings.pii.keep),
+            answer=scrub(run.text, self.settings.pii.keep),
             finish_reason=fin.finish_reason,
             stream=run.request.stream,
             rag=run.sources is not None,
@@ -308,6 +308,7 @@ class ChatService:
             confidence_parts=conf.parts(),
             flagged=flagged,
             experiment_id=run.route.experiment_id,
+            routing_unit=run.route.unit,
         )
         enqueue = flagged and fin.finish_reason != "cancelled"  # a cancelled answer is not an answer to review
         await self.exchanges.add(row, new_item(row, self.settings.review, low_confidence=True) if enqueue else None)

@@ -232,8 +232,7 @@ def _retrain(args: argparse.Namespace) -> int:
                                   "min_new_labels": settings.retraining.min_new_labels,
                                   "bootstrap": await retrainer.bootstrap_due()}))
                 return 0
-            if settings.rag.enabled_by_default or settings.retraining.context_in_prompts:
-                kb_box[0] = await asyncio.to_thread(build_knowledge_base, settings)
+            kb_box[0] = await asyncio.to_thread(build_knowledge_base, settings)  # the gate evaluates with retrieval
             try:
                 started = await retrainer.start("cli", "cli", overrides, force=args.force)
             except RunRefused as exc:

@@ -4,6 +4,11 @@ Replaces payment card numbers (Luhn-checked, 13-19 digits with spaces/dashes), I
 checked), e-mail addresses, phone numbers and other long digit runs (account numbers) with
 typed placeholders such as `[CARD]`. Precision over recall where it is cheap (checksums), recall
 over precision for bare long digit runs, which in a bank chat are almost always identifiers.
+
+`keep` holds the bank's own published numbers (`pii.keep_numbers`: helplines, branch lines) as
+digit strings; a phone/number match with exactly those digits is left alone, whatever its
+separators, so answers that tell customers whom to call still say it (and training data does not
+teach the model to say "[PHONE]").
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ def _iban_ok(raw: str) -> bool:
     return int(number) % 97 == 1
 
 
-def scrub(text: str) -> str:
+def digits_of(text: str) -> str:
+    return re.sub(r"\D", "", text)
+
+
+def scrub(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
     if not text:
         return text
     text = _EMAIL.sub("[EMAIL]", text)
@@ -45,14 +54,14 @@ def scrub(text: str) -> str:
         return "[CARD]" if 13 <= len(digits) <= 19 and _luhn_ok(digits) else m.group()
 
     text = _CARD.sub(card, text)
-    text = _LONG_DIGITS.sub("[NUMBER]", text)
 
     def phone(m: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", m.group())
-        return "[PHONE]" if 9 <= len(digits) <= 15 else m.group()
+        digits = digits_of(m.group())
+        return "[PHONE]" if 9 <= len(digits) <= 15 and digits not in keep else m.group()
 
+    text = _LONG_DIGITS.sub(lambda m: m.group() if m.group() in keep else "[NUMBER]", text)
     return _PHONE.sub(phone, text)
 
 
-def scrub_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{**m, "content": scrub(m.get("content", ""))} for m in messages]
+def scrub_messages(messages: list[dict[str, str]], keep: frozenset[str] | set[str] = frozenset()) -> list[dict[str, str]]:
+    return [{**m, "content": scrub(m.get("content", ""), keep)} for m in messages]

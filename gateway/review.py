@@ -246,7 +246,7 @@ class ReviewService:
         if verdict != "correct" and corrected_answer:
             raise ApiError(400, f"'corrected_answer' goes only with the verdict 'correct' (got '{verdict}').",
                            param="corrected_answer")
-        corrected = scrub(corrected_answer.strip()) if verdict == "correct" else None
+        corrected = scrub(corrected_answer.strip(), self.settings.pii.keep) if verdict == "correct" else None
         note = scrub(note) if note else None
         for _ in range(8):
             try:
@@ -352,7 +352,8 @@ class ReviewService:
     async def export_lines(self) -> AsyncIterator[str]:
         """Resolved items with an answer as chat-format JSONL (PII scrubbed again on the way out)."""
         async for item, exchange in self.repo.resolved():
-            messages = scrub_messages(exchange.messages) + [{"role": "assistant", "content": scrub(item.resolved_answer)}]
+            keep = self.settings.pii.keep
+            messages = scrub_messages(exchange.messages, keep) + [{"role": "assistant", "content": scrub(item.resolved_answer, keep)}]
             yield json.dumps({
                 "messages": messages, "item_id": item.id, "exchange_id": exchange.id,
                 "resolution": item.resolution, "decided_by": item.decided_by, "resolved_at": iso_utc(item.resolved_at),

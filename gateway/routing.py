@@ -39,19 +39,25 @@ class Route:
     variant: str
     experiment_id: int | None = None  # set when the A/B split chose the variant
     pinned: bool = False
+    unit: str | None = None  # the routing unit's digest (salted by the experiment): the A/B rule counts customers
+
+
+def _digest(salt: object, unit: str) -> bytes:
+    return hashlib.sha256(f"{salt}\x00{unit}".encode()).digest()
 
 
 def bucket(salt: object, unit: str) -> float:
     """A uniform number in [0, 1) fixed by (salt, unit)."""
-    digest = hashlib.sha256(f"{salt}\x00{unit}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return int.from_bytes(_digest(salt, unit)[:8], "big") / 2**64
 
 
 def choose(split: Split, unit: str | None) -> Route:
     if split.challenger is None or split.experiment_id is None or split.share <= 0:
         return Route(split.champion)
-    draw = bucket(split.experiment_id, unit if unit else uuid.uuid4().hex)
-    return Route(split.challenger if draw < split.share else split.champion, split.experiment_id)
+    digest = _digest(split.experiment_id, unit if unit else uuid.uuid4().hex)
+    draw = int.from_bytes(digest[:8], "big") / 2**64
+    return Route(split.challenger if draw < split.share else split.champion, split.experiment_id,
+                 unit=digest[8:24].hex())
 
 
 def resolve_variant(requested: str, logical_name: str, served: list[str], split: Split,

@@ -151,13 +151,30 @@ class TrainingSettings(_Section):
     progress_every_steps: int = Field(1, ge=1)
 
 
+class PiiSettings(_Section):
+    """What the scrubber (gateway/pii.py) must leave alone."""
+
+    keep_numbers: list[str] = Field(default_factory=list)  # the bank's own published numbers, any separators
+
+    @property
+    def keep(self) -> frozenset[str]:
+        """The kept numbers as digit strings (what the scrubber compares)."""
+        return frozenset(d for d in ("".join(ch for ch in n if ch.isdigit()) for n in self.keep_numbers) if d)
+
+
 class RetrainingSettings(_Section):
     enabled: bool = True  # the scheduler inside the gateway
     interval_hours: float = Field(24.0, gt=0.0)
     cron: str = ""  # a crontab line ("0 3 * * *") instead of the interval
     min_new_labels: int = Field(20, ge=0)  # resolved labels since the last run needed to start one
     min_examples: int = Field(16, ge=1)  # refuse to train on fewer examples
-    replay_ratio: float = Field(1.0, ge=0.0)  # seed Q&A replayed per reviewed example (capped by the seed size)
+    # "warm": continue training the champion's adapter on the new reviewed examples plus replayed
+    # seed Q&A; "cumulative": a fresh adapter from the base model on every resolved label so far plus
+    # the whole seed set (bench/cycles.py measures both)
+    mode: Literal["warm", "cumulative"] = "warm"
+    replay_ratio: float = Field(3.0, ge=0.0)  # warm mode: seed Q&A replayed per new reviewed example
+    min_replay: int = Field(64, ge=0)  # warm mode: at least this many replayed seed examples
+    warm_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)  # warm mode: the continued training's peak LR
     seed_data: str = "data/bank_faq/faq.csv"  # seed Q&A (also the frozen eval split's source); "" → none
     bootstrap: bool = True  # with no champion, the first run trains v0001 on the seed data
     bootstrap_delay_minutes: float = Field(10.0, ge=0.0)  # with no champion, the first slot comes this soon
@@ -166,8 +183,16 @@ class RetrainingSettings(_Section):
     eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation
     eval_max_tokens: int = Field(96, ge=8)
     eval_limit: int = Field(0, ge=0)  # >0: evaluate on at most this many frozen-split rows
-    gate_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate similarity must be ≥ champion's − margin
+    near_duplicate_similarity: float = Field(0.9, gt=0.0, le=1.0)  # character similarity that counts as the same question
+    # The offline gate (retraining/gate.py): paired per-question similarity differences on the frozen split
+    gate_margin: float = Field(0.01, ge=0.0, le=1.0)  # non-inferiority: the interval's lower bound must be ≥ −margin
+    gate_min_improvement: float = Field(0.0, ge=-1.0, le=1.0)  # and the mean difference at least this
+    gate_confidence: float = Field(0.95, gt=0.5, lt=1.0)  # two-sided bootstrap interval of the mean difference
+    gate_bootstrap_samples: int = Field(2000, ge=100)
+    forgetting_probe_size: int = Field(100, ge=0)  # seed questions (trained on) re-asked to catch forgetting
+    forgetting_margin: float = Field(0.02, ge=0.0, le=1.0)  # their lower bound must be ≥ −this
     timeout_minutes: float = Field(120.0, gt=0.0)  # a run longer than this is killed and marked failed
+    adopt_poll_s: float = Field(5.0, gt=0.0)  # how often an adopted trainer (left by a stopped process) is checked
 
 
 class ExperimentSettings(_Section):
@@ -178,6 +203,8 @@ class ExperimentSettings(_Section):
     min_samples: int = Field(200, ge=1)  # rated exchanges per arm before any decision on the thumbs-up rate
     promote_probability: float = Field(0.99, gt=0.5, lt=1.0)  # P(challenger better) to promote; ≤ 1 − this retires
     guardrail_probability: float = Field(0.95, gt=0.5, lt=1.0)  # P(challenger's flag rate higher) that retires it
+    guardrail_min_flags: int = Field(10, ge=1)  # ...and only with at least this many flagged customers on the challenger
+    guardrail_min_difference: float = Field(0.02, ge=0.0, le=1.0)  # ...and flag rates this far apart
     max_days: float = Field(14.0, gt=0.0)  # no decision by then → retire the challenger (inconclusive)
     evaluate_interval_s: float = Field(300.0, gt=0.0)  # how often the scheduled job evaluates the experiment
     sync_interval_s: float = Field(10.0, gt=0.0)  # how often serving re-reads the registry (CLI changes, replicas)
@@ -233,6 +260,7 @@ class Settings(BaseSettings):
     console: ConsoleSettings = ConsoleSettings()
     training: TrainingSettings = TrainingSettings()
     retraining: RetrainingSettings = RetrainingSettings()
+    pii: PiiSettings = PiiSettings()
     experiment: ExperimentSettings = ExperimentSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()

@@ -2,34 +2,48 @@
 
 * Reviewed examples: resolved items with an answer (approve/correct; rejects carry no answer), the
   conversation exactly as the model saw it (system prompt with the retrieved context when
-  retrieval was on) followed by the resolved answer. Deduplicated by normalised question: the
-  latest resolution wins.
-* Seed examples: rows of `retraining.seed_data`, `replay_ratio` per reviewed example (all of them
-  when bootstrapping), prompted the way serving would prompt them — with the retrieved entries in
-  the system prompt when `context_in_prompts` is on.
+  retrieval was on) followed by the resolved answer. Deduplicated by conversation: a single
+  question keys on its normalised text, a follow-up on the whole conversation (so "yes please" in
+  two conversations are two examples); the latest resolution wins.
+* Two compositions (`retraining.mode`), both measured in bench/cycles.py:
+  - `cumulative` (and every bootstrap): every reviewed example so far plus the whole seed set,
+    trained from the base model;
+  - `warm`: the examples the champion has not seen (its dataset manifest lists the reviews it
+    knew) plus a replay of what it knew — earlier reviewed examples first, then seed Q&A —
+    `max(min_replay, replay_ratio × new)` examples, trained on top of the champion's adapter.
+* Seed examples are prompted the way serving would prompt them — with the retrieved entries in the
+  system prompt when `context_in_prompts` is on; a missing knowledge base is then an error (never
+  a silent fallback to bare questions).
 * The frozen evaluation split (`<data_dir>/datasets/eval_split.jsonl`) is created once from
-  `eval_seed_size` seed questions and only ever grows, by the resolved items whose question hash
-  falls in `eval_share`. No training example may share a normalised question with it: violated
-  → `LeakageError`, never a silent drop of the guard.
-* Everything is PII-scrubbed; the snapshot is content-hashed for lineage.
+  `eval_seed_size` seed questions and only ever grows, by single-question resolved items whose
+  question hash falls in `eval_share`. A training question that is a near-duplicate of a split
+  question (character similarity of the normalised text ≥ `near_duplicate_similarity`) is dropped
+  and counted; `check_leakage` re-checks the final set and raises `LeakageError`.
+* A fixed sample of seed questions that training does use is the forgetting probe: the gate
+  re-asks them to see that a candidate did not lose what the champion knew.
+* Everything is PII-scrubbed (the bank's own numbers in `pii.keep_numbers` stay); the snapshot is
+  content-hashed for lineage.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import random
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gateway.pii import scrub, scrub_messages
 from gateway.prompting import build_messages
-from gateway.rag.documents import normalise_question
 from gateway.rag.knowledge import KnowledgeBase
 from gateway.settings import PROJECT_ROOT, Settings
 from retraining.evaluate import QA, load_qa
 
 SPLIT_SEED = 20261121  # fixed forever: the frozen split must not move between runs
+PROBE_SEED = 20261122  # fixed forever: the forgetting probe's seed questions
 
 
 class DatasetError(Exception):
@@ -53,6 +67,21 @@ class Example:
 
 
 @dataclass
+class Resolved:
+    """A resolved review item as the dataset needs it."""
+
+    item_id: int
+    resolved_at: str  # ISO
+    messages: list[dict]  # as the model saw them (system prompt with context, the conversation)
+    answer: str
+
+    @property
+    def review_key(self) -> str:
+        """Identifies this resolution (a later re-resolution of the item is new again)."""
+        return f"{self.item_id}@{self.resolved_at}"
+
+
+@dataclass
 class Snapshot:
     hash: str
     path: Path
@@ -64,7 +93,52 @@ class Snapshot:
 
 
 def question_key(text: str) -> str:
-    return normalise_question(text)
+    """Normalised question: NFKC, case-folded, "&" read as "and", words of any script joined by
+    single spaces. Never empty: text without a word character keys on its own digest."""
+    folded = unicodedata.normalize("NFKC", text).casefold().replace("&", " and ")
+    key = " ".join(re.findall(r"[^\W_]+", folded))
+    return key or "#" + hashlib.sha256(text.strip().encode()).hexdigest()[:16]
+
+
+def last_question(messages: list[dict]) -> str:
+    content = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+    return content.rsplit("Customer question: ", 1)[-1]  # rag.layout = "user" puts the context first
+
+
+def conversation_key(messages: list[dict]) -> str:
+    """A single question keys on its text; a follow-up on every customer and assistant turn."""
+    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
+    if sum(m["role"] == "user" for m in turns) <= 1:
+        return question_key(last_question(messages))
+    joined = "\x1f".join(f"{m['role']}:{question_key(m.get('content', ''))}" for m in turns)
+    return "conversation:" + hashlib.sha256(joined.encode()).hexdigest()[:24]
+
+
+class NearDuplicates:
+    """Normalised questions, and which of them a new one nearly repeats (difflib's ratio)."""
+
+    def __init__(self, threshold: float, keys: set[str] | None = None) -> None:
+        self.threshold = threshold
+        self.keys: set[str] = set(keys or ())
+
+    def add(self, key: str) -> None:
+        self.keys.add(key)
+
+    def match(self, key: str) -> str | None:
+        if key in self.keys:
+            return key
+        if key.startswith(("#", "conversation:")):
+            return None
+        matcher = difflib.SequenceMatcher(autojunk=False)
+        matcher.set_seq2(key)
+        for other in self.keys:
+            if other.startswith(("#", "conversation:")):
+                continue
+            matcher.set_seq1(other)
+            if (matcher.real_quick_ratio() >= self.threshold and matcher.quick_ratio() >= self.threshold
+                    and matcher.ratio() >= self.threshold):
+                return other
+        return None
 
 
 def in_eval_share(question: str, share: float) -> bool:
@@ -83,16 +157,17 @@ def seed_path(settings: Settings) -> Path | None:
 class FrozenSplit:
     """The evaluation questions: created once, append-only."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threshold: float = 1.0) -> None:
         self.path = path
         self.rows: list[dict] = []
         if path.is_file():
             self.rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        self.keys = {question_key(r["question"]) for r in self.rows}
+        self.index = NearDuplicates(threshold, {question_key(r["question"]) for r in self.rows})
 
     @classmethod
     def load_or_create(cls, settings: Settings) -> "FrozenSplit":
-        split = cls(settings.storage.data_dir / "datasets" / "eval_split.jsonl")
+        split = cls(settings.storage.data_dir / "datasets" / "eval_split.jsonl",
+                    settings.retraining.near_duplicate_similarity)
         if not split.path.is_file():
             seeds = seed_path(settings)
             rows = load_qa(seeds, settings.retraining.eval_seed_size, SPLIT_SEED) if seeds else []
@@ -101,12 +176,15 @@ class FrozenSplit:
             split.save()
         return split
 
+    def covers(self, question: str) -> str | None:
+        """The split question this one repeats or nearly repeats, if any."""
+        return self.index.match(question_key(question))
+
     def add(self, row: dict) -> bool:
-        key = question_key(row["question"])
-        if key in self.keys:
+        if self.covers(row["question"]) is not None:
             return False
         self.rows.append(row)
-        self.keys.add(key)
+        self.index.add(question_key(row["question"]))
         return True
 
     def save(self) -> None:
@@ -122,50 +200,105 @@ class FrozenSplit:
 def seed_messages(settings: Settings, question: str, answer: str, kb: KnowledgeBase | None) -> list[dict]:
     """The prompt serving would build for this question (with retrieved entries if configured)."""
     hits = None
-    if settings.retraining.context_in_prompts and kb is not None:
+    if settings.retraining.context_in_prompts:
+        if kb is None:
+            raise DatasetError("retraining.context_in_prompts is on but the knowledge base is unavailable: "
+                               "refusing to train or evaluate without the context serving shows")
         hits = [h for h in kb.search(question, settings.rag.top_k, -1.0) if h.score >= settings.rag.min_score]
     return build_messages(settings, [{"role": "user", "content": question}], hits) + [
         {"role": "assistant", "content": answer}]
 
 
-def build(settings: Settings, resolved: list[tuple[int, str, list[dict], str]], kb: KnowledgeBase | None,
-          *, bootstrap: bool = False) -> Snapshot:
-    """`resolved`: (item_id, resolved_at ISO, messages as the model saw them, resolved answer), any order."""
-    cfg = settings.retraining
-    split = FrozenSplit.load_or_create(settings)
-    reviewed: dict[str, Example] = {}
-    for item_id, _, messages, answer in sorted(resolved, key=lambda r: (r[1], r[0])):
-        question = scrub(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
-        if not question.strip():
-            continue
-        if in_eval_share(question, cfg.eval_share):
-            split.add({"question": question, "answer": scrub(answer), "source": "review", "item_id": item_id})
-        key = question_key(question)
-        if key in split.keys:
-            reviewed.pop(key, None)
-            continue
-        reviewed[key] = Example("review", question, scrub_messages(messages) + [
-            {"role": "assistant", "content": scrub(answer)}], item_id)  # later resolutions overwrite
-    split.save()
-
+def usable_seeds(settings: Settings, split: FrozenSplit) -> tuple[list[QA], int]:
+    """Seed rows that may be trained on (deduplicated, no near-duplicate of the split) and how many
+    were dropped as near-duplicates of split questions."""
     seeds = seed_path(settings)
-    seed_rows = [qa for qa in (load_qa(seeds) if seeds else []) if question_key(qa.question) not in split.keys
-                 and question_key(qa.question) not in reviewed]
-    n_seed = len(seed_rows) if bootstrap else min(len(seed_rows), round(cfg.replay_ratio * len(reviewed)))
-    chosen = random.Random(settings.training.seed).sample(seed_rows, n_seed) if n_seed < len(seed_rows) else seed_rows
-    seen: set[str] = set()
-    seed_examples = []
-    for qa in chosen:
+    rows, seen, near = [], set(), 0
+    for qa in load_qa(seeds) if seeds else []:
         key = question_key(qa.question)
         if key in seen:
             continue
         seen.add(key)
-        seed_examples.append(Example("seed", scrub(qa.question), scrub_messages(seed_messages(settings, qa.question, qa.answer, kb))))
-    train = list(reviewed.values()) + seed_examples
+        if split.covers(qa.question) is not None:
+            near += 1
+            continue
+        rows.append(qa)
+    return rows, near
 
-    leaked = [e.question for e in train if question_key(e.question) in split.keys]
+
+def forgetting_probe(settings: Settings, split: FrozenSplit) -> list[QA]:
+    """A fixed sample of trainable seed questions, re-asked by the gate to catch forgetting."""
+    rows, _ = usable_seeds(settings, split)
+    size = min(settings.retraining.forgetting_probe_size, len(rows))
+    return random.Random(PROBE_SEED).sample(rows, size) if size else []
+
+
+def check_leakage(train: list[Example], split: FrozenSplit) -> None:
+    """The backstop: no training question may repeat or nearly repeat a frozen split question."""
+    leaked = [(e.question, hit) for e in train
+              if not conversation_key(e.messages[:-1]).startswith("conversation:")  # follow-ups: never in the split
+              and (hit := split.covers(e.question)) is not None]
     if leaked:
-        raise LeakageError(f"{len(leaked)} training question(s) are in the frozen evaluation split, e.g. {leaked[0]!r}")
+        q, hit = leaked[0]
+        raise LeakageError(f"{len(leaked)} training question(s) repeat frozen evaluation questions, "
+                           f"e.g. {q!r} ~ {hit!r}")
+
+
+def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None, *, bootstrap: bool = False,
+          parent_manifest: dict | None = None) -> Snapshot:
+    """The training set for one run. `parent_manifest`: the dataset manifest of the adapter this run
+    continues from (warm mode), whose `known_reviews` are not new."""
+    cfg = settings.retraining
+    keep = settings.pii.keep
+    split = FrozenSplit.load_or_create(settings)
+    warm = cfg.mode == "warm" and not bootstrap and parent_manifest is not None
+    known = set(parent_manifest.get("known_reviews", [])) if warm else set()
+
+    rows = sorted(resolved, key=lambda r: (r.resolved_at, r.item_id))
+    questions = [scrub(last_question(row.messages), keep) for row in rows]
+    keys = [conversation_key(row.messages) for row in rows]
+    for row, question, key in zip(rows, questions, keys):  # first the split grows (single questions only)...
+        if question.strip() and not key.startswith("conversation:") and in_eval_share(question, cfg.eval_share):
+            split.add({"question": question, "answer": scrub(row.answer, keep), "source": "review",
+                       "item_id": row.item_id})
+    split.save()
+    by_key: dict[str, tuple[Resolved, Example]] = {}
+    near_review = 0
+    for row, question, key in zip(rows, questions, keys):  # ...then nothing it covers is trained on
+        if not question.strip():
+            continue
+        if not key.startswith("conversation:") and split.covers(question) is not None:
+            by_key.pop(key, None)
+            near_review += 1
+            continue
+        example = Example("review", question, scrub_messages(row.messages, keep) + [
+            {"role": "assistant", "content": scrub(row.answer, keep)}], row.item_id)
+        by_key[key] = (row, example)  # later resolutions overwrite
+
+    new = [ex for row, ex in by_key.values() if row.review_key not in known]
+    old = [ex for row, ex in by_key.values() if row.review_key in known]
+    if not bootstrap and not new:
+        raise DatasetTooSmall("no reviewed examples the champion has not learned yet: nothing new to train on "
+                              "(a first adapter from the seed data alone is a bootstrap run)")
+    reviewed_index = NearDuplicates(cfg.near_duplicate_similarity,
+                                    {question_key(ex.question) for ex in new + old})
+    seeds, near_seed = usable_seeds(settings, split)
+    seeds = [qa for qa in seeds if reviewed_index.match(question_key(qa.question)) is None]  # the review wins
+    rng = random.Random(settings.training.seed)
+    if warm:
+        n_replay = max(cfg.min_replay, round(cfg.replay_ratio * len(new)))
+        old_replayed = rng.sample(old, min(len(old), n_replay // 2))
+        n_seed = min(len(seeds), n_replay - len(old_replayed))
+        reviewed = new + old_replayed
+    else:
+        reviewed = new + old
+        n_seed = len(seeds)
+    chosen = rng.sample(seeds, n_seed) if n_seed < len(seeds) else seeds
+    seed_examples = [Example("seed", scrub(qa.question, keep),
+                             scrub_messages(seed_messages(settings, qa.question, qa.answer, kb), keep))
+                     for qa in chosen]
+    train = reviewed + seed_examples
+    check_leakage(train, split)
     if len(train) < cfg.min_examples:
         raise DatasetTooSmall(f"{len(train)} training examples; at least retraining.min_examples={cfg.min_examples} needed")
 
@@ -177,11 +310,24 @@ def build(settings: Settings, resolved: list[tuple[int, str, list[dict], str]], 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_text("".join(train_lines), encoding="utf-8")
     (folder / "eval.jsonl").write_text("".join(eval_lines), encoding="utf-8")
-    manifest = {"hash": digest, "train_examples": len(train), "reviewed_examples": len(reviewed),
-                "seed_examples": len(seed_examples), "eval_rows": len(eval_rows), "bootstrap": bootstrap,
-                "context_in_prompts": cfg.context_in_prompts, "replay_ratio": cfg.replay_ratio}
+    known_after = sorted(known | {row.review_key for row, _ in by_key.values()})
+    manifest = {"hash": digest, "mode": "warm" if warm else ("bootstrap" if bootstrap else "cumulative"),
+                "train_examples": len(train), "new_reviewed_examples": len(new),
+                "replayed_reviewed_examples": len(reviewed) - len(new), "seed_examples": len(seed_examples),
+                "eval_rows": len(eval_rows), "bootstrap": bootstrap,
+                "dropped_near_duplicates": {"seed": near_seed, "review": near_review},
+                "context_in_prompts": cfg.context_in_prompts, "replay_ratio": cfg.replay_ratio,
+                "known_reviews": known_after,
+                "new_review_questions": [ex.question for ex in new]}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return Snapshot(digest, folder, train, eval_rows, len(reviewed), len(seed_examples), manifest)
+
+
+def load_manifest(data_dir: Path, dataset_hash: str | None) -> dict | None:
+    if not dataset_hash:
+        return None
+    path = Path(data_dir) / "datasets" / dataset_hash[:16] / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_train(folder: Path) -> list[Example]:

@@ -5,12 +5,20 @@ Everything here works on the database and the adapter registry, never on the eng
 gateway, its scheduled job and the CLI share it; the gateway then makes serving match the
 registry (`AdapterService.reconcile`).
 
-The rule (`decide`), with `experiment.*` settings:
-- Each arm's thumbs-up rate among its rated exchanges has a Beta(1 + up, 1 + down) posterior
-  (uniform prior). p = P(challenger's rate > champion's), computed exactly.
-- Guardrail: the same for the share of exchanges a staff member flagged; once both arms have
-  `min_samples` exchanges, P(challenger flagged more) ≥ `guardrail_probability` retires it.
-- Until both arms have `min_samples` rated exchanges: keep collecting.
+The rule (`decide`), with `experiment.*` settings. The unit is the customer (the routing unit:
+the request's `user`, else its session; a request with neither is its own unit), because one
+customer's ratings are not independent of each other — counting a chatty customer's twenty
+thumbs as twenty samples overstates the evidence:
+- Each rated customer contributes the share of their rated exchanges that got a thumbs-up; per
+  arm, the satisfaction rate has a Beta(1 + Σ shares, 1 + rated customers − Σ shares) posterior
+  (uniform prior). p = P(challenger's rate > champion's) (exact for whole counts, else by
+  quantile integration).
+- Guardrail on staff flags, per customer (a customer counts once if any of their exchanges was
+  flagged): once both arms have `min_samples` customers, the challenger is retired when
+  P(challenger flagged more) ≥ `guardrail_probability` AND at least `guardrail_min_flags` of its
+  customers were flagged AND the flag rates differ by at least `guardrail_min_difference` — one
+  flag is never enough (bench/ab_decision.py simulates it).
+- Until both arms have `min_samples` rated customers: keep collecting.
 - Then p ≥ `promote_probability` promotes the challenger (the champion is retired, kept for
   rollback); p ≤ 1 − `promote_probability` retires the challenger; otherwise keep collecting.
 - Past `max_days` without a decision the challenger is retired (inconclusive: the champion stays).
@@ -39,14 +47,18 @@ BASE = "base"  # the champion's name when no adapter is champion
 
 
 # ---- statistics ------------------------------------------------------------------------------------
-def prob_better(a_yes: int, a_no: int, b_yes: int, b_no: int) -> float:
-    """P(θ_b > θ_a) for independent Beta(1 + yes, 1 + no) posteriors, exactly (a finite sum over
-    b's successes; see Evan Miller, "Formulas for Bayesian A/B testing")."""
+def prob_better(a_yes: float, a_no: float, b_yes: float, b_no: float) -> float:
+    """P(θ_b > θ_a) for independent Beta(1 + yes, 1 + no) posteriors. Whole counts: exactly (a
+    finite sum over b's successes; see Evan Miller, "Formulas for Bayesian A/B testing").
+    Fractional counts (per-customer shares): E[F_a(θ_b)] by midpoint integration over b's quantiles."""
     alpha_a, beta_a, alpha_b, beta_b = a_yes + 1, a_no + 1, b_yes + 1, b_no + 1
-    i = np.arange(alpha_b, dtype=float)
-    terms = (special.betaln(alpha_a + i, beta_a + beta_b) - np.log(beta_b + i)
-             - special.betaln(1 + i, beta_b) - special.betaln(alpha_a, beta_a))
-    return float(min(1.0, max(0.0, np.exp(special.logsumexp(terms)))))
+    if float(alpha_b).is_integer():
+        i = np.arange(int(alpha_b), dtype=float)
+        terms = (special.betaln(alpha_a + i, beta_a + beta_b) - np.log(beta_b + i)
+                 - special.betaln(1 + i, beta_b) - special.betaln(alpha_a, beta_a))
+        return float(min(1.0, max(0.0, np.exp(special.logsumexp(terms)))))
+    u = (np.arange(4000) + 0.5) / 4000
+    return float(np.mean(stats.beta.cdf(stats.beta.ppf(u, alpha_b, beta_b), alpha_a, beta_a)))
 
 
 def interval(yes: int, no: int, level: float = 0.95) -> tuple[float, float]:
@@ -57,7 +69,8 @@ def interval(yes: int, no: int, level: float = 0.95) -> tuple[float, float]:
 
 @dataclass
 class Arm:
-    """One arm's numbers over the experiment's exchanges (cancelled ones excluded)."""
+    """One arm's numbers over the experiment's exchanges (cancelled ones excluded): raw exchange
+    counts for display, per-customer aggregates for the rule."""
 
     variant: str
     role: str  # champion | challenger
@@ -68,21 +81,67 @@ class Arm:
     low_confidence: int = 0  # exchanges flagged for review by their confidence score
     mean_confidence: float | None = None
     mean_latency_ms: float | None = None
+    customers: int = 0  # routing units that reached this arm
+    rated_customers: int = 0  # ...of them with at least one rating
+    satisfied: float = 0.0  # Σ over rated customers of their thumbs-up share
+    flagged_customers: int = 0  # customers with at least one staff-flagged exchange
+
+    @classmethod
+    def of_ratings(cls, variant: str, role: str, rated: int, thumbs_up: int, exchanges: int | None = None,
+                   staff_flagged: int = 0) -> "Arm":
+        """An arm where every exchange is a different customer (one rating each)."""
+        n = rated if exchanges is None else exchanges
+        return cls(variant, role, n, rated, thumbs_up, staff_flagged, customers=n, rated_customers=rated,
+                   satisfied=float(thumbs_up), flagged_customers=staff_flagged)
 
     @property
     def thumbs_up_rate(self) -> float | None:
         return self.thumbs_up / self.rated if self.rated else None
 
     @property
+    def satisfaction_rate(self) -> float | None:
+        return self.satisfied / self.rated_customers if self.rated_customers else None
+
+    @property
     def flag_rate(self) -> float | None:
         return self.staff_flagged / self.exchanges if self.exchanges else None
+
+    @property
+    def customer_flag_rate(self) -> float | None:
+        return self.flagged_customers / self.customers if self.customers else None
 
     def as_dict(self) -> dict:
         up_low, up_high = interval(self.thumbs_up, self.rated - self.thumbs_up)
         flag_low, flag_high = interval(self.staff_flagged, self.exchanges - self.staff_flagged)
+        sat_low, sat_high = interval(self.satisfied, self.rated_customers - self.satisfied)
         return {**asdict(self), "thumbs_up_rate": self.thumbs_up_rate, "thumbs_up_interval": [up_low, up_high],
+                "satisfaction_rate": self.satisfaction_rate, "satisfaction_interval": [sat_low, sat_high],
                 "flag_rate": self.flag_rate, "flag_interval": [flag_low, flag_high],
+                "customer_flag_rate": self.customer_flag_rate,
                 "low_confidence_rate": self.low_confidence / self.exchanges if self.exchanges else None}
+
+
+def aggregate(variant: str, role: str, units: list[tuple]) -> Arm:
+    """An arm from per-unit rows (exchanges, rated, thumbs-up, staff-flagged exchanges, low-confidence
+    exchanges, Σ confidence, Σ latency)."""
+    arm = Arm(variant, role)
+    conf = latency = 0.0
+    for exchanges, rated, up, flagged, low, sum_conf, sum_latency in units:
+        arm.exchanges += exchanges
+        arm.rated += rated
+        arm.thumbs_up += up
+        arm.staff_flagged += flagged
+        arm.low_confidence += low
+        conf += sum_conf or 0.0
+        latency += sum_latency or 0.0
+        arm.customers += 1
+        if rated:
+            arm.rated_customers += 1
+            arm.satisfied += up / rated
+        arm.flagged_customers += flagged > 0
+    if arm.exchanges:
+        arm.mean_confidence, arm.mean_latency_ms = conf / arm.exchanges, latency / arm.exchanges
+    return arm
 
 
 @dataclass
@@ -94,30 +153,36 @@ class Verdict:
 
 def decide(cfg: ExperimentSettings, champion: Arm, challenger: Arm, age_days: float) -> Verdict:
     """The stated rule (module docstring). Pure: the same numbers always give the same verdict."""
-    p = prob_better(champion.thumbs_up, champion.rated - champion.thumbs_up,
-                    challenger.thumbs_up, challenger.rated - challenger.thumbs_up)
-    p_flags = prob_better(champion.staff_flagged, champion.exchanges - champion.staff_flagged,
-                          challenger.staff_flagged, challenger.exchanges - challenger.staff_flagged)
-    evidence = {"arms": [champion.as_dict(), challenger.as_dict()], "p_challenger_better": p,
-                "p_challenger_flagged_more": p_flags, "age_days": round(age_days, 4),
+    p = prob_better(champion.satisfied, champion.rated_customers - champion.satisfied,
+                    challenger.satisfied, challenger.rated_customers - challenger.satisfied)
+    p_flags = prob_better(champion.flagged_customers, champion.customers - champion.flagged_customers,
+                          challenger.flagged_customers, challenger.customers - challenger.flagged_customers)
+    evidence = {"arms": [champion.as_dict(), challenger.as_dict()], "unit": "customer",
+                "p_challenger_better": p, "p_challenger_flagged_more": p_flags, "age_days": round(age_days, 4),
                 "rule": {"min_samples": cfg.min_samples, "promote_probability": cfg.promote_probability,
-                         "guardrail_probability": cfg.guardrail_probability, "max_days": cfg.max_days}}
+                         "guardrail_probability": cfg.guardrail_probability,
+                         "guardrail_min_flags": cfg.guardrail_min_flags,
+                         "guardrail_min_difference": cfg.guardrail_min_difference, "max_days": cfg.max_days}}
     n = cfg.min_samples
-    if min(champion.exchanges, challenger.exchanges) >= n and p_flags >= cfg.guardrail_probability:
+    if (min(champion.customers, challenger.customers) >= n and p_flags >= cfg.guardrail_probability
+            and challenger.flagged_customers >= cfg.guardrail_min_flags
+            and challenger.customer_flag_rate - champion.customer_flag_rate >= cfg.guardrail_min_difference):
         return Verdict("retire", f"flag guardrail: P(challenger flagged more often) = {p_flags:.3f} ≥ "
-                       f"{cfg.guardrail_probability} ({challenger.flag_rate:.1%} vs {champion.flag_rate:.1%})", evidence)
-    rates = (f"thumbs-up {challenger.thumbs_up}/{challenger.rated} vs {champion.thumbs_up}/{champion.rated}, "
-             f"P(challenger better) = {p:.3f}")
-    if min(champion.rated, challenger.rated) >= n:
+                       f"{cfg.guardrail_probability}, {challenger.flagged_customers} flagged customers "
+                       f"({challenger.customer_flag_rate:.1%} vs {champion.customer_flag_rate:.1%})", evidence)
+    rates = (f"satisfied customers {challenger.satisfied:g}/{challenger.rated_customers} vs "
+             f"{champion.satisfied:g}/{champion.rated_customers} (thumbs-up {challenger.thumbs_up}/{challenger.rated} "
+             f"vs {champion.thumbs_up}/{champion.rated}), P(challenger better) = {p:.3f}")
+    smaller = min(champion.rated_customers, challenger.rated_customers)
+    if smaller >= n:
         if p >= cfg.promote_probability:
             return Verdict("promote", f"challenger better: {rates} ≥ {cfg.promote_probability}", evidence)
         if p <= 1 - cfg.promote_probability:
             return Verdict("retire", f"challenger worse: {rates} ≤ {1 - cfg.promote_probability:.3f}", evidence)
     if age_days >= cfg.max_days:
         return Verdict("retire", f"inconclusive after {age_days:.1f} days ({rates}); the champion stays", evidence)
-    if min(champion.rated, challenger.rated) < n:
-        return Verdict("continue", f"collecting: {min(champion.rated, challenger.rated)}/{n} rated exchanges "
-                       f"in the smaller arm ({rates})", evidence)
+    if smaller < n:
+        return Verdict("continue", f"collecting: {smaller}/{n} rated customers in the smaller arm ({rates})", evidence)
     return Verdict("continue", f"undecided: {rates}", evidence)
 
 
@@ -168,27 +233,25 @@ class Experiments:
         return champion.version if champion else BASE
 
     async def arms(self, exp: Experiment) -> tuple[Arm, Arm]:
+        """Both arms, aggregated per routing unit (an exchange without one is its own unit)."""
         staff = select(Flag.exchange_id).distinct().subquery()
+        unit = func.coalesce(Exchange.routing_unit, Exchange.id)
         query = (
-            select(Exchange.variant, func.count(Exchange.id), func.count(Feedback.id),
+            select(Exchange.variant, unit, func.count(Exchange.id), func.count(Feedback.id),
                    func.sum(case((Feedback.rating == "up", 1), else_=0)), func.count(staff.c.exchange_id),
-                   func.sum(case((Exchange.flagged, 1), else_=0)), func.avg(Exchange.confidence),
-                   func.avg(Exchange.latency_ms))
+                   func.sum(case((Exchange.flagged, 1), else_=0)), func.sum(Exchange.confidence),
+                   func.sum(Exchange.latency_ms))
             .outerjoin(Feedback, Feedback.exchange_id == Exchange.id)
             .outerjoin(staff, staff.c.exchange_id == Exchange.id)
             .where(Exchange.experiment_id == exp.id, Exchange.finish_reason != "cancelled")
-            .group_by(Exchange.variant))
+            .group_by(Exchange.variant, unit))
+        units: dict[str, list[tuple]] = {}
         async with self._sessions() as session:
-            rows = {r[0]: r for r in await session.execute(query)}
-
-        def arm(variant: str, role: str) -> Arm:
-            r = rows.get(variant)
-            if r is None:
-                return Arm(variant, role)
-            return Arm(variant, role, int(r[1]), int(r[2]), int(r[3] or 0), int(r[4]), int(r[5] or 0),
-                       float(r[6]) if r[6] is not None else None, float(r[7]) if r[7] is not None else None)
-
-        return arm(exp.champion, "champion"), arm(exp.challenger, "challenger")
+            for r in await session.execute(query):
+                units.setdefault(r[0], []).append((int(r[2]), int(r[3]), int(r[4] or 0), int(r[5]), int(r[6] or 0),
+                                                   r[7], r[8]))
+        return (aggregate(exp.champion, "champion", units.get(exp.champion, [])),
+                aggregate(exp.challenger, "challenger", units.get(exp.challenger, [])))
 
     async def timeline(self, exp: Experiment, points: int = 20) -> list[dict]:
         """Cumulative thumbs-up rate per arm at `points` evenly spaced moments of the experiment."""

@@ -10,6 +10,7 @@ parent marks the run failed with the reason, and a gateway restart marks interru
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -29,7 +30,8 @@ from gateway.store.models import as_utc, utcnow
 from gateway.store.reviews import ReviewRepository
 from retraining import dataset as datasets
 from retraining.experiments import Experiments
-from retraining.registry import AdapterRegistry, RegistryError, RunStore
+from retraining.gate import decide, paired
+from retraining.registry import AdapterRegistry, RegistryError, RunActive, RunStore
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +49,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def trainer_alive(pid: int | None, run_id: int) -> bool:
+    """Is `pid` still this run's trainer (not a reused pid)? Where /proc is missing: is it alive."""
+    if not pid or not _alive(pid):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.parent.parent.is_dir():
+        return True
+    try:
+        argv = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"retraining.train" in argv and str(run_id).encode() in argv
 
 
 class FrozenRetrieval:
@@ -70,12 +86,17 @@ def apply_overrides(settings: Settings, overrides: dict) -> Settings:
     return settings.model_copy(update={"training": training})
 
 
-async def resolved_rows(reviews: ReviewRepository) -> list[tuple[int, str, list[dict], str]]:
+async def resolved_rows(reviews: ReviewRepository) -> list[datasets.Resolved]:
     rows = []
     async for item, exchange in reviews.resolved():
-        rows.append((item.id, item.resolved_at.isoformat() if item.resolved_at else "", exchange.messages,
-                     item.resolved_answer))
+        rows.append(datasets.Resolved(item.id, as_utc(item.resolved_at).isoformat() if item.resolved_at else "",
+                                      exchange.messages, item.resolved_answer))
     return rows
+
+
+def _slim(manifest: dict) -> dict:
+    """The dataset manifest without its long lists (those stay in the dataset folder)."""
+    return {k: v for k, v in manifest.items() if k not in ("known_reviews", "new_review_questions")}
 
 
 async def fail_run(runs: RunStore, registry: AdapterRegistry, run_id: int, version: str | None, reason: str) -> None:
@@ -106,24 +127,50 @@ class Retrainer:
         self._on_adapter_ready = on_adapter_ready
         self._lock = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
+        self._watching: set[int] = set()  # runs whose trainer this process watches
 
     async def mark_interrupted(self) -> int:
-        """At start-up: runs left queued/running by a previous process are failed (retried next slot)."""
+        """Runs left active by a process that stopped: a trainer still running is adopted (watched
+        to its end by this process), a finished one is completed, anything else is failed (and
+        retried next slot). Called at start-up and before every new run. Returns how many failed."""
         n = 0
         for run in await self.runs.active():
-            if run.pid and _alive(run.pid):
-                continue  # e.g. `tellerloop retrain --now` running beside the gateway
-            if not run.pid and (utcnow() - as_utc(run.created_at)).total_seconds() < 1800:
+            if run.id in self._watching:
+                continue
+            if trainer_alive(run.pid, run.id):
+                self._spawn(self._adopt(run.id, run.pid, run.adapter_version))
+                continue
+            if run.status == "trained" and run.pid and not _alive(run.pid):
+                self._spawn(self._finish(self.settings, run.id, run.adapter_version, 0))
+                continue
+            if run.status == "queued" and not run.pid and (utcnow() - as_utc(run.created_at)).total_seconds() < 1800:
                 continue  # still building its dataset in another process
             await self._fail(run.id, run.adapter_version, "interrupted: the process running it stopped")
             n += 1
         return n
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _adopt(self, run_id: int, pid: int, version: str | None) -> None:
+        """Watch a trainer another (stopped) process started, until it exits, then complete the run."""
+        self._watching.add(run_id)
+        log.info("retrain.adopted", run_id=run_id, pid=pid)
+        try:
+            while trainer_alive(pid, run_id):
+                await asyncio.sleep(self.settings.retraining.adopt_poll_s)
+            await self._finish(self.settings, run_id, version, None)
+        finally:
+            self._watching.discard(run_id)
 
     async def new_labels(self) -> int:
         return await self.runs.resolved_labels() - await self.runs.last_watermark()
 
     async def check_due(self, force: bool) -> None:
         """Raise RunRefused when a run is active, or (unless forced or bootstrapping) too few new labels."""
+        await self.mark_interrupted()
         active = await self.runs.active()
         if active:
             raise RunRefused(f"run {active[0].id} is already {active[0].status}; one run at a time", "busy")
@@ -146,42 +193,60 @@ class Retrainer:
 
     async def start(self, trigger: str, requested_by: str, overrides: dict | None = None, force: bool = False):
         """Create the run, build its dataset, spawn the trainer; returns the run at once (watching
-        continues in a task). Raises RunRefused when busy or not due."""
+        continues in a task). Raises RunRefused when busy or not due. From the moment the run row
+        exists, every path ends it in a terminal state or hands it to the trainer."""
         overrides = overrides or {}
         async with self._lock:
             await self.check_due(force)
             bootstrap = await self.bootstrap_due()
             watermark = await self.runs.resolved_labels()
-            run = await self.runs.create("bootstrap" if bootstrap else trigger, requested_by, overrides, watermark)
+            try:
+                run = await self.runs.create("bootstrap" if bootstrap else trigger, requested_by, overrides, watermark)
+            except RunActive as exc:  # another process won the race for the active slot
+                raise RunRefused(str(exc), "busy") from None
+        version = None
         try:
             settings = apply_overrides(self.settings, overrides)
-            snapshot = await self._prepare(settings, run.id, bootstrap)
+            champion = await self.registry.champion()
+            warm = settings.retraining.mode == "warm" and champion is not None and not bootstrap
+            parent_manifest = datasets.load_manifest(settings.storage.data_dir, champion.dataset_hash) if warm else None
+            if warm:
+                await self.registry.verify(champion.version)  # refuse to build on a corrupted champion
+            snapshot = await self._prepare(settings, run.id, bootstrap, parent_manifest if warm else None)
+            init = champion.version if warm else "base"
+            adapter = await self.registry.create(
+                run_id=run.id, base_model=settings.model.base or "embedded SmolLM2-135M-Instruct",
+                parent=champion.version if champion else None,
+                config={**settings.training.model_dump(), "mode": snapshot.manifest["mode"], "initialised_from": init})
+            version = adapter.version
+            await self.registry.update(version, dataset_hash=snapshot.hash, label_count=snapshot.label_count,
+                                       train_examples=len(snapshot.train))
+            await self.runs.update(run.id, adapter_version=version, dataset_hash=snapshot.hash,
+                                   metrics={"dataset": _slim(snapshot.manifest)},
+                                   progress={"phase": "starting", "dataset": _slim(snapshot.manifest)})
         except Exception as exc:  # noqa: BLE001 - recorded on the run
-            await self._fail(run.id, None, f"{type(exc).__name__}: {exc}")
+            await self._fail(run.id, version, f"{type(exc).__name__}: {exc}")
             return await self.runs.get(run.id)
-        champion = await self.registry.champion()
-        adapter = await self.registry.create(run_id=run.id, base_model=settings.model.base or "embedded SmolLM2-135M-Instruct",
-                                             parent=champion.version if champion else None,
-                                             config=settings.training.model_dump())
-        await self.registry.update(adapter.version, dataset_hash=snapshot.hash, label_count=snapshot.label_count,
-                                   train_examples=len(snapshot.train))
-        await self.runs.update(run.id, adapter_version=adapter.version, dataset_hash=snapshot.hash,
-                               metrics={"dataset": snapshot.manifest},
-                               progress={"phase": "starting", "dataset": snapshot.manifest})
-        task = asyncio.create_task(self._watch(settings, run.id, adapter.version))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._spawn(self._watch(settings, run.id, version))
         return await self.runs.get(run.id)
 
-    async def _prepare(self, settings: Settings, run_id: int, bootstrap: bool) -> datasets.Snapshot:
+    async def _prepare(self, settings: Settings, run_id: int, bootstrap: bool,
+                       parent_manifest: dict | None) -> datasets.Snapshot:
         kb = self._kb()
+        if kb is None:
+            raise datasets.DatasetError("the knowledge base is unavailable: the evaluation with retrieval (and "
+                                        "context-aware training) cannot run without it")
         rows = await resolved_rows(self.reviews)
-        snapshot = await asyncio.to_thread(datasets.build, settings, rows, kb, bootstrap=bootstrap)
+        snapshot = await asyncio.to_thread(datasets.build, settings, rows, kb, bootstrap=bootstrap,
+                                           parent_manifest=parent_manifest)
+        split = await asyncio.to_thread(datasets.FrozenSplit.load_or_create, settings)
+        probe = await asyncio.to_thread(datasets.forgetting_probe, settings, split)
+        (snapshot.path / "probe.jsonl").write_text("".join(
+            json.dumps({"question": qa.question, "answer": qa.answer}, ensure_ascii=False) + "\n" for qa in probe))
         hits: dict[str, list[dict]] = {}
-        if kb is not None:
-            for qa in snapshot.eval_rows:
-                found = await asyncio.to_thread(kb.search, qa.question, settings.rag.top_k, -1.0)
-                hits[qa.question] = [asdict(h) for h in found]
+        for question in [qa.question for qa in snapshot.eval_rows] + [qa.question for qa in probe]:
+            found = await asyncio.to_thread(kb.search, question, settings.rag.top_k, -1.0)
+            hits[question] = [asdict(h) for h in found]
         (snapshot.path / "eval_hits.json").write_text(json.dumps(hits))
         folder = run_dir(settings, run_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -192,16 +257,27 @@ class Retrainer:
         return snapshot
 
     async def _watch(self, settings: Settings, run_id: int, version: str) -> None:
+        self._watching.add(run_id)
+        try:
+            await self._run_trainer(settings, run_id, version)
+        finally:
+            self._watching.discard(run_id)
+
+    async def _run_trainer(self, settings: Settings, run_id: int, version: str) -> None:
         folder = run_dir(settings, run_id)
         log_path = folder / "train.log"
         nice = settings.training.nice
-        with log_path.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "retraining.train", str(run_id), "--settings", str(folder / "settings.json"),
-                stdout=out, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                preexec_fn=(lambda: os.nice(nice)) if nice else None, start_new_session=True,
-            )
-        await self.runs.update(run_id, pid=proc.pid, log_path=str(log_path))
+        try:
+            with log_path.open("ab") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "retraining.train", str(run_id), "--settings", str(folder / "settings.json"),
+                    stdout=out, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                    preexec_fn=(lambda: os.nice(nice)) if nice else None, start_new_session=True,
+                )
+            await self.runs.update(run_id, pid=proc.pid, log_path=str(log_path))
+        except Exception as exc:  # noqa: BLE001 - e.g. no such interpreter, out of file descriptors
+            await self._fail(run_id, version, f"could not start the trainer: {type(exc).__name__}: {exc}")
+            return
         log.info("retrain.started", run_id=run_id, adapter=version, pid=proc.pid)
         try:
             code = await asyncio.wait_for(proc.wait(), settings.retraining.timeout_minutes * 60)
@@ -214,20 +290,28 @@ class Retrainer:
             proc.send_signal(signal.SIGTERM)
             await self._fail(run_id, version, "interrupted: the gateway stopped")
             raise
+        await self._finish(settings, run_id, version, code)
+
+    async def _finish(self, settings: Settings, run_id: int, version: str | None, code: int | None) -> None:
+        """The trainer exited (`code`, None when adopted and unknown): put the adapter in service and
+        end the run succeeded, or fail it with the reason."""
         run = await self.runs.get(run_id)
-        if run.status != "trained" or code != 0:
-            how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            await self._fail(run_id, version, run.error or f"trainer {how}; see {log_path}")
+        if run is None or run.status in ("succeeded", "failed"):
             return
-        adapter = await self.registry.get(version)
+        if run.status != "trained" or (code is not None and code != 0):
+            how = ("exited" if code is None else f"killed by signal {-code}" if code < 0
+                   else f"exited with status {code}")
+            await self._fail(run_id, version, run.error or f"trainer {how}; see {run.log_path}")
+            return
+        adapter = await self.registry.get(version) if version else None
         try:
-            if self._on_adapter_ready is not None and adapter.state in ("challenger", "champion"):
+            if self._on_adapter_ready is not None and adapter is not None and adapter.state in ("challenger", "champion"):
                 await self._on_adapter_ready()
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupted file: the run's adapter is not served
             await self._fail(run_id, version, f"trained, but loading {version} failed: {type(exc).__name__}: {exc}")
             return
         await self.runs.update(run_id, status="succeeded", finished_at=utcnow())
-        log.info("retrain.finished", run_id=run_id, adapter=version, state=adapter.state)
+        log.info("retrain.finished", run_id=run_id, adapter=version, state=adapter.state if adapter else None)
 
     async def _fail(self, run_id: int, version: str | None, reason: str) -> None:
         await fail_run(self.runs, self.registry, run_id, version, reason)
@@ -266,11 +350,17 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
     snap_dir = settings.storage.data_dir / "datasets" / run.dataset_hash[:16]
     train = [e.messages for e in datasets.load_train(snap_dir)]
     eval_rows = [json.loads(x) for x in (snap_dir / "eval.jsonl").read_text().splitlines()]
+    probe_file = snap_dir / "probe.jsonl"
+    probe_rows = [json.loads(x) for x in probe_file.read_text().splitlines()] if probe_file.is_file() else []
     hits = json.loads((snap_dir / "eval_hits.json").read_text())
     if settings.retraining.eval_limit:
         eval_rows = eval_rows[: settings.retraining.eval_limit]
+        probe_rows = probe_rows[: settings.retraining.eval_limit]
     retrieval = FrozenRetrieval(hits)
     eval_messages = [datasets.seed_messages(settings, r["question"], r["answer"], retrieval) for r in eval_rows]
+    adapter = await registry.get(run.adapter_version)
+    init = (adapter.config or {}).get("initialised_from", "base")
+    parent_dir = None if init == "base" else await registry.verify(init)
     log_file = (folder / "train.log").open("a")
     loop = asyncio.get_running_loop()
     last = [0.0]
@@ -286,12 +376,15 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
         log_file.flush()
 
     out = registry.path(run.adapter_version)
-    train_metrics = await asyncio.to_thread(train_adapter, settings, train, eval_messages, out, report, write)
+    train_metrics = await asyncio.to_thread(train_adapter, settings, train, eval_messages, out, report, write,
+                                            parent_dir)
+    train_metrics["initialised_from"] = init
     await registry.seal(run.adapter_version)
     await registry.transition(run.adapter_version, "candidate", metrics={"training": train_metrics})
     await runs.update(run.id, progress={"phase": "evaluating", "training": train_metrics})
-    evaluation = await evaluate_against_baseline(settings, registry, run.adapter_version, eval_rows, retrieval)
-    decision = gate(settings, evaluation)
+    evaluation = await evaluate_against_baseline(settings, registry, run.adapter_version, eval_rows, probe_rows,
+                                                 retrieval)
+    decision = decide(settings.retraining, evaluation.pop("comparisons"), evaluation["baseline_version"])
     metrics = {"training": train_metrics, "evaluation": evaluation, "gate": decision}
     await registry.update(run.adapter_version, reason=decision["reason"], metrics=metrics)
     if decision["passed"] and not settings.experiment.enabled and await registry.champion() is None:
@@ -304,16 +397,49 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
     return metrics
 
 
+def _eval_fingerprint(settings: Settings) -> str:
+    """What an evaluation's answers depend on besides the adapter and the question."""
+    parts = {"model": settings.model.model_dump(), "rag": settings.rag.model_dump(),
+             "confidence": settings.confidence.model_dump(), "max_tokens": settings.retraining.eval_max_tokens}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class EvalCache:
+    """Per-question evaluation results of sealed adapters (and the base model), so a champion's
+    answers on the frozen split are computed once, not again in every cycle's gate. Greedy decoding
+    makes them a pure function of (adapter files, question, settings fingerprint)."""
+
+    def __init__(self, settings: Settings, version: str, files: dict | None) -> None:
+        identity = json.dumps({"v": version, "files": files or {}, "fp": _eval_fingerprint(settings)}, sort_keys=True)
+        self.path = settings.storage.data_dir / "eval_cache" / f"{version}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+        self.items: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, mode: str, question: str) -> dict | None:
+        return self.items.get(f"{mode}\x1f{question}")
+
+    def put(self, mode: str, item: dict) -> None:
+        self.items[f"{mode}\x1f{item['question']}"] = item
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.items))
+        tmp.replace(self.path)
+
+
 async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistry, version: str,
-                                    eval_rows: list[dict], retrieval: FrozenRetrieval) -> dict:
-    """Candidate vs the champion (or the base model) on the frozen split, with and without retrieval."""
+                                    eval_rows: list[dict], probe_rows: list[dict], retrieval: FrozenRetrieval) -> dict:
+    """Candidate vs the champion (or the base model): the frozen split with and without retrieval,
+    and the forgetting probe with retrieval; per-question paired comparisons for the gate."""
     from gateway.app import build_engine
     from gateway.rag.embeddings import Embedder
-    from retraining.evaluate import QA, evaluate
+    from retraining.evaluate import QA, evaluate, summarise
 
-    rows = [QA(r["question"], r["answer"]) for r in eval_rows]
+    frozen = [QA(r["question"], r["answer"]) for r in eval_rows]
+    probe = [QA(r["question"], r["answer"]) for r in probe_rows]
     champion = await registry.champion()
     baseline = champion.version if champion else "base"
+    sets = {"rag": (frozen, True), "no_rag": (frozen, False), "forgetting": (probe, True)}
     engine = build_engine(settings)
     await engine.start()
     try:
@@ -321,33 +447,33 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
         if champion:
             await engine.load_adapter(champion.version, str(await registry.verify(champion.version)))
         embedder = await asyncio.to_thread(Embedder, settings.rag.embedding_model)
-        result: dict = {"baseline_version": baseline, "rows": len(rows)}
+        result: dict = {"baseline_version": baseline, "rows": len(frozen), "probe_rows": len(probe)}
+        per_question: dict[str, dict[str, list[dict]]] = {}
         for name, adapter in (("candidate", version), ("baseline", None if baseline == "base" else baseline)):
-            result[name] = {}
-            for rag in (True, False):
-                report = await evaluate(settings, engine, embedder, rows, kb=retrieval if rag else None, rag=rag,
-                                        adapter=adapter, max_tokens=settings.retraining.eval_max_tokens)
-                result[name]["rag" if rag else "no_rag"] = report["summary"]
+            row = await registry.get(adapter) if adapter else None
+            cache = EvalCache(settings, adapter or "base", row.files if row else None)
+            result[name], per_question[name] = {}, {}
+            for mode, (rows, rag) in sets.items():
+                if not rows:
+                    continue
+                missing = [qa for qa in rows if cache.get(mode, qa.question) is None]
+                if missing:
+                    report = await evaluate(settings, engine, embedder, missing, kb=retrieval if rag else None,
+                                            rag=rag, adapter=adapter, max_tokens=settings.retraining.eval_max_tokens)
+                    for item in report["items"]:
+                        cache.put(mode, item)
+                items = [cache.get(mode, qa.question) for qa in rows]
+                per_question[name][mode] = items
+                result[name][mode] = summarise(items)
+            cache.save()
+        result["comparisons"] = {
+            mode: paired([i["similarity"] for i in per_question["candidate"][mode]],
+                         [i["similarity"] for i in per_question["baseline"][mode]],
+                         settings.retraining.gate_confidence, settings.retraining.gate_bootstrap_samples)
+            for mode in per_question["candidate"]}
         return result
     finally:
         await engine.stop()
-
-
-def gate(settings: Settings, evaluation: dict) -> dict:
-    """Pass when the candidate's mean similarity is at least the baseline's minus the margin, both
-    with and without retrieval."""
-    margin = settings.retraining.gate_margin
-    checks = {}
-    for mode in ("rag", "no_rag"):
-        cand = evaluation["candidate"][mode]["similarity_mean"]
-        base = evaluation["baseline"][mode]["similarity_mean"]
-        checks[mode] = {"candidate": cand, "baseline": base, "passed": cand >= base - margin}
-    passed = all(c["passed"] for c in checks.values())
-    detail = ", ".join(f"{m}: {c['candidate']:.3f} vs {c['baseline']:.3f}" for m, c in checks.items())
-    name = evaluation["baseline_version"]
-    reason = (f"passed the offline gate against {name} ({detail})" if passed else
-              f"not better than {name} on the frozen split ({detail}; margin {margin})")
-    return {"passed": passed, "reason": reason, "checks": checks}
 
 
 # ---- scheduler ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ TRANSITIONS = {
     "failed": set(),
 }
 ACTIVE_RUN = ("queued", "running", "trained")  # trained: the parent is putting the adapter in service
+TERMINAL_RUN = ("succeeded", "failed")
 
 
 class RegistryError(Exception):
@@ -35,6 +36,10 @@ class RegistryError(Exception):
 
 class AdapterCorrupt(RegistryError):
     pass
+
+
+class RunActive(RegistryError):
+    """The database already holds an active run (the one-active-run index refused another)."""
 
 
 
@@ -140,10 +145,17 @@ class RunStore:
         self._sessions = sessions
 
     async def create(self, trigger: str, requested_by: str, overrides: dict, watermark: int) -> TrainingRun:
-        async with self._sessions() as session, session.begin():
-            run = TrainingRun(status="queued", trigger=trigger, requested_by=requested_by, overrides=overrides,
-                              label_watermark=watermark, progress={}, metrics={}, created_at=utcnow())
-            session.add(run)
+        """A new queued run; RunActive when another run holds the active slot (any process)."""
+        try:
+            async with self._sessions() as session, session.begin():
+                run = TrainingRun(status="queued", trigger=trigger, requested_by=requested_by, overrides=overrides,
+                                  label_watermark=watermark, progress={}, metrics={}, created_at=utcnow(),
+                                  active_slot=1)
+                session.add(run)
+        except IntegrityError:
+            active = await self.active()
+            which = f"run {active[0].id} is already {active[0].status}" if active else "another run is active"
+            raise RunActive(f"{which}; one run at a time") from None
         return run
 
     async def get(self, run_id: int) -> TrainingRun | None:
@@ -157,6 +169,9 @@ class RunStore:
             return list(await session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)))
 
     async def update(self, run_id: int, **fields: object) -> None:
+        """Change a run; a terminal status also gives up the active slot."""
+        if fields.get("status") in TERMINAL_RUN:
+            fields["active_slot"] = None
         async with self._sessions() as session, session.begin():
             await session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(**fields))
 

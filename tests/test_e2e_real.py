@@ -265,6 +265,8 @@ eval_seed_size = 4
 eval_max_tokens = 16
 min_examples = 4
 gate_margin = 1.0   # two training steps prove nothing offline: let live traffic decide
+gate_min_improvement = -1.0
+forgetting_margin = 1.0
 [training]
 max_steps = 2
 batch_size = 2
@@ -307,8 +309,46 @@ evaluate_interval_s = 1
         console = console_session(base)
         page = console.get(f"{base}/console/experiments").text
         assert "promote" in page and "v0001" in page and "P(challenger better)" in page
+
+        # Issue 11: the next cycle builds on the champion. Two reviewers resolve two corrections; a
+        # retraining run continues v0001's adapter on them (plus replay) and gates against v0001.
+        reviewer = {"Authorization": "Bearer dev-reviewer-key"}
+        fixes = {"How do I block my card?": "Tap Block card in the app, or call 1800 202 6161.",
+                 "Can I change my PIN online?": "Yes: NetBanking > Cards > Set PIN."}
+        for question, fix in fixes.items():
+            eid = client.chat.completions.create(model="tellerloop", max_tokens=8, extra_body={"rag": False},
+                                                 messages=[{"role": "user", "content": question}]).model_extra["exchange_id"]
+            item = httpx.post(f"{base}/v1/exchanges/{eid}/flags", json={"reason": "wrong"}, headers=reviewer,
+                              timeout=30).json()["review_item_id"]
+            r = httpx.post(f"{base}/v1/review/items/{item}/labels", json={"verdict": "correct", "corrected_answer": fix},
+                           headers=reviewer, timeout=30)
+            r = httpx.post(f"{base}/v1/review/items/{item}/labels", headers=admin, timeout=30, json={
+                "verdict": "approve", "proposed_answer_id": r.json()["item"]["proposed_answer"]["id"]})
+            assert r.json()["item"]["status"] == "resolved", r.text
+        r = httpx.post(f"{base}/v1/retraining/runs", json={"force": True}, headers=admin, timeout=60)
+        assert r.status_code == 202, r.text
+        run = wait_run(base, r.json()["id"])
+        assert run["status"] == "succeeded", run
+        assert run["metrics"]["dataset"]["mode"] == "warm" and run["metrics"]["dataset"]["new_reviewed_examples"] == 2
+        assert run["metrics"]["training"]["initialised_from"] == "v0001"
+        gate = run["metrics"]["gate"]
+        assert gate["baseline_version"] == "v0001" and set(gate["checks"]) == {"rag", "no_rag", "forgetting"}
+        assert all(len(c["interval"]) == 2 and "rule" in c for c in gate["checks"].values())
+        v2 = httpx.get(f"{base}/v1/adapters/v0002", headers=admin, timeout=10).json()
+        assert v2["parent"] == "v0001" and v2["initialised_from"] == "v0001" and v2["state"] in ("challenger", "candidate")
     finally:
         server.stop()
+
+
+def wait_run(base: str, run_id: int, timeout: float = 400) -> dict:
+    admin = {"Authorization": "Bearer dev-admin-key"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{base}/v1/retraining/runs/{run_id}", headers=admin, timeout=10).json()
+        if run["status"] in ("succeeded", "failed"):
+            return run
+        time.sleep(1)
+    return run
 
 
 def simulate_customers(base: str, prefer: str, until, limit: int = 400) -> bool:

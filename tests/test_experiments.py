@@ -15,7 +15,7 @@ import pytest
 from gateway.app import create_app
 from gateway.routing import PinNotAllowed, Split, UnknownModel, bucket, choose, resolve_variant
 from gateway.settings import ExperimentSettings
-from retraining.experiments import Arm, decide, interval, prob_better
+from retraining.experiments import Arm, aggregate, decide, interval, prob_better
 from tests.conftest import ROOT, fresh_postgres_database, make_adapter, ready_client
 
 ADMIN = {"Authorization": "Bearer dev-admin-key"}
@@ -70,8 +70,10 @@ def test_prob_better_matches_monte_carlo_and_is_symmetric():
 
 
 def _arms(up_a, rated_a, up_b, rated_b, flags_a=0, flags_b=0, n=None):
+    """Arms where every rating comes from a different customer."""
     n = n or max(rated_a, rated_b)
-    return (Arm("v0001", "champion", n, rated_a, up_a, flags_a), Arm("v0002", "challenger", n, rated_b, up_b, flags_b))
+    return (Arm.of_ratings("v0001", "champion", rated_a, up_a, n, flags_a),
+            Arm.of_ratings("v0002", "challenger", rated_b, up_b, n, flags_b))
 
 
 def test_decision_rule():
@@ -92,6 +94,47 @@ def test_decision_rule():
     arms = better.evidence["arms"]
     assert arms[1]["thumbs_up_rate"] == pytest.approx(50 / 60) and len(arms[1]["thumbs_up_interval"]) == 2
     assert better.evidence["rule"]["min_samples"] == 50
+
+
+def test_decision_counts_customers_not_ratings():
+    cfg = ExperimentSettings(min_samples=50, promote_probability=0.95, guardrail_probability=0.95)
+    # 10 enthusiastic customers rating 50 times each look like 500 thumbs-up when ratings are units...
+    champion = aggregate("v0001", "champion", [(1, 1, 1 if i % 2 else 0, 0, 0, 0.5, 10.0) for i in range(100)])
+    fans = [(50, 50, 50, 0, 0, 25.0, 500.0)] * 10
+    others = [(1, 1, 1 if i % 2 else 0, 0, 0, 0.5, 10.0) for i in range(90)]
+    challenger = aggregate("v0002", "challenger", fans + others)
+    assert challenger.rated == 590 and challenger.thumbs_up == 545 and challenger.rated_customers == 100
+    assert challenger.satisfied == pytest.approx(10 + 45)
+    as_ratings = decide(cfg, Arm.of_ratings("v0001", "champion", 100, 50),
+                        Arm.of_ratings("v0002", "challenger", 590, 545), age_days=1)
+    assert as_ratings.action == "promote"
+    # ...but per customer the challenger satisfied 55 of 100 against 50 of 100: not enough evidence.
+    verdict = decide(cfg, champion, challenger, age_days=1)
+    assert verdict.action == "continue" and verdict.evidence["unit"] == "customer"
+    assert 0.6 < verdict.evidence["p_challenger_better"] < 0.95
+
+
+def test_prob_better_with_fractional_counts_matches_monte_carlo():
+    rng = np.random.default_rng(1)
+    for counts in [(10.5, 9.5, 12.25, 7.75), (40.0, 60.0, 45.5, 54.5), (3.3, 50.7, 1.2, 60.8)]:
+        a_yes, a_no, b_yes, b_no = counts
+        sampled = np.mean(rng.beta(b_yes + 1, b_no + 1, 200_000) > rng.beta(a_yes + 1, a_no + 1, 200_000))
+        assert abs(prob_better(*counts) - sampled) < 0.005
+
+
+def test_flag_guardrail_needs_enough_flags_and_a_rate_difference():
+    cfg = ExperimentSettings(min_samples=200, guardrail_probability=0.95, guardrail_min_flags=5,
+                             guardrail_min_difference=0.01)
+    # One flag on 200 challenger customers vs none on 800: P ≈ 0.96, yet one flag is not evidence.
+    one_flag = decide(cfg, Arm.of_ratings("v0001", "champion", 0, 0, 800, 0),
+                      Arm.of_ratings("v0002", "challenger", 0, 0, 200, 1), age_days=1)
+    assert one_flag.evidence["p_challenger_flagged_more"] >= 0.95 and one_flag.action == "continue"
+    many = decide(cfg, Arm.of_ratings("v0001", "champion", 0, 0, 800, 4),
+                  Arm.of_ratings("v0002", "challenger", 0, 0, 200, 12), age_days=1)
+    assert many.action == "retire" and "guardrail" in many.reason
+    loose = cfg.model_copy(update={"guardrail_min_flags": 1, "guardrail_min_difference": 0.0})
+    assert decide(loose, Arm.of_ratings("v0001", "champion", 0, 0, 800, 0),
+                  Arm.of_ratings("v0002", "challenger", 0, 0, 200, 1), age_days=1).action == "retire"
 
 
 # ---- the gateway: experiment API, decisions, manual actions ------------------------------------------

@@ -4,6 +4,7 @@ on SmolLM2, faults (killed trainer, corrupted adapter), the admin API and the sc
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -14,14 +15,16 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gateway.app import create_app
 from gateway.store.db import create_engine, migrate, session_factory
 from gateway.store.models import Exchange, ReviewItem
 from retraining import dataset as ds
-from retraining.jobs import FrozenRetrieval, Retrainer, RunRefused, gate, make_scheduler, scheduled_run
-from retraining.registry import AdapterCorrupt, AdapterRegistry, RegistryError
+from retraining.gate import decide, paired
+from retraining.jobs import FrozenRetrieval, Retrainer, RunRefused, make_scheduler, scheduled_run
+from retraining.registry import AdapterCorrupt, AdapterRegistry, RegistryError, RunActive, RunStore
 from tests.conftest import ROOT, ready_client
 
 SEED = ROOT / "data" / "bank_faq" / "faq.csv"
@@ -39,18 +42,32 @@ def seed_csv(tmp_path) -> Path:
 
 def settings_for(make_settings, model_dir, seed_csv, **retraining):
     return make_settings(model_dir, retraining={"seed_data": str(seed_csv), "eval_seed_size": 5, "min_examples": 4,
-                                                "eval_max_tokens": 12, "eval_limit": 3, **retraining},
+                                                "eval_max_tokens": 12, "eval_limit": 3, "forgetting_probe_size": 3,
+                                                **retraining},
                          training={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "nice": 0})
 
 
-def resolved(item_id: int, question: str, answer: str, when: str = "2026-11-01T00:00:00") -> tuple:
-    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": question}]
-    return (item_id, when, messages, answer)
+def resolved(item_id: int, question: str, answer: str, when: str = "2026-11-01T00:00:00",
+             history: list[dict] | None = None) -> ds.Resolved:
+    messages = [{"role": "system", "content": "sys"}, *(history or []), {"role": "user", "content": question}]
+    return ds.Resolved(item_id, when, messages, answer)
+
+
+def seed_kb(settings, seed_csv):
+    """A real (embedded Chroma) knowledge base holding the seed Q&A."""
+    from gateway.rag.embeddings import Embedder
+    from gateway.rag.knowledge import KnowledgeBase
+
+    kb = KnowledgeBase(settings.rag, settings.storage.data_dir, Embedder())
+    kb.ingest_bytes("seed.csv", Path(seed_csv).read_bytes())
+    return kb
 
 
 # ---- dataset ------------------------------------------------------------------------------------
-def test_dataset_split_leakage_replay_dedupe_and_pii(make_settings, tiny_model_dir, seed_csv):
-    settings = settings_for(make_settings, tiny_model_dir, seed_csv, replay_ratio=2.0, eval_share=0.0)
+def test_dataset_split_leakage_dedupe_and_pii(make_settings, tiny_model_dir, seed_csv):
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, context_in_prompts=False,
+                            mode="cumulative")
+    settings.pii.keep_numbers = ["1800 202 6161"]
     split = ds.FrozenSplit.load_or_create(settings)
     assert len(split.rows) == 5
     eval_q = split.rows[0]["question"]
@@ -58,29 +75,117 @@ def test_dataset_split_leakage_replay_dedupe_and_pii(make_settings, tiny_model_d
         resolved(1, eval_q.upper() + " ?!", "leaks if kept"),  # same question after normalisation
         resolved(2, "How do I close my account?", "old answer", "2026-11-01T00:00:00"),
         resolved(3, "how do i CLOSE my account", "Visit a branch with ID.", "2026-11-02T00:00:00"),
-        resolved(4, "My card 4111 1111 1111 1111 was stolen", "Call us; mail help@bank.example"),
+        resolved(4, "My card 4111 1111 1111 1111 was stolen", "Call us on 1800-202-6161; mail help@bank.example"),
         resolved(5, "Can I get a loan?", "Yes, apply in the app."),
     ]
     snap = ds.build(settings, rows, kb=None)
-    keys = {ds.question_key(e.question) for e in snap.train}
-    assert not keys & split.keys and ds.question_key(eval_q) not in keys  # leakage guard
+    assert not any(split.covers(e.question) for e in snap.train)  # leakage guard
     reviewed = [e for e in snap.train if e.source == "review"]
     assert len(reviewed) == 3 and snap.label_count == 3
     close = next(e for e in reviewed if "close" in e.question.lower())
     assert close.messages[-1]["content"] == "Visit a branch with ID."  # the latest resolution wins
-    assert snap.seed_count == 6  # replay_ratio 2.0 × 3 reviewed
+    assert snap.seed_count == 35  # cumulative: every seed row outside the split
     text = (snap.path / "train.jsonl").read_text()
     assert "4111 1111 1111 1111" not in text and "help@bank.example" not in text  # PII scrubbed
-    assert json.loads((snap.path / "manifest.json").read_text())["hash"] == snap.hash
+    assert "1800-202-6161" in text  # ...but the bank's own number (pii.keep_numbers) stays
+    manifest = json.loads((snap.path / "manifest.json").read_text())
+    assert manifest["hash"] == snap.hash and manifest["dropped_near_duplicates"]["review"] == 1
     # Frozen: a rebuild keeps the split, and the same inputs hash the same.
     again = ds.build(settings, rows, kb=None)
     assert again.hash == snap.hash and [r["question"] for r in ds.FrozenSplit.load_or_create(settings).rows] == [
         r["question"] for r in split.rows]
 
 
+def test_warm_dataset_is_the_new_reviews_plus_replay(make_settings, tiny_model_dir, seed_csv):
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, context_in_prompts=False,
+                            mode="warm", replay_ratio=2.0, min_replay=4)
+    first = [resolved(i, f"How do I pay bill number {i}?", f"Use online banking for bill {i}.") for i in range(1, 5)]
+    parent = ds.build(settings, first, kb=None)  # what the champion was trained on (cumulative: no parent)
+    assert parent.manifest["mode"] == "cumulative" and parent.seed_count == 35
+    later = first + [resolved(i, f"Can I open account type {i} online?", f"Yes, type {i} opens online.",
+                              "2026-11-05T00:00:00") for i in range(5, 10)]
+    snap = ds.build(settings, later, kb=None, parent_manifest=parent.manifest)
+    m = snap.manifest
+    assert m["mode"] == "warm" and m["new_reviewed_examples"] == 5
+    replayed = m["replayed_reviewed_examples"] + m["seed_examples"]
+    assert replayed == 10  # replay_ratio 2 × 5 new (≥ min_replay 4): earlier reviews first, then seed Q&A
+    assert 1 <= m["replayed_reviewed_examples"] <= 5 and set(m["known_reviews"]) >= set(parent.manifest["known_reviews"])
+    new_questions = {e.question for e in snap.train if e.source == "review"}
+    assert {f"Can I open account type {i} online?" for i in range(5, 10)} <= new_questions
+    # Bootstrapping (or no parent) always takes everything.
+    assert ds.build(settings, later, kb=None, bootstrap=True).manifest["mode"] == "bootstrap"
+
+
+def test_keys_follow_ups_and_non_latin_questions(make_settings, tiny_model_dir, seed_csv):
+    assert ds.question_key("Fees & Charges") == ds.question_key("fees and charges!")
+    assert ds.question_key("Как заблокировать карту?") == "как заблокировать карту"
+    assert ds.question_key("Как заблокировать карту?") != ds.question_key("Как открыть счёт?")
+    assert ds.question_key("???") and ds.question_key("???") != ds.question_key("!!!")
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, context_in_prompts=False,
+                            mode="cumulative")
+    conv_a = [{"role": "user", "content": "Can I order a new card?"}, {"role": "assistant", "content": "Yes."}]
+    conv_b = [{"role": "user", "content": "Can I raise my limit?"}, {"role": "assistant", "content": "Yes."}]
+    rows = [resolved(1, "yes please", "Your card is on its way.", history=conv_a),
+            resolved(2, "yes please", "Your new limit applies tomorrow.", history=conv_b),
+            resolved(3, "Как заблокировать карту?", "В приложении."), resolved(4, "Как открыть счёт?", "Онлайн.")]
+    snap = ds.build(settings, rows, kb=None)
+    answers = {e.messages[-1]["content"] for e in snap.train if e.source == "review"}
+    assert answers == {"Your card is on its way.", "Your new limit applies tomorrow.", "В приложении.", "Онлайн."}
+
+
+def test_near_duplicates_never_cross_the_frozen_split(make_settings, tiny_model_dir, seed_csv):
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, context_in_prompts=False,
+                            mode="cumulative")
+    split = ds.FrozenSplit.load_or_create(settings)
+    frozen = split.rows[0]["question"]
+    near = frozen.replace(" ", "  ").rstrip("?") + "??"  # "What is X?" → "What  is  X??": same after normalising
+    typo = frozen[:-3] + frozen[-2:] if len(frozen) > 30 else frozen + " please"
+    rows = [resolved(1, near, "a"), resolved(2, typo, "b"), resolved(3, "Something unrelated entirely?", "c")]
+    snap = ds.build(settings, rows, kb=None)
+    questions = {e.question for e in snap.train}
+    assert near not in questions and typo not in questions and "Something unrelated entirely?" in questions
+    assert snap.manifest["dropped_near_duplicates"]["review"] == 2
+    # The backstop: a leaked example that got past the filters is refused, never trained on.
+    leaked = ds.Example("seed", typo, [{"role": "user", "content": typo}, {"role": "assistant", "content": "x"}])
+    with pytest.raises(ds.LeakageError, match="repeat frozen evaluation questions"):
+        ds.check_leakage(snap.train + [leaked], split)
+
+
+def test_context_training_without_a_knowledge_base_is_refused(make_settings, tiny_model_dir, seed_csv):
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, context_in_prompts=True)
+    with pytest.raises(ds.DatasetError, match="knowledge base is unavailable"):
+        ds.build(settings, [], kb=None, bootstrap=True)
+
+
+def test_encode_keeps_the_answer_end_and_the_system_turn(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from retraining.train import encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    system = {"role": "system", "content": "Bank context: cards are blocked in the app."}
+    history = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok " * 200}]
+    messages = [system, *history, {"role": "user", "content": "How do I block my card?"},
+                {"role": "assistant", "content": "Open the app and tap Block card."}]
+    full = encode(tok, messages, 2000)
+    short = encode(tok, messages, 120)  # too long with the history: the history goes, system and question stay
+    assert short is not None and len(short["input_ids"]) < len(full["input_ids"])
+    text = tok.decode(short["input_ids"])
+    assert "Bank context" in text and "How do I block my card?" in text and "word word" not in text
+    answer = [t for t, label in zip(short["input_ids"], short["labels"]) if label != -100]
+    assert end in answer and "Block card." in tok.decode(answer)  # the whole answer, with its end-of-turn token
+    assert short["labels"][:len(short["labels"]) - len(answer)] == [-100] * (len(short["labels"]) - len(answer))
+    # An answer that cannot fit whole is skipped, never cut.
+    long_answer = messages[:-1] + [{"role": "assistant", "content": "Step. " * 200}]
+    assert encode(tok, long_answer, 120) is None
+
+
 def test_dataset_grows_the_split_and_guards_size(make_settings, tiny_model_dir, seed_csv):
-    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.5, min_examples=500)
-    rows = [resolved(i, f"Question number {i} about fees?", f"Answer {i}") for i in range(1, 41)]
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.5, min_examples=500,
+                            context_in_prompts=False)
+    words = [hashlib.sha256(str(i).encode()).hexdigest()[:16] for i in range(1, 41)]  # unlike each other
+    rows = [resolved(i, f"{w} about fees?", f"Answer {i}") for i, w in enumerate(words, 1)]
     with pytest.raises(ds.DatasetTooSmall):
         ds.build(settings, rows, kb=None)
     split = ds.FrozenSplit.load_or_create(settings)
@@ -100,16 +205,31 @@ def test_seed_prompts_carry_retrieved_context_when_configured(make_settings, tin
     assert "Fee is 5." not in without[0]["content"]
 
 
-def test_gate_rule():
-    ev = {"baseline_version": "base", "candidate": {"rag": {"similarity_mean": 0.80}, "no_rag": {"similarity_mean": 0.50}},
-          "baseline": {"rag": {"similarity_mean": 0.70}, "no_rag": {"similarity_mean": 0.55}}}
+def test_paired_gate(make_settings, tiny_model_dir, seed_csv):
+    cfg = settings_for(make_settings, tiny_model_dir, seed_csv, gate_margin=0.01, gate_min_improvement=0.0,
+                       forgetting_margin=0.02).retraining
+    rng = np.random.default_rng(0)
+    base = list(rng.uniform(0.5, 0.95, 100))
 
-    class S:
-        class retraining:  # noqa: N801
-            gate_margin = 0.0
-    assert gate(S, ev)["passed"] is False and "not better than base" in gate(S, ev)["reason"]
-    S.retraining.gate_margin = 0.05
-    assert gate(S, ev)["passed"] is True
+    def compare(shift, noise=0.02):
+        return paired([b + shift + rng.normal(0, noise) for b in base], base, 0.95, 2000)
+
+    better = compare(0.03)
+    assert better["interval"][0] > 0 and better["wins"] > better["losses"] and better["sign_test_p"] < 0.01
+    ok = decide(cfg, {"rag": better, "no_rag": compare(0.0, 0.005), "forgetting": compare(0.0, 0.005)}, "v0001")
+    assert ok["passed"] and "passed the offline gate against v0001" in ok["reason"]
+    assert ok["checks"]["rag"]["interval"] == better["interval"]  # the decision record stores the interval
+    # Clearly worse with retrieval: the interval's lower bound is below −margin.
+    worse = decide(cfg, {"rag": compare(-0.03), "no_rag": compare(0.0, 0.005)}, "v0001")
+    assert not worse["passed"] and "FAILED" in worse["reason"] and not worse["checks"]["rag"]["passed"]
+    # Better on the frozen split but forgetting the seed questions: refused.
+    forgot = decide(cfg, {"rag": better, "no_rag": compare(0.0, 0.005), "forgetting": compare(-0.06)}, "v0001")
+    assert not forgot["passed"] and not forgot["checks"]["forgetting"]["passed"]
+    # A tie (identical answers) is non-inferior with min_improvement 0, not with a required improvement.
+    tie = paired(base, base, 0.95, 500)
+    assert tie["interval"] == [0.0, 0.0] and tie["ties"] == 100 and tie["sign_test_p"] == 1.0
+    assert decide(cfg, {"rag": tie}, "v0001")["passed"]
+    assert not decide(cfg.model_copy(update={"gate_min_improvement": 0.01}), {"rag": tie}, "v0001")["passed"]
 
 
 # ---- registry -----------------------------------------------------------------------------------
@@ -147,7 +267,8 @@ async def _run_cycle(settings, quantization: str):
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     db = create_engine(settings.storage.resolved_database_url)
     await migrate(db)
-    retrainer = Retrainer(settings, session_factory(db), kb=lambda: None)
+    kb = seed_kb(settings, settings.retraining.seed_data)
+    retrainer = Retrainer(settings, session_factory(db), kb=lambda: kb)
     run = await retrainer.start("cli", "test", force=True)
     assert run.status == "queued" and run.adapter_version == "v0001", run.error
     await retrainer.wait()
@@ -169,8 +290,10 @@ async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings,
     training = run.metrics["training"]
     assert training["steps"] == 3 and training["quantization"] == quantization and training["eval_loss"] > 0
     evaluation = run.metrics["evaluation"]
-    assert evaluation["baseline_version"] == "base" and evaluation["rows"] == 3
-    assert set(evaluation["candidate"]) == {"rag", "no_rag"}
+    assert evaluation["baseline_version"] == "base" and evaluation["rows"] == 3 and evaluation["probe_rows"] == 3
+    assert set(evaluation["candidate"]) == {"rag", "no_rag", "forgetting"}
+    assert set(run.metrics["gate"]["checks"]) == {"rag", "no_rag", "forgetting"}
+    assert all(len(c["interval"]) == 2 for c in run.metrics["gate"]["checks"].values())
     passed = run.metrics["gate"]["passed"]
     assert adapter.state == ("challenger" if passed else "candidate")  # passed: live traffic decides (A/B)
     assert adapter.dataset_hash == run.dataset_hash and adapter.train_examples > 0 and adapter.files
@@ -187,12 +310,143 @@ async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings,
             msgs = [{"role": "user", "content": "How do I block my card?"}]
             stream = await engine.submit(GenerationRequest(uuid.uuid4().hex, msgs, sampling_params(settings, 16),
                                                            adapter=adapter_name))
-            return [e.token_id for e in [x async for x in stream] if not isinstance(e, Finished)]
+            return [(e.token_id, round(e.logprob, 3)) for e in [x async for x in stream] if not isinstance(e, Finished)]
 
         base, tuned = await asyncio.gather(answer(None), answer("v0001"))
-        assert base != tuned  # the adapter changes the model's output
+        assert base != tuned  # the adapter changes the model's output (its tokens or their probabilities)
     finally:
         await engine.stop()
+
+
+async def test_warm_start_continues_the_champion(make_settings, tiny_model_dir, seed_csv):
+    """Mode "warm": the second run loads the champion's adapter weights and trains on top of them;
+    lineage says so, and the new weights start where the champion's ended."""
+    from safetensors.torch import load_file
+
+    from retraining.experiments import Experiments
+
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, mode="warm", min_replay=4, eval_share=0.0)
+    settings.training.learning_rate = 5e-2  # the bootstrap must move the LoRA weights visibly
+    settings.retraining.warm_learning_rate = 1e-5  # ...and the warm run barely
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    db = create_engine(settings.storage.resolved_database_url)
+    await migrate(db)
+    kb = seed_kb(settings, seed_csv)
+    retrainer = Retrainer(settings, session_factory(db), kb=lambda: kb)
+    try:
+        first = await retrainer.start("cli", "test", force=True)
+        await retrainer.wait()
+        first = await retrainer.runs.get(first.id)
+        assert first.status == "succeeded", first.error
+        assert first.metrics["training"]["initialised_from"] == "base"
+        await Experiments(settings, retrainer.sessions, retrainer.registry).promote("v0001", "test")
+        await _resolve_items(settings, 3)
+        second = await retrainer.start("cli", "test", force=True)
+        await retrainer.wait()
+        second = await retrainer.runs.get(second.id)
+        assert second.status == "succeeded", second.error
+        assert second.metrics["dataset"]["mode"] == "warm" and second.metrics["dataset"]["new_reviewed_examples"] == 3
+        assert second.metrics["training"]["initialised_from"] == "v0001"
+        assert second.metrics["training"]["learning_rate"] == 1e-5
+        v2 = await retrainer.registry.get("v0002")
+        assert v2.parent == "v0001" and v2.config["initialised_from"] == "v0001" and v2.config["mode"] == "warm"
+        assert second.metrics["gate"]["baseline_version"] == "v0001"
+        w1 = load_file(str(retrainer.registry.path("v0001") / "adapter_model.safetensors"))
+        w2 = load_file(str(retrainer.registry.path("v0002") / "adapter_model.safetensors"))
+        lora_b = [k for k in w1 if "lora_B" in k]
+        assert lora_b and all(w1[k].abs().sum() > 0 for k in lora_b)  # a fresh adapter's B is zero
+        assert all((w2[k] - w1[k]).norm() < 0.1 * w1[k].norm() for k in lora_b)  # v0002 started from v0001
+        assert not list(retrainer.registry.root.glob(".v0002*"))  # no checkpoints or temp folders left
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_one_active_run_is_enforced_by_the_database(tmp_path, backend):
+    """Two processes (two engines) racing to start runs: the database admits exactly one active run."""
+    from tests.conftest import fresh_postgres_database
+
+    async def check(url):
+        engines = [create_engine(url) for _ in range(2)]
+        await migrate(engines[0])
+        stores = [RunStore(session_factory(e)) for e in engines]
+        try:
+            first = await stores[0].create("cli", "a", {}, 0)
+            with pytest.raises(RunActive, match=f"run {first.id} is already queued"):
+                await stores[1].create("schedule", "b", {}, 0)
+            await stores[0].update(first.id, status="failed", error="test")
+            results = await asyncio.gather(*[stores[i % 2].create("cli", f"r{i}", {}, 0) for i in range(6)],
+                                           return_exceptions=True)
+            won = [r for r in results if not isinstance(r, BaseException)]
+            assert len(won) == 1 and all(isinstance(r, RunActive) for r in results if r not in won), results
+            assert [r.id for r in await stores[1].active()] == [won[0].id]
+            await stores[1].update(won[0].id, status="succeeded")
+            assert await stores[0].create("cli", "next", {}, 0)  # a terminal run frees the slot
+        finally:
+            for e in engines:
+                await e.dispose()
+
+    if backend == "sqlite":
+        await check(f"sqlite+aiosqlite:///{tmp_path / 'lock.db'}")
+    else:
+        async with fresh_postgres_database("tl_runlock") as url:
+            await check(url)
+
+
+async def test_runs_always_end_in_a_terminal_state(make_settings, tiny_model_dir, seed_csv, monkeypatch):
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, adopt_poll_s=0.1)
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    db = create_engine(settings.storage.resolved_database_url)
+    await migrate(db)
+    sessions = session_factory(db)
+    try:
+        # No knowledge base: the run fails with the reason (never trains without the context).
+        run = await Retrainer(settings, sessions, kb=lambda: None).start("cli", "test", force=True)
+        assert run.status == "failed" and "knowledge base is unavailable" in run.error
+        # An exception after the dataset is built: failed, not left queued.
+        kb = seed_kb(settings, seed_csv)
+        retrainer = Retrainer(settings, sessions, kb=lambda: kb)
+
+        async def broken(**kw):
+            raise OSError("disk full")
+        monkeypatch.setattr(retrainer.registry, "create", broken)
+        run = await retrainer.start("cli", "test", force=True)
+        assert run.status == "failed" and "disk full" in run.error
+        monkeypatch.undo()
+
+        # A run whose pid is alive but is not its trainer (a reused pid): failed by the next start-up check.
+        runs = RunStore(sessions)
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        stale = await runs.create("cli", "test", {}, 0)
+        await runs.update(stale.id, status="running", pid=other.pid)
+        assert await Retrainer(settings, sessions, kb=lambda: kb).mark_interrupted() == 1
+        assert (await runs.get(stale.id)).status == "failed"
+        other.kill()
+        other.wait()
+
+        # A trainer left running by a stopped gateway is adopted, watched to its end and completed.
+        orphan = await runs.create("cli", "test", {}, 0)
+        trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)", "retraining.train",
+                                    str(orphan.id)])
+        await runs.update(orphan.id, status="running", pid=trainer.pid)
+        adopter = Retrainer(settings, sessions, kb=lambda: kb)
+        assert await adopter.mark_interrupted() == 0 and (await runs.get(orphan.id)).status == "running"
+        with pytest.raises(RunRefused, match="already running"):
+            await adopter.start("cli", "test", force=True)  # the adopted run still holds the slot
+        await runs.update(orphan.id, status="trained")  # what the trainer writes when it is done
+        await adopter.wait()
+        trainer.wait()
+        assert (await runs.get(orphan.id)).status == "succeeded"
+
+        # A trainer that finished ("trained") while nobody watched: completed at the next check.
+        done = await runs.create("cli", "test", {}, 0)
+        await runs.update(done.id, status="trained", pid=trainer.pid)
+        fresh = Retrainer(settings, sessions, kb=lambda: kb)
+        await fresh.mark_interrupted()
+        await fresh.wait()
+        assert (await runs.get(done.id)).status == "succeeded"
+    finally:
+        await db.dispose()
 
 
 # ---- gateway: API, faults, scheduler ------------------------------------------------------------
@@ -315,7 +569,8 @@ async def test_scheduler_job_runs_only_when_enough_new_labels(make_settings, tin
     settings.storage.data_dir.mkdir(parents=True)
     db = create_engine(settings.storage.resolved_database_url)
     await migrate(db)
-    retrainer = Retrainer(settings, session_factory(db), kb=lambda: None)
+    kb = seed_kb(settings, seed_csv)
+    retrainer = Retrainer(settings, session_factory(db), kb=lambda: kb)
     scheduler = make_scheduler(settings, retrainer)
     scheduler.start()
     try:

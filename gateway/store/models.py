@@ -60,6 +60,8 @@ class Exchange(Base):
     confidence_parts: Mapped[dict] = mapped_column(JSON, default=dict)
     flagged: Mapped[bool] = mapped_column(Boolean, index=True)
     experiment_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # routed by the A/B split
+    # the routing unit (customer or session) as a digest salted by the experiment: the A/B rule counts customers
+    routing_unit: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     __table_args__ = (Index("ix_exchanges_variant_created", "variant", "created_at"),)
 
@@ -202,6 +204,7 @@ class TrainingRun(Base):
     """One retraining cycle: dataset → train → evaluate → gate. Progress is written by the trainer."""
 
     __tablename__ = "training_runs"
+    __table_args__ = (Index("uq_training_runs_active_slot", "active_slot", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     status: Mapped[str] = mapped_column(String(12), index=True)  # queued | running | trained | succeeded | failed
@@ -215,6 +218,8 @@ class TrainingRun(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # 1 while active, NULL once terminal; unique, so the database admits one active run (migration 0006)
+    active_slot: Mapped[int | None] = mapped_column(Integer, nullable=True)
     log_path: Mapped[str | None] = mapped_column(String(500), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
