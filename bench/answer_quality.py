@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.app import build_engine, build_knowledge_base  # noqa: E402
+from gateway.runtime import build_engine, build_knowledge_base  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
 from retraining.evaluate import evaluate, load_qa  # noqa: E402
 

@@ -43,7 +43,7 @@ def table(result: dict) -> str:
 
 
 async def run(context: bool, data_dir: Path) -> dict:
-    from gateway.app import build_knowledge_base
+    from gateway.runtime import build_knowledge_base
     from gateway.settings import load_settings
     from gateway.store.db import create_engine, migrate, session_factory
     from retraining.jobs import Retrainer

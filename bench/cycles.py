@@ -56,7 +56,7 @@ def settings_for(data_dir: Path, args, **retraining):  # noqa: ANN001
 
 
 async def open_all(settings):  # noqa: ANN001
-    from gateway.app import build_knowledge_base
+    from gateway.runtime import build_knowledge_base
     from gateway.store.db import create_engine, migrate, session_factory
 
     db = create_engine(settings.storage.resolved_database_url)
@@ -111,7 +111,7 @@ async def bootstrap(args) -> None:  # noqa: ANN001
 async def add_reviews(settings, sessions, kb, pool: list[dict], cycle: int) -> None:  # noqa: ANN001
     """Resolved review items as the review loop leaves them: the exchange as the model saw it, the
     reviewers' consensus answer = the bank's reference answer."""
-    from gateway.chat import retrieve
+    from gateway.prompting import retrieve
     from gateway.prompting import build_messages
     from gateway.store.models import Exchange, ReviewItem
 
@@ -135,7 +135,7 @@ async def add_reviews(settings, sessions, kb, pool: list[dict], cycle: int) -> N
 
 async def answer_quality(settings, registry, kb, version: str | None, rows: list[dict]) -> dict:  # noqa: ANN001
     """Similarity of `version`'s answers (with retrieval) to the reference answers of `rows`."""
-    from gateway.app import build_engine
+    from gateway.runtime import build_engine
     from gateway.rag.embeddings import Embedder
     from retraining.evaluate import QA, evaluate
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
-from functools import partial
 from typing import AsyncIterator
 
 import structlog
@@ -28,44 +27,18 @@ from gateway.chat import ChatService
 from gateway import console
 from gateway.console.pages import ConsoleAuthController, ConsoleController
 from litestar.plugins.htmx import HTMXPlugin
-from gateway.engine.base import Engine
-from gateway.engine.local import LocalEngine
-from gateway.engine.model_files import resolve_base_model
 from gateway.errors import exception_handlers
 from gateway.logging import RequestContextMiddleware, structlog_plugin
 from gateway.security import auth_middleware
-from gateway.rag.embeddings import Embedder
-from gateway.rag.knowledge import KnowledgeBase, ingest_demo_data
-from gateway.settings import PROJECT_ROOT, Settings
+from gateway.engine.base import Engine
+from gateway.runtime import build_engine, build_knowledge_base
+from gateway.settings import Settings
 from gateway.store.db import create_engine, migrate, session_factory
 from gateway.store.exchanges import ExchangeRepository
 from gateway.store.reviews import ReviewRepository
 from gateway.review import ReviewService
 
 log = structlog.get_logger(__name__)
-
-
-def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> KnowledgeBase:
-    """Blocking (loads the embedder, opens Chroma, may ingest the demo FAQ): run it in a thread."""
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-    embedder = Embedder(settings.rag.embedding_model, batch_size=settings.rag.embedding_batch)
-    kb = KnowledgeBase(settings.rag, settings.storage.data_dir, embedder)
-    if ingest_demo:
-        ingest_demo_data(kb, settings.rag.demo_data, PROJECT_ROOT)
-    return kb
-
-
-def build_engine(settings: Settings) -> Engine:
-    if settings.engine.backend != "local":
-        raise NotImplementedError(f"engine.backend={settings.engine.backend!r} is not implemented yet")
-    return LocalEngine(
-        partial(resolve_base_model, settings.model.base, settings.storage.data_dir),
-        dtype=settings.model.dtype,
-        max_context_tokens=settings.model.max_context_tokens,
-        max_batch=settings.engine.max_batch,
-        max_queue=settings.engine.max_queue,
-        torch_threads=settings.engine.torch_threads,
-    )
 
 
 def _chat_service(state: State) -> ChatService:

@@ -34,8 +34,8 @@ from gateway.engine.base import (
 )
 from gateway.errors import ApiError, error_body
 from gateway.pii import scrub, scrub_messages
-from gateway.prompting import build_messages, last_user_message
-from gateway.rag.knowledge import Hit, KnowledgeBase
+from gateway.prompting import build_messages, last_user_message, retrieve, sampling_params
+from gateway.rag.knowledge import KnowledgeBase
 from gateway.routing import PinNotAllowed, Route, Split, UnknownModel, resolve_variant
 from gateway.security import ROLE_RANK, Principal
 from gateway.settings import Settings
@@ -79,31 +79,6 @@ class _Run:
         self.logprobs.append(event.logprob)
         if self.request.logprobs:
             self.tokens.append(event)
-
-
-def sampling_params(settings: Settings, max_tokens: int, **request: object) -> SamplingParams:
-    """Serving defaults from settings, overridden by what a request (or `tellerloop eval`) sets."""
-    cfg = settings.model
-    given = {k: v for k, v in request.items() if v is not None}
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=given.get("temperature", cfg.default_temperature),
-        top_p=given.get("top_p", 1.0),
-        stop=given.get("stop", ()),
-        seed=given.get("seed"),
-        top_logprobs=given.get("top_logprobs", 0),
-        repetition_penalty=cfg.repetition_penalty,
-        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-    )
-
-
-async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> tuple[list[Hit], float, float]:
-    """Top-k hits above `rag.min_score`, the best similarity seen (even if under the floor), and ms taken."""
-    started = time.perf_counter()
-    hits = await asyncio.to_thread(kb.search, question, k, -1.0)
-    top = hits[0].score if hits else 0.0
-    kept = [h for h in hits if h.score >= settings.rag.min_score]
-    return kept, top, (time.perf_counter() - started) * 1000
 
 
 class ChatService:

@@ -67,7 +67,7 @@ def _progress(desc: str):
 
 
 def _open_kb(settings):
-    from gateway.app import build_knowledge_base
+    from gateway.runtime import build_knowledge_base
     from gateway.logging import configure_logging
 
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
@@ -114,7 +114,7 @@ def _kb_delete(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gateway.app import build_engine, build_knowledge_base
+    from gateway.runtime import build_engine, build_knowledge_base
     from gateway.logging import configure_logging
     from gateway.rag.embeddings import Embedder
     from retraining.evaluate import evaluate, load_qa
@@ -202,7 +202,7 @@ def _export(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     """Without --now: say whether a run is due. With --now: run one cycle in the foreground (works
     with the gateway stopped; beside a running gateway, the database keeps it to one run at a time)."""
-    from gateway.app import build_knowledge_base
+    from gateway.runtime import build_knowledge_base
     from gateway.logging import configure_logging
     from gateway.store.db import create_engine, migrate, session_factory
     from retraining.jobs import Retrainer, RunRefused

@@ -1,7 +1,8 @@
-"""How the model is prompted: the system prompt and, when retrieval is on, the retrieved entries.
+"""How the model is asked: retrieval, the prompt (system prompt and retrieved entries) and the
+sampling defaults.
 
-One function used by serving and by `tellerloop eval`, so what is evaluated is exactly what is
-served. Layouts (chosen by measurement, see README):
+Shared by serving, `tellerloop eval` and the retraining gate, so what is evaluated is exactly what
+is served. Layouts (chosen by measurement, docs/benchmarks.md):
   * "system": entries appended to the system prompt;
   * "user":   entries placed in the last user turn, before the question.
 Entries are numbered, Q&A entries shown as question/answer, each cut to `max_entry_chars`.
@@ -9,7 +10,11 @@ Entries are numbered, Q&A entries shown as question/answer, each cut to `max_ent
 
 from __future__ import annotations
 
-from gateway.rag.knowledge import Hit
+import asyncio
+import time
+
+from gateway.engine.base import SamplingParams
+from gateway.rag.knowledge import Hit, KnowledgeBase
 from gateway.settings import Settings
 
 NO_CONTEXT = "No information in the bank's records matches this question."
@@ -52,3 +57,28 @@ def build_messages(settings: Settings, messages: list[dict[str, str]], hits: lis
 
 def last_user_message(messages: list[dict[str, str]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+def sampling_params(settings: Settings, max_tokens: int, **request: object) -> SamplingParams:
+    """Serving defaults from settings, overridden by what a request (or `tellerloop eval`) sets."""
+    cfg = settings.model
+    given = {k: v for k, v in request.items() if v is not None}
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=given.get("temperature", cfg.default_temperature),
+        top_p=given.get("top_p", 1.0),
+        stop=given.get("stop", ()),
+        seed=given.get("seed"),
+        top_logprobs=given.get("top_logprobs", 0),
+        repetition_penalty=cfg.repetition_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+    )
+
+
+async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> tuple[list[Hit], float, float]:
+    """Top-k hits above `rag.min_score`, the best similarity seen (even if under the floor), and ms taken."""
+    started = time.perf_counter()
+    hits = await asyncio.to_thread(kb.search, question, k, -1.0)
+    top = hits[0].score if hits else 0.0
+    kept = [h for h in hits if h.score >= settings.rag.min_score]
+    return kept, top, (time.perf_counter() - started) * 1000

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gateway.chat import retrieve, sampling_params
+from gateway.prompting import retrieve, sampling_params
 from gateway.confidence import is_looping
 from gateway.confidence import score as score_confidence
 from gateway.engine.base import Engine, Finished, GenerationRequest, TokenEvent

@@ -431,7 +431,7 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
                                     eval_rows: list[dict], probe_rows: list[dict], retrieval: FrozenRetrieval) -> dict:
     """Candidate vs the champion (or the base model): the frozen split with and without retrieval,
     and the forgetting probe with retrieval; per-question paired comparisons for the gate."""
-    from gateway.app import build_engine
+    from gateway.runtime import build_engine
     from gateway.rag.embeddings import Embedder
     from retraining.evaluate import QA, evaluate, summarise
 

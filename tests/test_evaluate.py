@@ -33,7 +33,7 @@ def test_load_qa_sample_is_seeded():
 
 
 def test_evaluate_on_tiny_model(make_settings, tiny_model_dir, faq_chroma_dir):
-    from gateway.app import build_engine
+    from gateway.runtime import build_engine
     from gateway.rag.embeddings import Embedder
     from gateway.rag.knowledge import KnowledgeBase
     from retraining.evaluate import evaluate

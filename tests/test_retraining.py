@@ -280,9 +280,9 @@ async def _run_cycle(settings, quantization: str):
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings, real_model_dir, seed_csv, quantization):
-    from gateway.app import build_engine
+    from gateway.runtime import build_engine
     from gateway.engine.base import Finished, GenerationRequest
-    from gateway.chat import sampling_params
+    from gateway.prompting import sampling_params
 
     settings = settings_for(make_settings, real_model_dir, seed_csv)
     run, adapter, retrainer = await _run_cycle(settings, quantization)
