@@ -83,6 +83,12 @@ async def test_pii_never_reaches_the_log(client):
         (chat(temperature=3), 400, "temperature"),
         (chat(n=2), 400, "n"),
         (chat(tools=[{"type": "function"}]), 400, "tools"),
+        (chat(tool_choice="auto"), 400, "tool_choice"),
+        (chat(response_format={"type": "json_object"}), 400, "response_format.type"),
+        ({"model": "tellerloop", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+         400, "messages.0.content"),
+        ({"model": "tellerloop", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages.0.content"),
         (chat("word " * 700), 400, "messages"),
         ({**chat(), "model": "gpt-4o"}, 404, "model"),
     ],
@@ -94,6 +100,24 @@ async def test_bad_requests_get_openai_errors(client, payload, status, param):
     assert err["message"] and err["type"] in {"invalid_request_error", "not_found_error"}
     if param:
         assert err["param"] == param
+
+
+async def test_what_clients_send_by_default_is_accepted(client):
+    """Content as text parts (joined), and fields that mean nothing here (many SDKs and UIs send them)."""
+    r = await client.post("/v1/chat/completions", headers=CLIENT, json={
+        "model": "tellerloop", "max_tokens": 3, "rag": False,
+        "messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                     {"role": "user", "content": [{"type": "text", "text": "How do I"}, {"type": "text", "text": "block my card?"}]}],
+        "response_format": {"type": "text"}, "metadata": {"ticket": "42"}, "store": False, "service_tier": "auto",
+        "parallel_tool_calls": False, "tools": [], "tool_choice": "none"})
+    assert r.status_code == 200, r.text
+    row = (await client.get(f"/v1/exchanges/{r.json()['exchange_id']}", headers=REVIEWER)).json()
+    assert row["messages"][-1]["content"] == "How do I\nblock my card?" and row["messages"][0]["content"] == "Be brief."
+    image = await client.post("/v1/chat/completions", headers=CLIENT, json={**chat(), "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})
+    assert image.status_code == 400 and "only text content parts" in image.json()["error"]["message"]
+    json_mode = await client.post("/v1/chat/completions", headers=CLIENT, json=chat(response_format={"type": "json_object"}))
+    assert "cannot guarantee JSON" in json_mode.json()["error"]["message"]
 
 
 async def test_too_long_prompt_says_context_length(client):

@@ -118,6 +118,35 @@ def test_same_question_batched_or_alone_gives_same_answer(real_server, sdk):
     assert batched == alone
 
 
+def test_sdk_content_parts_and_default_fields(real_server, sdk):
+    """What SDKs and chat UIs send as a matter of course works against the real server."""
+    r = sdk.chat.completions.create(
+        model="tellerloop", max_tokens=8, response_format={"type": "text"}, store=False, metadata={"ticket": "7"},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "How do I block my lost card?"}]}])
+    assert r.choices[0].message.content and r.model_extra["exchange_id"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(model="tellerloop", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/card.png"}}]}])
+    assert bad.value.body["param"] == "messages.0.content"
+
+
+def test_langchain_chat_openai_invoke_stream_batch(real_server):
+    """LangChain's ChatOpenAI, unchanged, against the real server: invoke, stream, batch, and a
+    message whose content is a list of text parts."""
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{real_server.base_url}/v1", api_key="dev-client-key", model="tellerloop",
+                     max_tokens=8, max_retries=0, timeout=60)
+    answer = llm.invoke("How do I block my lost card?")
+    assert answer.content and answer.response_metadata.get("finish_reason") in ("stop", "length")
+    streamed = "".join(chunk.content for chunk in llm.stream("What is an overdraft?"))
+    assert streamed
+    assert all(m.content for m in llm.batch(["Hello", "Can I change my PIN?"]))
+    parts = llm.invoke([HumanMessage(content=[{"type": "text", "text": "How do I"}, {"type": "text", "text": "open an account?"}])])
+    assert parts.content
+
+
 def test_errors_through_the_sdk(real_server, sdk):
     with pytest.raises(openai.BadRequestError) as err:
         sdk.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": "hi " * 3000}])
