@@ -174,7 +174,8 @@ class RetrainingSettings(_Section):
     mode: Literal["warm", "cumulative"] = "warm"
     replay_ratio: float = Field(3.0, ge=0.0)  # warm mode: seed Q&A replayed per new reviewed example
     min_replay: int = Field(64, ge=0)  # warm mode: at least this many replayed seed examples
-    warm_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)  # warm mode: the continued training's peak LR
+    warm_learning_rate: float = Field(2e-4, gt=0.0, le=1.0)  # warm mode: the continued training's peak LR
+    warm_epochs: int = Field(2, ge=1, le=50)  # warm mode: passes over the (small) new + replay set
     seed_data: str = "data/bank_faq/faq.csv"  # seed Q&A (also the frozen eval split's source); "" → none
     bootstrap: bool = True  # with no champion, the first run trains v0001 on the seed data
     bootstrap_delay_minutes: float = Field(10.0, ge=0.0)  # with no champion, the first slot comes this soon
@@ -186,7 +187,7 @@ class RetrainingSettings(_Section):
     near_duplicate_similarity: float = Field(0.9, gt=0.0, le=1.0)  # character similarity that counts as the same question
     # The offline gate (retraining/gate.py): paired per-question similarity differences on the frozen split
     gate_margin: float = Field(0.01, ge=0.0, le=1.0)  # non-inferiority: the interval's lower bound must be ≥ −margin
-    gate_min_improvement: float = Field(0.0, ge=-1.0, le=1.0)  # and the mean difference at least this
+    gate_min_improvement: float = Field(-0.01, ge=-1.0, le=1.0)  # and the mean difference at least this (−margin: off)
     gate_confidence: float = Field(0.95, gt=0.5, lt=1.0)  # two-sided bootstrap interval of the mean difference
     gate_bootstrap_samples: int = Field(2000, ge=100)
     forgetting_probe_size: int = Field(100, ge=0)  # seed questions (trained on) re-asked to catch forgetting

@@ -157,13 +157,14 @@ def train_adapter(settings: Settings, train_rows: list[list[dict]], eval_rows: l
     if not train_ds:
         raise ValueError(f"every training example is longer than training.max_seq_tokens={cfg.max_seq_tokens}")
     learning_rate = settings.retraining.warm_learning_rate if parent is not None else cfg.learning_rate
+    epochs = settings.retraining.warm_epochs if parent is not None else cfg.epochs
     steps_per_epoch = max(1, -(-len(train_ds) // (cfg.batch_size * cfg.grad_accum)))
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    total = cfg.max_steps or steps_per_epoch * epochs
     checkpoints = out_dir.parent / f".{out_dir.name}-checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        learning_rate=learning_rate, num_train_epochs=epochs, max_steps=cfg.max_steps or -1,
         warmup_steps=int(total * cfg.warmup_ratio), lr_scheduler_type="linear", logging_steps=cfg.progress_every_steps,
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, save_only_model=True,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
