@@ -226,7 +226,10 @@ def report() -> str:
     for mode in ("warm", "cumulative"):
         path = RESULTS / f"cycles-{mode}.json"
         if not path.is_file():
-            lines += [f"## {mode}: not run", ""]
+            lines += [f"## mode = {mode}: not run in this measurement", "",
+                      "A cumulative cycle retrains from the base on every review plus the whole seed set: the "
+                      "bootstrap run above is that composition minus the cycle's reviews, so its time is the "
+                      "cost of each cumulative cycle.", ""]
             continue
         r = json.loads(path.read_text())
         b = r["bootstrap"]
