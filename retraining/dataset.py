@@ -90,6 +90,7 @@ class Snapshot:
     label_count: int
     seed_count: int
     manifest: dict = field(default_factory=dict)
+    probe: list[QA] = field(default_factory=list)  # the forgetting probe (also probe.jsonl in the folder)
 
 
 def question_key(text: str) -> str:
@@ -226,9 +227,8 @@ def usable_seeds(settings: Settings, split: FrozenSplit) -> tuple[list[QA], int]
     return rows, near
 
 
-def forgetting_probe(settings: Settings, split: FrozenSplit) -> list[QA]:
-    """A fixed sample of trainable seed questions, re-asked by the gate to catch forgetting."""
-    rows, _ = usable_seeds(settings, split)
+def forgetting_probe(settings: Settings, rows: list[QA]) -> list[QA]:
+    """A fixed sample of the trainable seed rows (`usable_seeds`), re-asked by the gate to catch forgetting."""
     size = min(settings.retraining.forgetting_probe_size, len(rows))
     return random.Random(PROBE_SEED).sample(rows, size) if size else []
 
@@ -283,6 +283,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     reviewed_index = NearDuplicates(cfg.near_duplicate_similarity,
                                     {question_key(ex.question) for ex in new + old})
     seeds, near_seed = usable_seeds(settings, split)
+    probe = forgetting_probe(settings, seeds)
     seeds = [qa for qa in seeds if reviewed_index.match(question_key(qa.question)) is None]  # the review wins
     rng = random.Random(settings.training.seed)
     if warm:
@@ -310,6 +311,8 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_text("".join(train_lines), encoding="utf-8")
     (folder / "eval.jsonl").write_text("".join(eval_lines), encoding="utf-8")
+    (folder / "probe.jsonl").write_text("".join(json.dumps({"question": qa.question, "answer": qa.answer},
+                                                           ensure_ascii=False) + "\n" for qa in probe), encoding="utf-8")
     known_after = sorted(known | {row.review_key for row, _ in by_key.values()})
     manifest = {"hash": digest, "mode": "warm" if warm else ("bootstrap" if bootstrap else "cumulative"),
                 "train_examples": len(train), "new_reviewed_examples": len(new),
@@ -320,7 +323,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
                 "known_reviews": known_after,
                 "new_review_questions": [ex.question for ex in new]}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return Snapshot(digest, folder, train, eval_rows, len(reviewed), len(seed_examples), manifest)
+    return Snapshot(digest, folder, train, eval_rows, len(reviewed), len(seed_examples), manifest, probe)
 
 
 def load_manifest(data_dir: Path, dataset_hash: str | None) -> dict | None:

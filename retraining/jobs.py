@@ -239,12 +239,8 @@ class Retrainer:
         rows = await resolved_rows(self.reviews)
         snapshot = await asyncio.to_thread(datasets.build, settings, rows, kb, bootstrap=bootstrap,
                                            parent_manifest=parent_manifest)
-        split = await asyncio.to_thread(datasets.FrozenSplit.load_or_create, settings)
-        probe = await asyncio.to_thread(datasets.forgetting_probe, settings, split)
-        (snapshot.path / "probe.jsonl").write_text("".join(
-            json.dumps({"question": qa.question, "answer": qa.answer}, ensure_ascii=False) + "\n" for qa in probe))
         hits: dict[str, list[dict]] = {}
-        for question in [qa.question for qa in snapshot.eval_rows] + [qa.question for qa in probe]:
+        for question in [qa.question for qa in snapshot.eval_rows + snapshot.probe]:
             found = await asyncio.to_thread(kb.search, question, settings.rag.top_k, -1.0)
             hits[question] = [asdict(h) for h in found]
         (snapshot.path / "eval_hits.json").write_text(json.dumps(hits))
