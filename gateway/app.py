@@ -90,6 +90,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             log.info("retrain.bootstrap_scheduled", at=first.isoformat(timespec="seconds"))
         metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
         metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
+        metrics.ENGINE_KV_BYTES.set_function(lambda: engine.stats().get("kv_cache_bytes", 0))
 
         async def load_knowledge() -> None:
             try:

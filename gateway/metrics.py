@@ -30,6 +30,7 @@ IN_FLIGHT = Gauge("tellerloop_inflight_requests", "Chat completions being genera
 REJECTED = Counter("tellerloop_rejected_requests_total", "Chat requests refused before generation", ["reason"])
 ENGINE_QUEUED = Gauge("tellerloop_engine_queued", "Requests waiting for a generation slot")
 ENGINE_ACTIVE = Gauge("tellerloop_engine_active_sequences", "Sequences in the running batch")
+ENGINE_KV_BYTES = Gauge("tellerloop_engine_kv_cache_bytes", "Memory held by the running batch's key/value slots")
 RETRIEVAL_SECONDS = Histogram(
     "tellerloop_retrieval_seconds", "Knowledge-base search time (embedding + vector query)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
@@ -43,7 +44,7 @@ RESOLVED = Counter("tellerloop_review_resolved_total", "Review items resolved", 
 REVIEW_ITEMS = Gauge("tellerloop_review_items", "Review items by status (refreshed on every review action)", ["status"])
 ROUTED = Counter("tellerloop_experiment_routed_total", "Requests the A/B split routed, by variant and arm",
                  ["variant", "arm"])
-ADAPTER_MEMORY = Gauge("tellerloop_variant_weight_bytes", "Weight memory held per served variant (merged copy)",
+ADAPTER_MEMORY = Gauge("tellerloop_variant_weight_bytes", "Weight memory per served variant (base: the model; an adapter: its own LoRA matrices)",
                        ["variant"])
 ARM = Gauge("tellerloop_experiment_arm", "Running experiment's online metrics per arm (refreshed on evaluation)",
             ["variant", "arm", "metric"])

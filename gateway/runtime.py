@@ -36,4 +36,6 @@ def build_engine(settings: Settings) -> Engine:
         max_batch=settings.engine.max_batch,
         max_queue=settings.engine.max_queue,
         torch_threads=settings.engine.torch_threads,
+        prefill_chunk_tokens=settings.engine.prefill_chunk_tokens,
+        kv_block_tokens=settings.engine.kv_block_tokens,
     )

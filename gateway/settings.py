@@ -64,6 +64,8 @@ class EngineSettings(_Section):
     max_queue: int = Field(64, ge=1)
     max_batch: int = Field(8, ge=1)
     torch_threads: int = Field(0, ge=0)
+    prefill_chunk_tokens: int = Field(512, ge=16)  # prompt tokens read per step between decode steps
+    kv_block_tokens: int = Field(128, ge=8)  # the KV slots grow by this many tokens at a time
     retry_after_s: int = Field(2, ge=1)
 
 

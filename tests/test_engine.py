@@ -97,7 +97,8 @@ async def test_closing_the_stream_cancels_generation(engine):
         if engine.stats()["active"] == 0:
             break
         await asyncio.sleep(0.05)
-    assert engine.stats() == {"queued": 0, "active": 0}
+    stats = engine.stats()
+    assert (stats["queued"], stats["active"], stats["kv_cache_bytes"]) == (0, 0, 0)  # the slots are freed too
 
 
 async def test_full_queue_is_refused(tiny_model_dir):
@@ -131,3 +132,136 @@ async def test_concurrent_model_loads_do_not_corrupt_weights(tiny_model_dir):
         finally:
             await eng.stop()
     assert outputs[0] and outputs == [outputs[0]] * 3
+
+
+# ---- many adapters in one batch -------------------------------------------------------------
+
+def _save_adapter(model_dir, target, seed: int, **lora) -> str:
+    """A PEFT LoRA adapter with random, visibly non-zero weights on every attention projection."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    peft = get_peft_model(base, LoraConfig(**{**config, **lora}))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.3)
+    peft.save_pretrained(target)
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a1": _save_adapter(tiny_model_dir, root / "a1", 1),
+        "a2": _save_adapter(tiny_model_dir, root / "a2", 2, use_rslora=True),
+    }
+
+
+@pytest.fixture
+async def lora_engine(tiny_model_dir, tiny_adapters):
+    eng = LocalEngine(str(tiny_model_dir), dtype="float32", max_batch=8, max_queue=32, max_context_tokens=512)
+    await eng.start()
+    for name, path in tiny_adapters.items():
+        await eng.load_adapter(name, path)
+    yield eng
+    await eng.stop()
+
+
+async def run_on(engine, adapter, content, max_tokens=16):
+    request = GenerationRequest("t", [{"role": "user", "content": content}], SamplingParams(max_tokens=max_tokens), adapter=adapter)
+    events = [e async for e in await engine.submit(request)]
+    return [e.token_id for e in events if isinstance(e, TokenEvent)], [e.logprob for e in events if isinstance(e, TokenEvent)]
+
+
+async def test_adapter_answers_match_peft(lora_engine, tiny_model_dir, tiny_adapters):
+    """Each unmerged adapter served from the shared base gives PEFT's own greedy answer (the
+    reference implementation), so the scaling (alpha/r, rsLoRA) and the target layers are right."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name, path in tiny_adapters.items():
+        ours, logprobs = await run_on(lora_engine, name, QUESTIONS[1], max_tokens=12)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), path).eval()
+        ids = lora_engine.encode([{"role": "user", "content": QUESTIONS[1]}])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+        reference = out[0, len(ids):].tolist()
+        assert ours == reference[: len(ours)] and len(ours) >= 1
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        first = float(torch.log_softmax(logits, -1)[reference[0]])
+        assert logprobs[0] == pytest.approx(first, abs=1e-4)
+
+
+async def test_variants_decode_together_and_match_alone(lora_engine):
+    """Base, a1 and a2 requests share one batch; every answer equals the one it gets alone, and the
+    adapters really change the answers (otherwise this test could not fail)."""
+    plan = [(variant, q) for q in QUESTIONS[:4] for variant in (None, "a1", "a2")]
+    alone = [await run_on(lora_engine, v, q) for v, q in plan]
+    together = await asyncio.gather(*[run_on(lora_engine, v, q) for v, q in plan])
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    by_variant = {v: [alone[i][0] for i, (pv, _) in enumerate(plan) if pv == v] for v in (None, "a1", "a2")}
+    assert by_variant[None] != by_variant["a1"] and by_variant["a1"] != by_variant["a2"]
+
+
+async def test_adapters_cost_megabytes_not_a_model_copy(lora_engine):
+    sizes = lora_engine.weight_bytes()
+    assert set(sizes) == {"base", "a1", "a2"}
+    assert 0 < sizes["a1"] < sizes["base"] / 10
+
+
+async def test_unload_under_load_finishes_in_flight_streams(lora_engine):
+    """A request already decoding on a retired version finishes on it, with every token; new
+    requests cannot name it once its matrices are gone, after the last one is done (a request routed to
+    it just before the swap is still served)."""
+    from gateway.engine.base import UnknownAdapter
+
+    alone, _ = await run_on(lora_engine, "a1", QUESTIONS[0], max_tokens=40)
+    request = GenerationRequest("t", [{"role": "user", "content": QUESTIONS[0]}], SamplingParams(max_tokens=40), adapter="a1")
+    stream = await lora_engine.submit(request)
+    first = await stream.__anext__()
+    assert isinstance(first, TokenEvent)  # decoding now
+    assert await lora_engine.unload_adapter("a1")
+    assert lora_engine.variants() == ["base", "a2"]
+    rest = [e async for e in stream]
+    assert [first.token_id] + [e.token_id for e in rest if isinstance(e, TokenEvent)] == alone
+    for _ in range(100):
+        if "a1" not in lora_engine.adapter_paths:
+            break
+        await asyncio.sleep(0.02)
+    assert "a1" not in lora_engine.adapter_paths and "a1" not in lora_engine.weight_bytes()
+    with pytest.raises(UnknownAdapter):
+        await lora_engine.submit(request)
+
+
+async def test_a_folder_that_is_not_a_lora_adapter_is_refused(lora_engine, tmp_path, tiny_model_dir):
+    from gateway.engine.lora import AdapterFormatError
+
+    with pytest.raises(AdapterFormatError, match="not a PEFT adapter"):
+        await lora_engine.load_adapter("bad", str(tmp_path))
+    dora = _save_adapter(tiny_model_dir, tmp_path / "dora", 3, use_dora=True)
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        await lora_engine.load_adapter("dora", dora)
+    assert lora_engine.variants() == ["base", "a1", "a2"]
+
+
+async def test_long_prompts_are_read_in_chunks_while_others_decode(tiny_model_dir):
+    """With a prefill chunk far smaller than the prompts, answers are unchanged (chunked prefill is
+    exact) and a short request admitted with long ones gets its answer alone-identical too."""
+    eng = LocalEngine(str(tiny_model_dir), dtype="float32", max_batch=4, max_queue=32,
+                      max_context_tokens=1024, prefill_chunk_tokens=32, kv_block_tokens=16)
+    await eng.start()
+    try:
+        prompts = ["word " * 150 + "end?", "hi", QUESTIONS[3] * 5, QUESTIONS[1]]
+        alone = [(await run(eng, p, max_tokens=20))[1] for p in prompts]
+        together = await asyncio.gather(*[run(eng, p, max_tokens=20) for p in prompts])
+        assert [[t.token_id for t in tok] for _, tok, _ in together] == [[t.token_id for t in tok] for tok in alone]
+    finally:
+        await eng.stop()

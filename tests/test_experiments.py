@@ -294,10 +294,10 @@ async def test_promotion_while_16_streams_are_in_flight(ab_gateway):
         assert row["variant"] == variant
     engine = c.app.state.engine
     for _ in range(50):
-        if "v0001" not in engine._adapters:
+        if "v0001" not in engine.adapter_paths:
             break
         await asyncio.sleep(0.1)
-    assert "v0001" not in engine._adapters and engine.variants() == ["base", "v0002"]
+    assert "v0001" not in engine.adapter_paths and engine.variants() == ["base", "v0002"]
 
 
 async def test_cli_promote_and_rollback_reach_a_running_gateway(ab_gateway):

@@ -1,18 +1,22 @@
-"""In-process transformers backend with continuous batching.
+"""In-process transformers backend: one continuous batch for every served variant.
 
-One worker thread owns the model. Requests wait in a bounded queue; between decode steps the
-worker admits waiting requests (up to `max_batch` sequences in flight), prefills them, and merges
-their KV cache into the running batch by left-padding, so a new request never waits for the whole
-batch to finish and finished sequences leave at once (no decode slots wasted on padding).
-Position ids are derived from the attention mask, so left padding changes no real token's position.
+One worker thread owns the model. Requests wait in a bounded queue; between steps the worker admits
+a cohort of waiting requests (up to `max_batch` sequences in flight) and prefills it in chunks of
+about `prefill_chunk_tokens` tokens, running one decode step of the running batch between chunks,
+so a long prompt never stalls the streams already answering; a sequence joins the running batch as
+soon as its own prompt is read. Keys and values live in preallocated slots (`slots.SlotCache`): a
+decode step writes one column per row in place, so it costs the same at token 10 and token 500.
 All blocking model work stays on the worker thread; the event loop only awaits per-request queues.
 
-Adapters: each loaded LoRA version is merged into its own copy of the base weights (PEFT
-`merge_and_unload`), so it decodes as fast as the base model; every variant has its own running
-batch ("lane") and the worker steps the lanes in turn. Loading or unloading a version never stops
+Adapters: one base model; each loaded LoRA version is a few MB of unmerged matrices
+(`lora.LoraBank`), and every row of the batch names its variant, so the champion, a challenger
+and the base decode together in the same forward pass. Loading or unloading a version never stops
 the others (hot swap). Unloading only retires a version: new requests can no longer name it, but
-every request already submitted for it (queued or decoding) finishes on it; the worker frees its
-weights once none is left.
+every request already submitted for it (queued or decoding) finishes on it; its matrices go once
+none is left.
+
+Text is detokenised incrementally (only the newest tokens are decoded), holding back an incomplete
+UTF-8 character and anything that could still become a stop string.
 """
 
 from __future__ import annotations
@@ -27,10 +31,8 @@ from typing import Callable
 
 import structlog
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer  # at import time: lazy imports are not thread-safe
 
-from gateway.loading import MODEL_LOAD_LOCK
 from gateway.engine.base import (
     ContextLengthExceeded,
     EngineFailure,
@@ -40,6 +42,9 @@ from gateway.engine.base import (
     TokenEvent,
     UnknownAdapter,
 )
+from gateway.engine.lora import LoraBank
+from gateway.engine.slots import ATTENTION, SlotCache, forward, llama_parts
+from gateway.loading import MODEL_LOAD_LOCK
 
 log = structlog.get_logger(__name__)
 
@@ -55,9 +60,16 @@ class _Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
     out_ids: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of decoded text already sent
+    text: str = ""  # decoded answer so far
+    emitted: int = 0  # characters of `text` already sent
+    prefix_offset: int = 0  # incremental detokenisation window over out_ids
+    read_offset: int = 0
     last_token: int = -1  # sampled but not yet fed to the model
     done: bool = False
+
+    @property
+    def variant(self) -> str:
+        return self.request.adapter or "base"
 
     def send(self, event: object) -> None:
         try:
@@ -67,13 +79,14 @@ class _Sequence:
 
 
 @dataclass(eq=False)
-class _Lane:
-    """The running batch of one variant."""
+class _Cohort:
+    """Sequences being prefilled together, longest prompt first (so rows whose prompt is fully read
+    form a suffix and later chunks run on a prefix of the rows)."""
 
-    model: object
-    batch: list[_Sequence] = field(default_factory=list)
-    cache: object = None
-    mask: torch.Tensor | None = None
+    seqs: list[_Sequence]
+    cache: SlotCache
+    start: int = 0  # prompt columns already read
+    joined: int = 0  # rows (a suffix) already moved to the running batch
 
 
 class LocalTokenStream:
@@ -107,17 +120,19 @@ class LocalTokenStream:
 
 
 class LocalEngine:
-    """transformers (PEFT-ready) model served from a worker thread."""
+    """transformers model with unmerged LoRA variants, served from a worker thread."""
 
     def __init__(
         self,
         model: str | Callable[[], str],
         *,
-        dtype: str = "bfloat16",
+        dtype: str = "float32",
         max_context_tokens: int = 2048,
         max_batch: int = 8,
         max_queue: int = 64,
         torch_threads: int = 0,
+        prefill_chunk_tokens: int = 512,
+        kv_block_tokens: int = 128,
     ) -> None:
         self.name = "local"
         self._model_source = model  # a path, or a callable resolving one (e.g. the one-time GGUF conversion)
@@ -125,6 +140,8 @@ class LocalEngine:
         self.max_context_tokens = max_context_tokens
         self._dtype = _DTYPES[dtype]
         self._max_batch = max_batch
+        self._chunk_tokens = prefill_chunk_tokens
+        self._kv_block = kv_block_tokens
         self._pending: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
         self._torch_threads = torch_threads
         self._stopping = threading.Event()
@@ -132,10 +149,13 @@ class LocalEngine:
         self._active = 0
         self.model = None
         self.tokenizer = None
-        self._adapters: dict[str, object] = {}  # version → merged model
+        self._bank: LoraBank | None = None
         self._retiring: set[str] = set()  # unloaded, freed once no submitted request needs them
         self._adapters_lock = threading.Lock()  # submit's check-and-enqueue vs the worker's freeing
-        self.adapter_paths: dict[str, str] = {}
+        self._model_lock = threading.Lock()  # installing adapter matrices vs a forward pass
+        self._cache: SlotCache | None = None
+        self._running: list[_Sequence] = []
+        self._cohort: _Cohort | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -152,17 +172,25 @@ class LocalEngine:
     def ready(self) -> bool:
         return self.model is not None and self._thread is not None and self._thread.is_alive()
 
+    @property
+    def adapter_paths(self) -> dict[str, str]:
+        return {name: a.path for name, a in self._bank.adapters.items()} if self._bank else {}
+
     def variants(self) -> list[str]:
-        return ["base", *sorted(set(self._adapters) - self._retiring)]
+        loaded = set(self._bank.adapters) if self._bank else set()
+        return ["base", *sorted(loaded - self._retiring)]
 
     def weight_bytes(self) -> dict[str, int]:
-        """Memory held by each served variant's weights (each adapter is a merged full copy)."""
-        models = {"base": self.model, **{k: v for k, v in self._adapters.items() if k not in self._retiring}}
-        return {name: sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
-                for name, m in models.items() if m is not None}
+        """Memory held for each served variant: the base model's weights, and each adapter's own
+        LoRA matrices (adapters share the base)."""
+        if self.model is None or self._bank is None:
+            return {}
+        sizes = {"base": sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))}
+        sizes.update({n: a.nbytes for n, a in self._bank.adapters.items() if n not in self._retiring})
+        return sizes
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Load a LoRA adapter folder as variant `name` (merged into a fresh copy of the base)."""
+        """Load a LoRA adapter folder as variant `name` (unmerged, next to the others)."""
         if name == "base":
             raise ValueError("'base' is reserved for the base model")
         with self._adapters_lock:
@@ -172,41 +200,49 @@ class LocalEngine:
         await asyncio.to_thread(self._load_adapter, name, str(path))
 
     async def unload_adapter(self, name: str) -> bool:
-        """Stop routing new requests to `name`; its weights go once its last request finishes."""
+        """Stop routing new requests to `name`; its matrices go once its last request finishes."""
         with self._adapters_lock:
-            if name not in self._adapters or name in self._retiring:
+            if self._bank is None or name not in self._bank.adapters or name in self._retiring:
                 return False
             self._retiring.add(name)
         if self._thread is None or not self._thread.is_alive():
             self._free_retired(set())
         return True
 
+    def _busy_variants(self) -> set[str]:
+        busy = {seq.variant for seq in self._running}
+        if self._cohort is not None:
+            busy.update(seq.variant for seq in self._cohort.seqs)
+        return busy
+
     def _free_retired(self, busy: set[str]) -> None:
-        """Drop retired versions no lane (`busy`) and no queued request still needs."""
+        """Drop retired versions no running sequence (`busy`) and no queued request still needs."""
         if not self._retiring:
             return
         with self._adapters_lock, self._pending.mutex:
-            waiting = {seq.request.adapter for seq in self._pending.queue}
+            waiting = {seq.variant for seq in self._pending.queue}
             for name in list(self._retiring):
                 if name not in busy and name not in waiting:
                     self._retiring.discard(name)
-                    self._adapters.pop(name, None)
-                    self.adapter_paths.pop(name, None)
+                    with self._model_lock:
+                        self._bank.remove(name)
                     log.info("engine.adapter_freed", adapter=name)
 
     def _load_adapter(self, name: str, path: str) -> None:
         started = time.perf_counter()
-        with MODEL_LOAD_LOCK:
-            base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self._dtype, local_files_only=True)
-            merged = PeftModel.from_pretrained(base, path).merge_and_unload().eval()
-        with self._adapters_lock:
-            self._adapters[name] = merged
-            self.adapter_paths[name] = path
+        deltas = self._bank.read(name, path)  # reads and validates files; no model change yet
+        with self._adapters_lock, self._model_lock:
+            if name in self._bank.adapters:
+                self._bank.remove(name)  # reloading a name replaces its matrices
+            info = self._bank.add(name, path, deltas)
             self._retiring.discard(name)
-        log.info("engine.adapter_loaded", adapter=name, seconds=round(time.perf_counter() - started, 2))
+        log.info("engine.adapter_loaded", adapter=name, rank=info.rank, modules=info.modules,
+                 bytes=info.nbytes, seconds=round(time.perf_counter() - started, 3))
 
     def stats(self) -> dict[str, int]:
-        return {"queued": self._pending.qsize(), "active": self._active}
+        cache, cohort = self._cache, self._cohort
+        kv = (cache.nbytes() if cache is not None else 0) + (cohort.cache.nbytes() if cohort is not None else 0)
+        return {"queued": self._pending.qsize(), "active": self._active, "kv_cache_bytes": kv}
 
     def _load(self) -> None:
         if self._torch_threads:
@@ -216,8 +252,18 @@ class LocalEngine:
         started = time.perf_counter()
         with MODEL_LOAD_LOCK:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self._dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=self._dtype, local_files_only=True, attn_implementation=ATTENTION
+            )
+        llama_parts(model)
         self.model = model.eval()
+        self._bank = LoraBank(self.model)
+        config = model.config
+        self._kv_shape = (
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        )
         tok = self.tokenizer
         stop_ids = {tok.eos_token_id}
         for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
@@ -236,14 +282,21 @@ class LocalEngine:
             parameters=sum(p.numel() for p in model.parameters()),
         )
 
+    def _new_cache(self, rows: int) -> SlotCache:
+        layers, kv_heads, head_dim = self._kv_shape
+        return SlotCache(layers, kv_heads, head_dim, self._dtype, max_rows=rows, block_tokens=self._kv_block)
+
     # ---- request side (event loop) ---------------------------------------------------------
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _serves(self, adapter: str | None) -> bool:
+        return adapter in (None, "base") or (self._bank is not None and adapter in self._bank.adapters)
+
     async def submit(self, request: GenerationRequest) -> LocalTokenStream:
         """A request for a retiring version is still accepted: it was routed there before the swap."""
-        if request.adapter not in (None, "base") and request.adapter not in self._adapters:
+        if not self._serves(request.adapter):
             raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded")
         prompt_ids = await asyncio.to_thread(self.encode, request.messages)
         limit = self.max_context_tokens
@@ -255,7 +308,7 @@ class LocalEngine:
             generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         seq = _Sequence(request, prompt_ids, asyncio.get_running_loop(), asyncio.Queue(), generator=generator)
         with self._adapters_lock:  # so the worker cannot free the adapter between the check and the put
-            if request.adapter not in (None, "base") and request.adapter not in self._adapters:
+            if not self._serves(request.adapter):
                 raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded")
             try:
                 self._pending.put_nowait(seq)
@@ -265,87 +318,112 @@ class LocalEngine:
 
     # ---- worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        lanes: dict[str, _Lane] = {}
+        self._cache = self._new_cache(self._max_batch)
         with torch.inference_mode():
             while not self._stopping.is_set():
-                self._free_retired(set(lanes))  # a retired adapter's weights go once it has drained
-                newcomers = self._admit(sum(len(lane.batch) for lane in lanes.values()))
-                if not newcomers and not any(lane.batch for lane in lanes.values()):
+                self._free_retired(self._busy_variants())  # a retired adapter's matrices go once it has drained
+                if self._cohort is None:
+                    self._admit()
+                if self._cohort is None and not self._running:
                     continue
-                arriving: dict[str, list[_Sequence]] = {}
-                for seq in newcomers:
-                    arriving.setdefault(seq.request.adapter or "base", []).append(seq)
-                for variant in list(dict.fromkeys([*lanes, *arriving])):
-                    new = arriving.get(variant, [])
-                    lane = lanes.get(variant)
-                    if lane is None:
-                        model = self.model if variant == "base" else self._adapters.get(variant)
-                        if model is None:  # unloaded between submit and admission
-                            for seq in new:
-                                seq.send(EngineFailure(f"adapter {variant!r} was unloaded"))
-                            continue
-                        lane = lanes[variant] = _Lane(model)
-                    self._step(lane, new)
-                    if not lane.batch:
-                        del lanes[variant]
-                self._active = sum(len(lane.batch) for lane in lanes.values())
-        for lane in lanes.values():
-            for seq in lane.batch:
+                try:
+                    with self._model_lock:
+                        if self._cohort is not None:
+                            self._prefill_chunk(self._cohort)
+                        if self._running:
+                            self._decode_step()
+                except Exception as exc:  # noqa: BLE001 - never let the worker die
+                    log.exception("engine.step_failed")
+                    self._fail_all(exc)
+                self._active = len(self._running) + (len(self._cohort.seqs) - self._cohort.joined if self._cohort else 0)
+        for seq in self._running + (self._cohort.seqs if self._cohort else []):
+            if not seq.done:
                 seq.send(Finished("cancelled", len(seq.prompt_ids), len(seq.out_ids)))
 
-    def _step(self, lane: _Lane, newcomers: list[_Sequence]) -> None:
-        """Prefill newcomers into the lane's batch, or advance the batch by one token."""
-        try:
-            if newcomers:
-                logits, new_cache, new_mask = self._prefill(lane.model, newcomers)
-                lane.cache, lane.mask = _merge(lane.cache, lane.mask, new_cache, new_mask)
-                lane.batch = lane.batch + newcomers
-                self._sample(newcomers, logits)
-            elif lane.batch:
-                logits, lane.mask = self._decode_step(lane.model, lane.batch, lane.cache, lane.mask)
-                self._sample(lane.batch, logits)
-        except Exception as exc:  # noqa: BLE001 - never let the worker die
-            log.exception("engine.step_failed")
-            for seq in lane.batch + newcomers:
+    def _fail_all(self, exc: Exception) -> None:
+        for seq in self._running + (self._cohort.seqs if self._cohort else []):
+            if not seq.done:
+                seq.done = True
                 seq.send(EngineFailure(f"generation failed: {type(exc).__name__}"))
-            lane.batch, lane.cache, lane.mask = [], None, None
-        lane.batch, lane.cache, lane.mask = _drop_finished(lane.batch, lane.cache, lane.mask)
+        self._running, self._cohort = [], None
+        self._cache.clear()
 
-    def _admit(self, active: int) -> list[_Sequence]:
+    def _admit(self) -> None:
+        """Form the next prefill cohort from waiting requests (blocks briefly when idle)."""
         newcomers: list[_Sequence] = []
-        while active + len(newcomers) < self._max_batch:
+        room = self._max_batch - len(self._running)
+        while len(newcomers) < room:
             try:
-                seq = self._pending.get(timeout=0.05) if not (active or newcomers) else self._pending.get_nowait()
+                idle = not (self._running or newcomers)
+                seq = self._pending.get(timeout=0.05) if idle else self._pending.get_nowait()
             except queue.Empty:
                 break
             if seq.cancelled.is_set():
                 seq.send(Finished("cancelled", len(seq.prompt_ids), 0))
                 continue
+            if not self._serves(seq.request.adapter):  # unloaded between submit and admission
+                seq.send(EngineFailure(f"adapter {seq.request.adapter!r} was unloaded"))
+                continue
             newcomers.append(seq)
-        return newcomers
+        if newcomers:
+            newcomers.sort(key=lambda s: len(s.prompt_ids), reverse=True)
+            self._cohort = _Cohort(newcomers, self._new_cache(len(newcomers)))
 
-    def _prefill(self, model, seqs: list[_Sequence]):  # noqa: ANN001
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            n = len(seq.prompt_ids)
-            ids[row, width - n :] = torch.tensor(seq.prompt_ids)
-            mask[row, width - n :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
-        return out.logits[:, -1, :].float(), out.past_key_values, mask
+    def _prefill_chunk(self, cohort: _Cohort) -> None:
+        """Read the next chunk of the cohort's prompts; rows whose prompt ends here sample their
+        first token and join the running batch."""
+        seqs = cohort.seqs
+        active = len(seqs) - cohort.joined  # rows still reading their prompt (a prefix)
+        columns = max(16, self._chunk_tokens // active)
+        longest = len(seqs[0].prompt_ids)
+        tokens = min(columns, longest - cohort.start)
+        start = cohort.start
+        ids = torch.full((active, tokens), self._pad_id, dtype=torch.long)
+        real = torch.zeros(active, dtype=torch.long)
+        pick = torch.full((active,), tokens - 1, dtype=torch.long)
+        for row, seq in enumerate(seqs[:active]):
+            part = seq.prompt_ids[start : start + tokens]
+            ids[row, : len(part)] = torch.tensor(part, dtype=torch.long)
+            real[row] = len(part)
+            if start + tokens >= len(seq.prompt_ids):
+                pick[row] = len(seq.prompt_ids) - 1 - start
+        self._bank.route([seq.variant for seq in seqs[:active]])
+        positions, mask = cohort.cache.begin_chunk(active, start, tokens)
+        logits = forward(self.model, cohort.cache, ids, positions, mask, pick=pick)
+        cohort.cache.finish_chunk(real)
+        cohort.start = start + tokens
+        ending = [row for row, seq in enumerate(seqs[:active]) if len(seq.prompt_ids) <= cohort.start]
+        if ending:
+            rows = torch.tensor(ending, dtype=torch.long)
+            self._sample([seqs[r] for r in ending], logits.index_select(0, rows))
+            for row in ending:
+                seq = seqs[row]
+                if not seq.done and not seq.cancelled.is_set():
+                    self._cache.add_row(cohort.cache, row)
+                    self._running.append(seq)
+                elif not seq.done:
+                    self._finish(seq, "cancelled")
+            cohort.joined += len(ending)
+        if cohort.joined == len(seqs):
+            self._cohort = None
 
-    def _decode_step(self, model, batch: list[_Sequence], cache, mask: torch.Tensor):  # noqa: ANN001
-        ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
-        mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-        return out.logits[:, -1, :].float(), mask
+    def _decode_step(self) -> None:
+        """Advance every running sequence by one token."""
+        batch = self._running
+        self._bank.route([seq.variant for seq in batch])
+        ids = torch.tensor([[seq.last_token] for seq in batch], dtype=torch.long)
+        positions, mask = self._cache.begin_decode()
+        logits = forward(self.model, self._cache, ids, positions, mask)
+        self._cache.finish_decode()
+        self._sample(batch, logits)
+        for row in reversed(range(len(batch))):
+            seq = batch[row]
+            if seq.cancelled.is_set() and not seq.done:
+                self._finish(seq, "cancelled")
+            if seq.done:
+                if self._cache.remove_row(row) is not None:
+                    batch[row] = batch[-1]
+                batch.pop()
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -363,9 +441,22 @@ class LocalEngine:
             seq.last_token = token
             self._emit(seq, token, logprobs[row])
 
+    def _detokenize(self, seq: _Sequence, final: bool = False) -> None:
+        """Append the text of the newest tokens to `seq.text`, decoding only a short window (the
+        tokens since the last complete character, plus the previous ones for spacing). An
+        incomplete UTF-8 character waits for its next token unless this is the end."""
+        decode = self.tokenizer.decode
+        ids = seq.out_ids
+        before = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        after = decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            seq.text += after[len(before) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
     def _emit(self, seq: _Sequence, token: int, logprobs: torch.Tensor) -> None:
         params = seq.request.params
-        text = self.tokenizer.decode(seq.out_ids, skip_special_tokens=True)
+        self._detokenize(seq)
+        text = seq.text
         finish = None
         if params.stop:
             start = max(0, seq.emitted - max(len(s) for s in params.stop))
@@ -374,12 +465,11 @@ class LocalEngine:
                 text, finish = text[: min(hits)], "stop"
         if finish is None and len(seq.out_ids) >= params.max_tokens:
             finish = "length"
+            self._detokenize(seq, final=True)
+            text = seq.text
         safe = len(text)
-        if finish is None:
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                safe = len(text.rstrip("\ufffd"))
-            if params.stop:  # hold back what could be the start of a stop string
-                safe = min(safe, len(text) - max(len(s) for s in params.stop) + 1)
+        if finish is None and params.stop:  # hold back what could be the start of a stop string
+            safe = min(safe, len(text) - max(len(s) for s in params.stop) + 1)
         safe = max(safe, seq.emitted)
         top: tuple[tuple[str, float], ...] = ()
         if params.top_logprobs:
@@ -400,9 +490,11 @@ class LocalEngine:
 
     def _finish(self, seq: _Sequence, reason: str, remainder: str | None = None) -> None:
         if remainder is None:
-            remainder = self.tokenizer.decode(seq.out_ids, skip_special_tokens=True)[seq.emitted :]
             if reason == "cancelled":
                 remainder = ""
+            else:
+                self._detokenize(seq, final=True)
+                remainder = seq.text[seq.emitted :]
         seq.done = True
         seq.send(Finished(reason, len(seq.prompt_ids), len(seq.out_ids), text=remainder))
 
@@ -435,45 +527,3 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _merge(cache, mask, new_cache, new_mask):
-    """Append newly prefilled sequences to the running batch, left-padding the shorter cache."""
-    if cache is None or mask is None or mask.shape[0] == 0:
-        return new_cache, new_mask
-    width = max(mask.shape[1], new_mask.shape[1])
-    mask = torch.cat([_pad_left(mask, width), _pad_left(new_mask, width)], dim=0)
-    for old, new in zip(cache.layers, new_cache.layers):
-        old.keys = torch.cat([_pad_left(old.keys, width, dim=2), _pad_left(new.keys, width, dim=2)], dim=0)
-        old.values = torch.cat([_pad_left(old.values, width, dim=2), _pad_left(new.values, width, dim=2)], dim=0)
-    return cache, mask
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
-
-
-def _drop_finished(batch: list[_Sequence], cache, mask):
-    """Remove finished rows and any leading columns that are now padding for every row."""
-    keep = [i for i, s in enumerate(batch) if not s.done and not s.cancelled.is_set()]
-    for i, s in enumerate(batch):
-        if i not in keep and not s.done:  # cancelled between steps
-            s.done = True
-            s.send(Finished("cancelled", len(s.prompt_ids), len(s.out_ids)))
-    if len(keep) == len(batch):
-        return batch, cache, mask
-    if not keep:
-        return [], None, None
-    index = torch.tensor(keep, dtype=torch.long)
-    mask = mask.index_select(0, index)
-    first = int((mask.sum(0) > 0).nonzero()[0])
-    mask = mask[:, first:]
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-        layer.values = layer.values.index_select(0, index)[:, :, first:, :]
-    return [batch[i] for i in keep], cache, mask

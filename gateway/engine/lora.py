@@ -1,0 +1,165 @@
+"""Many LoRA adapters over one shared base model, served in one batch.
+
+Every served version is a handful of small matrices (A: r × in, B: out × r per target layer, a few
+MB), not a merged copy of the model. Each target `nn.Linear` of the base is wrapped once in a
+`BatchedLoraLinear`; before a forward pass the engine tells the wrappers which batch rows belong to
+which adapter (`LoraBank.route`), and each wrapper adds `scale · B·A·x` for those rows only, one
+group per adapter in the batch, on top of the shared base projection. This is the technique of
+punica / S-LoRA / vLLM's LoRA path (`vllm/lora/ops/torch_ops/lora_ops.py` gathers per-row A/B
+matrices; with the one to three versions an A/B test serves, grouping rows per adapter does the
+same work with plain matmuls and no per-row weight copies).
+
+The adapter files are read with PEFT's own loaders (`PeftConfig.from_pretrained`,
+`load_peft_weights`); only plain LoRA is accepted (no DoRA, biases, extra trainable modules or
+per-layer rank/alpha patterns), which is exactly what `retraining/train.py` writes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftConfig
+from peft.utils import load_peft_weights
+from torch import nn
+
+
+class AdapterFormatError(ValueError):
+    """The folder is not a plain LoRA adapter this engine can serve."""
+
+
+@dataclass
+class RowRouting:
+    """Which batch rows use which adapter in the current forward pass (shared by every wrapper).
+    `groups` maps adapter name → row indices (None: every row); rows of the base model are absent."""
+
+    groups: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+class BatchedLoraLinear(nn.Module):
+    """A base linear layer plus any number of LoRA deltas, applied per batch row."""
+
+    def __init__(self, base: nn.Linear, routing: RowRouting) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name → (A, scale·B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for name, rows in self.routing.groups.items():
+            delta = self.deltas.get(name)
+            if delta is None:
+                continue
+            a, b = delta
+            if rows is None:
+                out = out + (x @ a.T) @ b.T
+            else:
+                out.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+        return out
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    path: str
+    rank: int
+    modules: int
+    nbytes: int
+
+
+class LoraBank:
+    """The adapters loaded into one base model, and the routing of batch rows to them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.routing = RowRouting()
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self._wrapped: dict[str, BatchedLoraLinear] = {}
+        self._dtype = next(model.parameters()).dtype
+
+    # ---- loading ---------------------------------------------------------------------------
+    def read(self, name: str, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Read and validate an adapter folder (no model state changes): module name → (A, scale·B)."""
+        try:
+            config = PeftConfig.from_pretrained(str(path))
+        except Exception as exc:  # noqa: BLE001 - PEFT raises several types for a bad folder
+            raise AdapterFormatError(f"{path}: not a PEFT adapter folder ({exc})") from None
+        if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
+            raise AdapterFormatError(f"{path}: only LoRA adapters can be served, not {config.peft_type}")
+        unsupported = [
+            label for label, present in (
+                ("DoRA", getattr(config, "use_dora", False)),
+                ("trained biases", getattr(config, "bias", "none") != "none"),
+                ("modules_to_save", bool(getattr(config, "modules_to_save", None))),
+                ("rank_pattern", bool(getattr(config, "rank_pattern", None))),
+                ("alpha_pattern", bool(getattr(config, "alpha_pattern", None))),
+            ) if present
+        ]
+        if unsupported:
+            raise AdapterFormatError(f"{path}: unsupported LoRA features: {', '.join(unsupported)}")
+        rank = int(config.r)
+        scale = config.lora_alpha / (math.sqrt(rank) if getattr(config, "use_rslora", False) else rank)
+        weights = load_peft_weights(str(path), device="cpu")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in weights.items():
+            for part in ("lora_A", "lora_B"):
+                marker = f".{part}."
+                if marker in key:
+                    module = key.split(marker)[0].removeprefix("base_model.model.")
+                    pairs.setdefault(module, {})[part] = tensor
+                    break
+            else:
+                raise AdapterFormatError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
+        deltas = {}
+        for module, parts in pairs.items():
+            if set(parts) != {"lora_A", "lora_B"}:
+                raise AdapterFormatError(f"{path}: {module} lacks lora_A or lora_B")
+            try:
+                target = self.model.get_submodule(module)
+            except AttributeError:
+                raise AdapterFormatError(f"{path}: the base model has no layer {module!r}") from None
+            base = target.base if isinstance(target, BatchedLoraLinear) else target
+            a, b = parts["lora_A"], parts["lora_B"]
+            if not isinstance(base, nn.Linear) or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise AdapterFormatError(f"{path}: {module} does not match the base model's shapes")
+            deltas[module] = (a.to(self._dtype).contiguous(), (b * scale).to(self._dtype).contiguous())
+        if not deltas:
+            raise AdapterFormatError(f"{path}: the adapter holds no LoRA weights")
+        return deltas
+
+    def add(self, name: str, path: str | Path, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> LoadedAdapter:
+        """Install deltas read by `read` (call on the thread that runs forward passes, or between them)."""
+        for module, delta in deltas.items():
+            wrapper = self._wrapped.get(module)
+            if wrapper is None:
+                parent_name, _, child = module.rpartition(".")
+                parent = self.model.get_submodule(parent_name)
+                wrapper = BatchedLoraLinear(getattr(parent, child), self.routing)
+                setattr(parent, child, wrapper)
+                self._wrapped[module] = wrapper
+            wrapper.deltas[name] = delta
+        nbytes = sum(t.numel() * t.element_size() for pair in deltas.values() for t in pair)
+        rank = next(iter(deltas.values()))[0].shape[0]
+        info = LoadedAdapter(name, str(path), rank, len(deltas), nbytes)
+        self.adapters[name] = info
+        return info
+
+    def remove(self, name: str) -> None:
+        for wrapper in self._wrapped.values():
+            wrapper.deltas.pop(name, None)
+        self.adapters.pop(name, None)
+
+    # ---- routing ---------------------------------------------------------------------------
+    def route(self, variants: list[str]) -> None:
+        """Name each row's variant for the next forward pass ("base" rows get no delta)."""
+        groups: dict[str, list[int]] = {}
+        for row, variant in enumerate(variants):
+            if variant in self.adapters:
+                groups.setdefault(variant, []).append(row)
+        self.routing.groups = {
+            name: None if len(rows) == len(variants) else torch.tensor(rows, dtype=torch.long)
+            for name, rows in groups.items()
+        }
