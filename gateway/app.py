@@ -91,6 +91,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
         metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
         metrics.ENGINE_KV_BYTES.set_function(lambda: engine.stats().get("kv_cache_bytes", 0))
+        metrics.ENGINE_STEPS.set_function(lambda: engine.stats().get("steps", 0))
+        metrics.ENGINE_STEP_SECONDS.set_function(lambda: engine.stats().get("step_ms", 0) / 1000)
+        metrics.ENGINE_TOKENS.set_function(lambda: engine.stats().get("tokens", 0))
+        metrics.ENGINE_PREFIX_HITS.set_function(lambda: engine.stats().get("prefix_hits", 0))
 
         async def load_knowledge() -> None:
             try:

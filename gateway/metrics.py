@@ -30,6 +30,10 @@ IN_FLIGHT = Gauge("tellerloop_inflight_requests", "Chat completions being genera
 REJECTED = Counter("tellerloop_rejected_requests_total", "Chat requests refused before generation", ["reason"])
 ENGINE_QUEUED = Gauge("tellerloop_engine_queued", "Requests waiting for a generation slot")
 ENGINE_ACTIVE = Gauge("tellerloop_engine_active_sequences", "Sequences in the running batch")
+ENGINE_STEPS = Gauge("tellerloop_engine_steps_total", "Forward passes the engine ran (a counter, read from the engine)")
+ENGINE_STEP_SECONDS = Gauge("tellerloop_engine_step_seconds_total", "Seconds spent in forward passes (a counter, read from the engine)")
+ENGINE_TOKENS = Gauge("tellerloop_engine_tokens_total", "Tokens through the model: prompt and generated (a counter, read from the engine)")
+ENGINE_PREFIX_HITS = Gauge("tellerloop_engine_prefix_hits_total", "Requests whose shared prompt prefix was copied, not recomputed (a counter)")
 ENGINE_KV_BYTES = Gauge("tellerloop_engine_kv_cache_bytes", "Memory held by the running batch's key/value slots")
 RETRIEVAL_SECONDS = Histogram(
     "tellerloop_retrieval_seconds", "Knowledge-base search time (embedding + vector query)",

@@ -38,4 +38,6 @@ def build_engine(settings: Settings) -> Engine:
         torch_threads=settings.engine.torch_threads,
         prefill_chunk_tokens=settings.engine.prefill_chunk_tokens,
         kv_block_tokens=settings.engine.kv_block_tokens,
+        prefix_cache_entries=settings.engine.prefix_cache_entries,
+        prefix_min_tokens=settings.engine.prefix_min_tokens,
     )

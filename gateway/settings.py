@@ -62,10 +62,12 @@ class EngineSettings(_Section):
     backend: Literal["local", "openai"] = "local"
     upstream_url: str = ""
     max_queue: int = Field(64, ge=1)
-    max_batch: int = Field(8, ge=1)
+    max_batch: int = Field(64, ge=1)  # 64 streams: 191 tok/s vs 100 at 16 (bench/results/serve.md)
     torch_threads: int = Field(0, ge=0)
     prefill_chunk_tokens: int = Field(512, ge=16)  # prompt tokens read per step between decode steps
     kv_block_tokens: int = Field(128, ge=8)  # the KV slots grow by this many tokens at a time
+    prefix_cache_entries: int = Field(8, ge=0)  # shared prompt prefixes (system prompt) kept as KV; 0 → off
+    prefix_min_tokens: int = Field(32, ge=1)  # shortest shared prefix worth storing
     retry_after_s: int = Field(2, ge=1)
 
 

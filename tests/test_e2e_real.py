@@ -502,3 +502,64 @@ sync_interval_s = 1
         assert server.proc.poll() is None  # the same process throughout
     finally:
         server.stop()
+
+
+def test_two_real_adapters_and_the_base_decode_in_one_batch(tmp_path, real_model_dir):
+    """Issue 12 on the real model through the real server: champion, challenger and base requests
+    run concurrently in one batch; each answer (tokens and log-probs) equals the one the same
+    variant gives alone; the adapters really change the model; each costs megabytes, not a copy."""
+    from gateway.settings import load_settings
+    from tests.conftest import make_adapter, start_server
+
+    server = start_server(tmp_path, f"""
+[model]
+base = "{real_model_dir}"
+[rag]
+enabled_by_default = false
+demo_data = ""
+[retraining]
+enabled = false
+[experiment]
+sync_interval_s = 1
+""")
+    admin = {"Authorization": "Bearer dev-admin-key"}
+    base = server.base_url
+    try:
+        settings = load_settings(None, storage={"data_dir": str(server.data_dir)})
+        asyncio.run(make_adapter(settings, real_model_dir, "champion", seed=11))
+        asyncio.run(make_adapter(settings, real_model_dir, "challenger", seed=12))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            served = httpx.get(f"{base}/v1/models", headers=admin, timeout=10).json()["data"]
+            if {"v0001", "v0002"} <= {m["id"] for m in served}:
+                break
+            time.sleep(0.5)
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="dev-admin-key", max_retries=0)
+
+        async def ask(variant, question):
+            r = await client.chat.completions.create(
+                model=variant, messages=[{"role": "user", "content": question}], max_tokens=20,
+                logprobs=True, extra_body={"rag": False})
+            assert r.model_extra["variant"] == variant
+            return r.choices[0].message.content, [round(t.logprob, 3) for t in r.choices[0].logprobs.content]
+
+        plan = [(v, q) for q in QUESTIONS[:4] for v in ("v0001", "v0002", "base")]
+
+        async def main():
+            alone = [await ask(v, q) for v, q in plan]
+            together = await asyncio.gather(*[ask(v, q) for v, q in plan])
+            return alone, together
+
+        alone, together = asyncio.run(main())
+        assert [text for text, _ in together] == [text for text, _ in alone]
+        for (_, lp_alone), (_, lp_together) in zip(alone, together):
+            assert lp_together == pytest.approx(lp_alone, abs=2e-3)
+        by_variant = {v: [alone[i] for i, (pv, _) in enumerate(plan) if pv == v] for v in ("v0001", "v0002", "base")}
+        assert by_variant["v0001"] != by_variant["v0002"] != by_variant["base"]
+        metrics = httpx.get(f"{base}/metrics", headers=admin, timeout=10).text
+        sizes = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("tellerloop_variant_weight_bytes{")}
+        assert 0 < sizes["v0001"] < sizes["base"] / 50 and 0 < sizes["v0002"] < sizes["base"] / 50
+        assert server.proc.poll() is None
+    finally:
+        server.stop()

@@ -265,3 +265,35 @@ async def test_long_prompts_are_read_in_chunks_while_others_decode(tiny_model_di
         assert [[t.token_id for t in tok] for _, tok, _ in together] == [[t.token_id for t in tok] for tok in alone]
     finally:
         await eng.stop()
+
+
+async def test_a_shared_system_prompt_is_read_once_and_answers_do_not_change(tiny_model_dir, tiny_adapters):
+    """The KV of a prompt prefix shared with the previous prompt (the system prompt) is stored once
+    and copied into later requests' slots, per variant: answers and log-probs are those of an engine
+    that recomputes every prompt."""
+    system = "You are the bank's assistant. " * 8
+    asks = [(v, q) for v in (None, "a1") for q in QUESTIONS[:4]]
+
+    async def answers(engine):
+        async def one(variant, question):
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+            stream = await engine.submit(GenerationRequest("t", messages, SamplingParams(max_tokens=12), adapter=variant))
+            return [(e.token_id, round(e.logprob, 4)) async for e in stream if isinstance(e, TokenEvent)]
+        sequential = [await one(v, q) for v, q in asks]
+        together = await asyncio.gather(*[one(v, q) for v, q in asks])
+        return sequential, list(together)
+
+    results, hits = {}, {}
+    for entries in (8, 0):
+        eng = LocalEngine(str(tiny_model_dir), dtype="float32", max_batch=8, max_context_tokens=512,
+                          prefix_cache_entries=entries, prefix_min_tokens=16)
+        await eng.start()
+        try:
+            await eng.load_adapter("a1", tiny_adapters["a1"])
+            results[entries] = await answers(eng)
+            hits[entries] = eng.stats()["prefix_hits"]
+        finally:
+            await eng.stop()
+    assert hits[0] == 0 and hits[8] >= 8  # every request after the first of each variant reused it
+    assert results[8] == results[0]
+    assert results[0][0] == results[0][1]  # and batching changes nothing either

@@ -1,12 +1,13 @@
 """In-process transformers backend: one continuous batch for every served variant.
 
-One worker thread owns the model. Requests wait in a bounded queue; between steps the worker admits
-a cohort of waiting requests (up to `max_batch` sequences in flight) and prefills it in chunks of
-about `prefill_chunk_tokens` tokens, running one decode step of the running batch between chunks,
-so a long prompt never stalls the streams already answering; a sequence joins the running batch as
-soon as its own prompt is read. Keys and values live in preallocated slots (`slots.SlotCache`): a
-decode step writes one column per row in place, so it costs the same at token 10 and token 500.
-All blocking model work stays on the worker thread; the event loop only awaits per-request queues.
+One worker thread owns the model. Requests wait in a bounded queue; the worker admits a cohort of
+waiting requests (up to `max_batch` sequences in flight) and reads their prompts in chunks of about
+`prefill_chunk_tokens` tokens, each chunk in the same forward pass as the running batch's next
+token (`slots.StepPlan`): a long prompt never stalls the streams already answering, the weights are
+read once per step, and a sequence starts decoding as soon as its own prompt is read. Keys and
+values live in preallocated slots (`slots.SlotCache`), written in place, so a step costs the same
+at token 10 and token 500. All blocking model work stays on the worker thread; the event loop only
+awaits per-request queues.
 
 Adapters: one base model; each loaded LoRA version is a few MB of unmerged matrices
 (`lora.LoraBank`), and every row of the batch names its variant, so the champion, a challenger
@@ -26,6 +27,7 @@ import queue
 import random
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,7 +45,7 @@ from gateway.engine.base import (
     UnknownAdapter,
 )
 from gateway.engine.lora import LoraBank
-from gateway.engine.slots import ATTENTION, SlotCache, forward, llama_parts
+from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
 from gateway.loading import MODEL_LOAD_LOCK
 
 log = structlog.get_logger(__name__)
@@ -65,6 +67,9 @@ class _Sequence:
     prefix_offset: int = 0  # incremental detokenisation window over out_ids
     read_offset: int = 0
     last_token: int = -1  # sampled but not yet fed to the model
+    row: int = -1  # its KV slot
+    kv_len: int = 0  # tokens in its slot
+    share: int = 0  # >0: store the first `share` prompt tokens' KV once read (a shared prefix)
     done: bool = False
 
     @property
@@ -80,13 +85,13 @@ class _Sequence:
 
 @dataclass(eq=False)
 class _Cohort:
-    """Sequences being prefilled together, longest prompt first (so rows whose prompt is fully read
-    form a suffix and later chunks run on a prefix of the rows)."""
+    """Sequences whose prompts are read together, in consecutive slot rows from `first_row`, most
+    unread prompt tokens first: rows whose prompt is fully read form a suffix and start decoding
+    where they are, and later chunks run on the remaining prefix."""
 
     seqs: list[_Sequence]
-    cache: SlotCache
-    start: int = 0  # prompt columns already read
-    joined: int = 0  # rows (a suffix) already moved to the running batch
+    first_row: int
+    reading: int = 0  # rows (a prefix) still reading their prompt
 
 
 class LocalTokenStream:
@@ -133,6 +138,8 @@ class LocalEngine:
         torch_threads: int = 0,
         prefill_chunk_tokens: int = 512,
         kv_block_tokens: int = 128,
+        prefix_cache_entries: int = 8,
+        prefix_min_tokens: int = 32,
     ) -> None:
         self.name = "local"
         self._model_source = model  # a path, or a callable resolving one (e.g. the one-time GGUF conversion)
@@ -142,6 +149,12 @@ class LocalEngine:
         self._max_batch = max_batch
         self._chunk_tokens = prefill_chunk_tokens
         self._kv_block = kv_block_tokens
+        self._prefix_entries = prefix_cache_entries
+        self._prefix_min = prefix_min_tokens
+        self._prefixes: OrderedDict[tuple[str, tuple[int, ...]], object] = OrderedDict()  # LRU
+        self._last_prompt: dict[str, list[int]] = {}
+        self._prefix_hits = 0
+        self._stale_variants: set[str] = set()
         self._pending: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
         self._torch_threads = torch_threads
         self._stopping = threading.Event()
@@ -156,6 +169,9 @@ class LocalEngine:
         self._cache: SlotCache | None = None
         self._running: list[_Sequence] = []
         self._cohort: _Cohort | None = None
+        self._steps = 0
+        self._step_seconds = 0.0
+        self._tokens = 0  # prompt + generated tokens through the model
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -212,7 +228,7 @@ class LocalEngine:
     def _busy_variants(self) -> set[str]:
         busy = {seq.variant for seq in self._running}
         if self._cohort is not None:
-            busy.update(seq.variant for seq in self._cohort.seqs)
+            busy.update(seq.variant for seq in self._cohort.seqs[: self._cohort.reading])
         return busy
 
     def _free_retired(self, busy: set[str]) -> None:
@@ -224,6 +240,7 @@ class LocalEngine:
             for name in list(self._retiring):
                 if name not in busy and name not in waiting:
                     self._retiring.discard(name)
+                    self._stale_variants.add(name)
                     with self._model_lock:
                         self._bank.remove(name)
                     log.info("engine.adapter_freed", adapter=name)
@@ -234,15 +251,18 @@ class LocalEngine:
         with self._adapters_lock, self._model_lock:
             if name in self._bank.adapters:
                 self._bank.remove(name)  # reloading a name replaces its matrices
+            self._stale_variants.add(name)
             info = self._bank.add(name, path, deltas)
             self._retiring.discard(name)
         log.info("engine.adapter_loaded", adapter=name, rank=info.rank, modules=info.modules,
                  bytes=info.nbytes, seconds=round(time.perf_counter() - started, 3))
 
     def stats(self) -> dict[str, int]:
-        cache, cohort = self._cache, self._cohort
-        kv = (cache.nbytes() if cache is not None else 0) + (cohort.cache.nbytes() if cohort is not None else 0)
-        return {"queued": self._pending.qsize(), "active": self._active, "kv_cache_bytes": kv}
+        cache = self._cache
+        kv = cache.nbytes() if cache is not None else 0
+        return {"queued": self._pending.qsize(), "active": self._active, "kv_cache_bytes": kv,
+                "steps": self._steps, "step_ms": int(self._step_seconds * 1000), "tokens": self._tokens,
+                "prefix_hits": self._prefix_hits}
 
     def _load(self) -> None:
         if self._torch_threads:
@@ -328,25 +348,28 @@ class LocalEngine:
                     continue
                 try:
                     with self._model_lock:
-                        if self._cohort is not None:
-                            self._prefill_chunk(self._cohort)
-                        if self._running:
-                            self._decode_step()
+                        started = time.perf_counter()
+                        self._step()
+                        self._steps += 1
+                        self._step_seconds += time.perf_counter() - started
                 except Exception as exc:  # noqa: BLE001 - never let the worker die
                     log.exception("engine.step_failed")
                     self._fail_all(exc)
-                self._active = len(self._running) + (len(self._cohort.seqs) - self._cohort.joined if self._cohort else 0)
-        for seq in self._running + (self._cohort.seqs if self._cohort else []):
+                self._active = len(self._running) + (self._cohort.reading if self._cohort else 0)
+        for seq in self._in_flight():
             if not seq.done:
                 seq.send(Finished("cancelled", len(seq.prompt_ids), len(seq.out_ids)))
 
+    def _in_flight(self) -> list[_Sequence]:
+        return self._running + (self._cohort.seqs[: self._cohort.reading] if self._cohort else [])
+
     def _fail_all(self, exc: Exception) -> None:
-        for seq in self._running + (self._cohort.seqs if self._cohort else []):
+        for seq in self._in_flight():
             if not seq.done:
                 seq.done = True
                 seq.send(EngineFailure(f"generation failed: {type(exc).__name__}"))
+            self._cache.release(seq.row)
         self._running, self._cohort = [], None
-        self._cache.clear()
 
     def _admit(self) -> None:
         """Form the next prefill cohort from waiting requests (blocks briefly when idle)."""
@@ -366,64 +389,118 @@ class LocalEngine:
                 continue
             newcomers.append(seq)
         if newcomers:
-            newcomers.sort(key=lambda s: len(s.prompt_ids), reverse=True)
-            self._cohort = _Cohort(newcomers, self._new_cache(len(newcomers)))
+            with self._model_lock:  # a (re)loaded adapter cannot slip between the purge and the lookup
+                self._purge_prefixes()
+                self._admit_cohort(newcomers)
 
-    def _prefill_chunk(self, cohort: _Cohort) -> None:
-        """Read the next chunk of the cohort's prompts; rows whose prompt ends here sample their
-        first token and join the running batch."""
-        seqs = cohort.seqs
-        active = len(seqs) - cohort.joined  # rows still reading their prompt (a prefix)
-        columns = max(16, self._chunk_tokens // active)
-        longest = len(seqs[0].prompt_ids)
-        tokens = min(columns, longest - cohort.start)
-        start = cohort.start
-        ids = torch.full((active, tokens), self._pad_id, dtype=torch.long)
-        real = torch.zeros(active, dtype=torch.long)
-        pick = torch.full((active,), tokens - 1, dtype=torch.long)
-        for row, seq in enumerate(seqs[:active]):
-            part = seq.prompt_ids[start : start + tokens]
-            ids[row, : len(part)] = torch.tensor(part, dtype=torch.long)
-            real[row] = len(part)
-            if start + tokens >= len(seq.prompt_ids):
-                pick[row] = len(seq.prompt_ids) - 1 - start
-        self._bank.route([seq.variant for seq in seqs[:active]])
-        positions, mask = cohort.cache.begin_chunk(active, start, tokens)
-        logits = forward(self.model, cohort.cache, ids, positions, mask, pick=pick)
-        cohort.cache.finish_chunk(real)
-        cohort.start = start + tokens
-        ending = [row for row, seq in enumerate(seqs[:active]) if len(seq.prompt_ids) <= cohort.start]
+    def _admit_cohort(self, newcomers: list[_Sequence]) -> None:
+        if newcomers:
+            shared = [self._shared_prefix(seq) for seq in newcomers]
+            order = sorted(range(len(newcomers)), key=lambda i: len(newcomers[i].prompt_ids) - shared[i][0], reverse=True)
+            newcomers = [newcomers[i] for i in order]
+            first = self._cache.allocate(len(newcomers))
+            for i, (seq, (tokens, prefix)) in enumerate(zip(newcomers, [shared[i] for i in order])):
+                seq.row = first + i
+                if prefix is not None:
+                    self._cache.write_prefix(seq.row, prefix)  # its shared prompt prefix is not recomputed
+                    seq.kv_len = tokens
+            self._cohort = _Cohort(newcomers, first, reading=len(newcomers))
+            self._active = len(self._running) + len(newcomers)  # stats() never shows admitted work as idle
+
+    # ---- shared prompt prefixes (the system prompt every request repeats) --------------------
+    def _shared_prefix(self, seq: _Sequence) -> tuple[int, object]:
+        """The longest stored prefix of `seq`'s prompt for its variant: (tokens, KV) or (0, None).
+        Otherwise, if its prompt shares at least `prefix_min_tokens` leading tokens with the last
+        prompt of that variant, mark that prefix to be stored once this prompt has been read."""
+        if not self._prefix_entries:
+            return 0, None
+        ids = seq.prompt_ids
+        best: tuple[int, object] = (0, None)
+        for (variant, prefix), kv in self._prefixes.items():
+            if variant == seq.variant and best[0] < len(prefix) < len(ids) and tuple(ids[: len(prefix)]) == prefix:
+                best = (len(prefix), kv)
+        if best[1] is not None:
+            self._prefixes.move_to_end((seq.variant, tuple(ids[: best[0]])))
+            self._prefix_hits += 1
+            return best
+        last = self._last_prompt.get(seq.variant)
+        self._last_prompt[seq.variant] = ids
+        if last is not None:
+            common = 0
+            for a, b in zip(last, ids):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(ids) - 1)
+            if common >= self._prefix_min:
+                seq.share = common
+        return best
+
+    def _purge_prefixes(self) -> None:
+        """Forget stored prefixes of variants whose weights changed (reloaded or freed)."""
+        with self._adapters_lock:
+            stale, self._stale_variants = self._stale_variants, set()
+        if stale:
+            for key in [k for k in self._prefixes if k[0] in stale]:
+                del self._prefixes[key]
+            for variant in stale:
+                self._last_prompt.pop(variant, None)
+
+    def _remember_prefix(self, seq: _Sequence) -> None:
+        if seq.share and seq.kv_len >= seq.share:
+            key = (seq.variant, tuple(seq.prompt_ids[: seq.share]))
+            if key not in self._prefixes:
+                self._prefixes[key] = self._cache.read_prefix(seq.row, seq.share)
+                while len(self._prefixes) > self._prefix_entries:
+                    self._prefixes.popitem(last=False)
+            seq.share = 0
+
+    def _step(self) -> None:
+        """One forward pass: the next token of every running sequence plus, if a cohort is being
+        admitted, the next chunk of its prompts."""
+        running, cohort = self._running, self._cohort
+        nd = len(running)
+        ids = [seq.last_token for seq in running]
+        variants = [seq.variant for seq in running]
+        plan = StepPlan(self._cache, torch.tensor([s.row for s in running], dtype=torch.long),
+                        torch.tensor([s.kv_len for s in running], dtype=torch.long))
+        pick = list(range(nd))
+        ending: list[_Sequence] = []
+        if cohort is not None:
+            reading = cohort.seqs[: cohort.reading]
+            tokens = min(max(16, self._chunk_tokens // len(reading)), len(reading[0].prompt_ids) - reading[0].kv_len)
+            plan.chunk_row, plan.chunk_rows, plan.chunk_tokens = cohort.first_row, len(reading), tokens
+            plan.chunk_starts = torch.tensor([seq.kv_len for seq in reading], dtype=torch.long)
+            for i, seq in enumerate(reading):
+                part = seq.prompt_ids[seq.kv_len : seq.kv_len + tokens]
+                ids.extend(part)
+                ids.extend([self._pad_id] * (tokens - len(part)))
+                variants.extend([seq.variant] * tokens)
+                seq.kv_len += len(part)
+                if seq.kv_len == len(seq.prompt_ids):
+                    ending.append(seq)
+                    pick.append(nd + i * tokens + len(part) - 1)
+        self._bank.route(variants)
+        self._tokens += plan.tokens
+        logits = forward(self.model, plan, torch.tensor(ids, dtype=torch.long), torch.tensor(pick, dtype=torch.long))
+        for seq in running:
+            seq.kv_len += 1
+        for seq in reading if cohort is not None else ():
+            self._remember_prefix(seq)
+        self._sample(running + ending, logits)
         if ending:
-            rows = torch.tensor(ending, dtype=torch.long)
-            self._sample([seqs[r] for r in ending], logits.index_select(0, rows))
-            for row in ending:
-                seq = seqs[row]
-                if not seq.done and not seq.cancelled.is_set():
-                    self._cache.add_row(cohort.cache, row)
-                    self._running.append(seq)
-                elif not seq.done:
-                    self._finish(seq, "cancelled")
-            cohort.joined += len(ending)
-        if cohort.joined == len(seqs):
-            self._cohort = None
-
-    def _decode_step(self) -> None:
-        """Advance every running sequence by one token."""
-        batch = self._running
-        self._bank.route([seq.variant for seq in batch])
-        ids = torch.tensor([[seq.last_token] for seq in batch], dtype=torch.long)
-        positions, mask = self._cache.begin_decode()
-        logits = forward(self.model, self._cache, ids, positions, mask)
-        self._cache.finish_decode()
-        self._sample(batch, logits)
-        for row in reversed(range(len(batch))):
-            seq = batch[row]
+            cohort.reading -= len(ending)  # a suffix of the reading rows: they decode in place from now on
+            running.extend(ending)
+            if cohort.reading == 0:
+                self._cohort = None
+        for i in reversed(range(len(running))):
+            seq = running[i]
             if seq.cancelled.is_set() and not seq.done:
                 self._finish(seq, "cancelled")
             if seq.done:
-                if self._cache.remove_row(row) is not None:
-                    batch[row] = batch[-1]
-                batch.pop()
+                self._cache.release(seq.row)
+                running[i] = running[-1]
+                running.pop()
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -2,9 +2,9 @@
 
 Every served version is a handful of small matrices (A: r × in, B: out × r per target layer, a few
 MB), not a merged copy of the model. Each target `nn.Linear` of the base is wrapped once in a
-`BatchedLoraLinear`; before a forward pass the engine tells the wrappers which batch rows belong to
-which adapter (`LoraBank.route`), and each wrapper adds `scale · B·A·x` for those rows only, one
-group per adapter in the batch, on top of the shared base projection. This is the technique of
+`BatchedLoraLinear`; before a forward pass the engine tells the wrappers which tokens (of which
+sequences) belong to which adapter (`LoraBank.route`), and each wrapper adds `scale · B·A·x` for
+those tokens only, one group per adapter in the batch, on top of the shared base projection. This is the technique of
 punica / S-LoRA / vLLM's LoRA path (`vllm/lora/ops/torch_ops/lora_ops.py` gathers per-row A/B
 matrices; with the one to three versions an A/B test serves, grouping rows per adapter does the
 same work with plain matmuls and no per-row weight copies).
@@ -32,8 +32,8 @@ class AdapterFormatError(ValueError):
 
 @dataclass
 class RowRouting:
-    """Which batch rows use which adapter in the current forward pass (shared by every wrapper).
-    `groups` maps adapter name → row indices (None: every row); rows of the base model are absent."""
+    """Which tokens of the current forward pass use which adapter (shared by every wrapper).
+    `groups` maps adapter name → flat token indices (None: every token); base-model tokens are absent."""
 
     groups: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
@@ -49,15 +49,18 @@ class BatchedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        for name, rows in self.routing.groups.items():
+        if not self.routing.groups:
+            return out
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        for name, tokens in self.routing.groups.items():
             delta = self.deltas.get(name)
             if delta is None:
                 continue
             a, b = delta
-            if rows is None:
-                out = out + (x @ a.T) @ b.T
+            if tokens is None:
+                flat_out += (flat_x @ a.T) @ b.T
             else:
-                out.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+                flat_out.index_add_(0, tokens, (flat_x.index_select(0, tokens) @ a.T) @ b.T)
         return out
 
 
@@ -154,12 +157,12 @@ class LoraBank:
 
     # ---- routing ---------------------------------------------------------------------------
     def route(self, variants: list[str]) -> None:
-        """Name each row's variant for the next forward pass ("base" rows get no delta)."""
+        """Name each token's variant for the next forward pass (flat order; "base" gets no delta)."""
         groups: dict[str, list[int]] = {}
-        for row, variant in enumerate(variants):
+        for token, variant in enumerate(variants):
             if variant in self.adapters:
-                groups.setdefault(variant, []).append(row)
+                groups.setdefault(variant, []).append(token)
         self.routing.groups = {
-            name: None if len(rows) == len(variants) else torch.tensor(rows, dtype=torch.long)
-            for name, rows in groups.items()
+            name: None if len(tokens) == len(variants) else torch.tensor(tokens, dtype=torch.long)
+            for name, tokens in groups.items()
         }

@@ -1,22 +1,27 @@
-"""Preallocated KV slots and the forward pass that writes into them.
+"""Preallocated KV slots and the fused forward pass that writes into them.
 
 `transformers`' `DynamicCache` grows by concatenation, so every decode step copied the whole
 batch's keys and values, and merging a newcomer left-padded and re-copied them again. Here each
-running sequence owns one row ("slot") of per-layer key/value tensors allocated ahead; its tokens
-sit at columns 0..n-1 of its row, a decode step writes one column per row in place, and the
-attention reads a view of the first `max(n)+1` columns with a mask hiding each row's unused tail.
-The tensors grow in blocks of `block_tokens` columns (a copy every `block_tokens` steps, not every
-step), rows are kept packed (a finished row is replaced by the last one), and everything is freed
-when the batch empties.
+sequence owns one row ("slot") of per-layer key/value tensors allocated ahead; its tokens sit at
+columns 0..n-1 of its row and a step writes its new columns in place. Rows are handed out from a
+free list and never move; the tensors grow in blocks of `block_tokens` columns (a copy every
+`block_tokens` tokens, not every step) and are freed when the batch empties.
 
-`forward` runs the model's own decoder layers (Llama layout: SmolLM2, Llama, Qwen2, Mistral) with
-positions given per row and a custom attention function: for one query token it folds the query
-heads onto their key/value group (grouped-query attention without `repeat_kv`'s copy of every
-cached key and value at every step, which transformers' SDPA path makes on CPU whenever a mask is
-given).
+One step = one forward pass over a flat list of tokens: one token for every decoding row, plus a
+chunk of prompt tokens for every row of the cohort being prefilled (vLLM's and Sarathi's mixed
+batches: the weights, the dominant memory traffic on a CPU, are read once per step instead of once
+for the prefill and again for the decode). Token-wise layers (projections, MLP, norms, LoRA) see
+the flat list; the attention function splits it again: decoding rows attend over their own rows'
+first `max(len)+1` columns with a mask hiding each row's unused tail (query heads folded onto their
+key/value group: grouped-query attention without `repeat_kv` copying every cached key at every
+step), the prefill chunk attends causally over its cohort's contiguous block of rows.
+
+`forward` runs the model's own decoder layers (Llama layout: SmolLM2, Llama, Qwen2, Mistral).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +31,94 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 ATTENTION = "tellerloop_slots"
 
 
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ARG001
-    """SDPA over the slot view. query: [b, heads, t, d]; key/value: [b, kv_heads, width, d];
-    attention_mask: bool [b or 1, 1, t, width] (True = attend). Returns [b, t, heads, d]."""
-    b, heads, t, d = query.shape
-    kv_heads = key.shape[1]
-    if t == 1 and heads != kv_heads:
-        folded = query.reshape(b, kv_heads, heads // kv_heads, d)
-        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=scaling)
-        return out.reshape(b, 1, heads, d), None
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=heads != kv_heads
-    )
-    return out.transpose(1, 2).contiguous(), None
+@dataclass
+class StepPlan:
+    """What one forward pass computes: `decode_rows` (one token each, first in the flat list), then
+    `chunk_rows` consecutive rows starting at `chunk_row`, each with `chunk_tokens` prompt tokens
+    for columns `chunk_starts[i]`.. (rows whose prompt ends earlier carry padding there)."""
+
+    cache: "SlotCache"
+    decode_rows: torch.Tensor  # [nd] row indices
+    decode_cols: torch.Tensor  # [nd] the column each decoding row writes (its length)
+    chunk_row: int = 0
+    chunk_rows: int = 0
+    chunk_starts: torch.Tensor | None = None  # [chunk_rows] first column each row writes
+    chunk_tokens: int = 0
+    span: int = 0  # rows 0..span-1 cover every decoding row
+    in_order: bool = False  # the decoding rows are exactly 0..span-1, in that order
+    decode_mask: torch.Tensor | None = None
+    chunk_mask: torch.Tensor | None = None
+    write_rows: torch.Tensor | None = None
+    write_cols: torch.Tensor | None = None
+
+    @property
+    def decode_count(self) -> int:
+        return int(self.decode_rows.shape[0])
+
+    @property
+    def chunk_end(self) -> int:
+        return int(self.chunk_starts.max()) + self.chunk_tokens if self.chunk_rows else 0
+
+    @property
+    def tokens(self) -> int:
+        return self.decode_count + self.chunk_rows * self.chunk_tokens
+
+    def prepare(self) -> torch.Tensor:
+        """Masks and write positions; returns the flat position ids [1, tokens]."""
+        nd = self.decode_count
+        positions = [self.decode_cols]
+        rows, cols = [self.decode_rows], [self.decode_cols]
+        if nd:
+            self.span = int(self.decode_rows.max()) + 1
+            self.in_order = self.span == nd and bool((self.decode_rows == torch.arange(nd)).all())
+            width = int(self.decode_cols.max()) + 1
+            lengths = torch.zeros(self.span, dtype=torch.long)  # rows that do not decode see column 0 only
+            lengths[self.decode_rows] = self.decode_cols
+            self.decode_mask = (torch.arange(width)[None, :] <= lengths[:, None])[:, None, None, :]
+        if self.chunk_rows:
+            t = self.chunk_tokens
+            chunk_cols = self.chunk_starts[:, None] + torch.arange(t)[None, :]  # [rows, t]
+            positions.append(chunk_cols.reshape(-1))
+            rows.append(torch.arange(self.chunk_row, self.chunk_row + self.chunk_rows).repeat_interleave(t))
+            cols.append(chunk_cols.reshape(-1))
+            end = self.chunk_end
+            self.chunk_mask = (torch.arange(end)[None, None, :] <= chunk_cols[:, :, None])[:, None]  # [rows, 1, t, end]
+        self.write_rows, self.write_cols = torch.cat(rows), torch.cat(cols)
+        return torch.cat(positions)[None, :]
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, slot_plan=None, **kwargs):  # noqa: ANN001, ARG001
+    """query: [1, heads, tokens, d] in the plan's flat order; keys and values come from the plan's
+    cache (already holding this step's columns). Returns [1, tokens, heads, d]."""
+    plan: StepPlan = slot_plan
+    keys, values = plan.cache.keys[module.layer_idx], plan.cache.values[module.layer_idx]
+    _, heads, _, d = query.shape
+    kv_heads = keys.shape[1]
+    q = query[0].transpose(0, 1)  # [tokens, heads, d]
+    parts = []
+    nd = plan.decode_count
+    if nd:
+        width = plan.decode_mask.shape[-1]
+        rows = plan.decode_rows
+        if plan.in_order:  # no scatter needed
+            folded = q[:nd]
+        else:
+            folded = q.new_zeros((plan.span, heads, d))
+            folded[rows] = q[:nd]
+        folded = folded.reshape(plan.span, kv_heads, heads // kv_heads, d)
+        out = F.scaled_dot_product_attention(folded, keys[: plan.span, :, :width], values[: plan.span, :, :width],
+                                             attn_mask=plan.decode_mask, scale=scaling)
+        out = out.reshape(plan.span, heads, d)
+        parts.append(out if plan.in_order else out[rows])
+    if plan.chunk_rows:
+        n, t, end = plan.chunk_rows, plan.chunk_tokens, plan.chunk_end
+        first = plan.chunk_row
+        qc = q[nd:].reshape(n, t, heads, d).transpose(1, 2)  # [rows, heads, t, d]
+        out = F.scaled_dot_product_attention(qc, keys[first : first + n, :, :end], values[first : first + n, :, :end],
+                                             attn_mask=plan.chunk_mask, scale=scaling, enable_gqa=heads != kv_heads)
+        parts.append(out.transpose(1, 2).reshape(n * t, heads, d))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out[None], None
 
 
 AttentionInterface.register(ATTENTION, slot_attention)
@@ -47,7 +127,7 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 class SlotCache:
     """Per-layer key/value rows for up to `max_rows` sequences. Duck-types the one method the
-    decoder layers call on a cache (`update`)."""
+    decoder layers call on a cache (`update`): it writes the step's keys and values in place."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, *,
                  max_rows: int, block_tokens: int = 128, row_block: int = 8) -> None:
@@ -55,9 +135,8 @@ class SlotCache:
         self.max_rows, self.block_tokens, self.row_block = max_rows, block_tokens, row_block
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.lengths = torch.zeros(0, dtype=torch.long)  # tokens stored per used row
-        self.rows = 0  # used rows: 0..rows-1
-        self._write: tuple | None = None  # what the next forward writes where (set by begin_*)
+        self.used: set[int] = set()
+        self.plan: StepPlan | None = None
 
     # ---- capacity --------------------------------------------------------------------------
     @property
@@ -68,7 +147,7 @@ class SlotCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def reserve(self, rows: int, columns: int) -> None:
-        """Make room for `rows` rows of `columns` tokens (grows in blocks; copies only on growth)."""
+        """Make room for rows 0..rows-1 and `columns` tokens (grows in blocks; copies only then)."""
         have_rows, have_cols = self.capacity
         if rows <= have_rows and columns <= have_cols:
             return
@@ -84,86 +163,49 @@ class SlotCache:
                     store[i] = fresh
                 else:
                     store.append(fresh)
-        lengths = torch.zeros(new_rows, dtype=torch.long)
-        lengths[: self.lengths.shape[0]] = self.lengths
-        self.lengths = lengths
 
-    def clear(self) -> None:
-        self.keys, self.values = [], []
-        self.lengths = torch.zeros(0, dtype=torch.long)
-        self.rows = 0
+    # ---- rows ------------------------------------------------------------------------------
+    def allocate(self, count: int) -> int:
+        """`count` consecutive free rows (first fit, else after the last used one); returns the first."""
+        start, run = 0, 0
+        end = max(self.used) + 1 if self.used else 0
+        for row in range(end):
+            if row in self.used:
+                start, run = row + 1, 0
+                continue
+            run += 1
+            if run == count:
+                break
+        else:
+            start = end - run  # a free tail run (possibly empty) continues past the end
+        self.used.update(range(start, start + count))
+        return start
 
-    # ---- row management --------------------------------------------------------------------
-    def add_row(self, source: "SlotCache", row: int) -> int:
-        """Copy `source`'s row (a prefilled prompt) into the next free row; returns its index."""
-        n = int(source.lengths[row])
-        self.reserve(self.rows + 1, n + 1)
-        target = self.rows
+    def release(self, row: int) -> None:
+        self.used.discard(row)
+        if not self.used:
+            self.keys, self.values = [], []
+
+    # ---- shared prompt prefixes ------------------------------------------------------------
+    def read_prefix(self, row: int, tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A copy of the first `tokens` columns of `row` (a prompt prefix other prompts share)."""
+        return ([k[row, :, :tokens].clone() for k in self.keys], [v[row, :, :tokens].clone() for v in self.values])
+
+    def write_prefix(self, row: int, prefix: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+        keys, values = prefix
+        tokens = keys[0].shape[1]
+        self.reserve(row + 1, tokens + 1)
         for layer in range(self.layers):
-            self.keys[layer][target, :, :n] = source.keys[layer][row, :, :n]
-            self.values[layer][target, :, :n] = source.values[layer][row, :, :n]
-        self.lengths[target] = n
-        self.rows += 1
-        return target
+            self.keys[layer][row, :, :tokens] = keys[layer]
+            self.values[layer][row, :, :tokens] = values[layer]
 
-    def remove_row(self, row: int) -> int | None:
-        """Free `row`, moving the last used row into it to keep rows packed. Returns the index of the
-        row that moved (it is now `row`), or None when nothing moved."""
-        last = self.rows - 1
-        moved = None
-        if row != last:
-            n = int(self.lengths[last])
-            for layer in range(self.layers):
-                self.keys[layer][row, :, :n] = self.keys[layer][last, :, :n]
-                self.values[layer][row, :, :n] = self.values[layer][last, :, :n]
-            self.lengths[row] = n
-            moved = last
-        self.lengths[last] = 0
-        self.rows -= 1
-        if self.rows == 0:
-            self.clear()
-        return moved
-
-    # ---- one forward pass ------------------------------------------------------------------
-    def begin_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepare a one-token step for every used row: returns (positions [rows, 1], mask)."""
-        lengths = self.lengths[: self.rows]
-        width = int(lengths.max()) + 1
-        self.reserve(self.rows, width)
-        self._write = ("decode", lengths.clone(), width)
-        mask = torch.arange(width)[None, :] <= lengths[:, None]
-        return lengths[:, None].clone(), mask[:, None, None, :]
-
-    def begin_chunk(self, rows: int, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepare a prefill chunk: rows 0..rows-1 all write columns start..start+tokens-1 (rows of
-        shorter prompts carry padding there, which only padding queries can see). Returns
-        (positions [rows, tokens], causal mask [1, 1, tokens, start+tokens])."""
-        self.reserve(rows, start + tokens)
-        self._write = ("chunk", start, tokens, rows)
-        positions = torch.arange(start, start + tokens)[None, :].expand(rows, tokens)
-        mask = torch.arange(start + tokens)[None, :] <= torch.arange(start, start + tokens)[:, None]
-        return positions, mask[None, None]
-
+    # ---- the cache interface the decoder layers call ---------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):  # noqa: ANN002, ANN003, ARG002
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        kind = self._write[0]
-        if kind == "decode":
-            _, lengths, width = self._write
-            rows = torch.arange(lengths.shape[0])
-            keys[rows, :, lengths] = key[:, :, 0]
-            values[rows, :, lengths] = value[:, :, 0]
-            return keys[: lengths.shape[0], :, :width], values[: lengths.shape[0], :, :width]
-        _, start, tokens, rows = self._write
-        keys[:rows, :, start : start + tokens] = key
-        values[:rows, :, start : start + tokens] = value
-        return keys[:rows, :, : start + tokens], values[:rows, :, : start + tokens]
-
-    def finish_decode(self) -> None:
-        self.lengths[: self.rows] += 1
-
-    def finish_chunk(self, real_tokens: torch.Tensor) -> None:
-        """Record how many of the chunk's tokens were real for each row."""
-        self.lengths[: real_tokens.shape[0]] += real_tokens
+        plan = self.plan
+        rows, cols = plan.write_rows, plan.write_cols
+        self.keys[layer_idx][rows, :, cols] = key[0].transpose(0, 1)
+        self.values[layer_idx][rows, :, cols] = value[0].transpose(0, 1)
+        return key, value  # unused: slot_attention reads the slots
 
 
 def llama_parts(model):  # noqa: ANN001, ANN201
@@ -178,18 +220,22 @@ def llama_parts(model):  # noqa: ANN001, ANN201
     return inner
 
 
-def forward(model, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-            pick: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ANN001
-    """Run the decoder on `ids` [rows, t] against `cache` (prepared by begin_decode/begin_chunk) and
-    return logits [rows, vocab] for the token each row picks (`pick[row]`, default the last)."""
+def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Run one step: `ids` [tokens] in the plan's flat order; returns float32 logits for the flat
+    token indices in `pick` (the last real token of each row that needs one)."""
+    cache = plan.cache
+    if plan.chunk_rows:
+        cache.reserve(plan.chunk_row + plan.chunk_rows, plan.chunk_end)
+    if plan.decode_count:
+        cache.reserve(int(plan.decode_rows.max()) + 1, int(plan.decode_cols.max()) + 1)
+    positions = plan.prepare()
+    cache.plan = plan
     inner = model.model
-    hidden = inner.embed_tokens(ids)
+    hidden = inner.embed_tokens(ids[None, :])
     position_embeddings = inner.rotary_emb(hidden, position_ids=positions)
     for layer in inner.layers:
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       position_embeddings=position_embeddings)
-    if pick is None:
-        last = hidden[:, -1, :]
-    else:
-        last = hidden[torch.arange(hidden.shape[0]), pick]
+        hidden = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=cache,
+                       position_embeddings=position_embeddings, slot_plan=plan)
+    cache.plan = None
+    last = hidden[0].index_select(0, pick)
     return model.lm_head(inner.norm(last)).float()
