@@ -389,9 +389,17 @@ class LocalEngine:
                 continue
             newcomers.append(seq)
         if newcomers:
-            with self._model_lock:  # a (re)loaded adapter cannot slip between the purge and the lookup
-                self._purge_prefixes()
-                self._admit_cohort(newcomers)
+            try:
+                with self._model_lock:  # a (re)loaded adapter cannot slip between the purge and the lookup
+                    self._purge_prefixes()
+                    self._admit_cohort(newcomers)
+            except Exception as exc:  # noqa: BLE001 - never let the worker die; nobody waits in silence
+                log.exception("engine.admit_failed")
+                for seq in newcomers:
+                    self._cache.release(seq.row)
+                    seq.done = True
+                    seq.send(EngineFailure(f"generation failed: {type(exc).__name__}"))
+                self._cohort = None
 
     def _admit_cohort(self, newcomers: list[_Sequence]) -> None:
         if newcomers:
