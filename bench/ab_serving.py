@@ -95,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/ab_serving.md")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -111,29 +112,33 @@ def main() -> None:
         paths = [Path(tmp) / "a1", Path(tmp) / "a2"]
         for seed, path in enumerate(paths, 1):
             make_adapter(model_dir, path, seed)
-        rows = {}
-        for label, adapters in (("champion only", paths[:1]), ("champion + challenger", paths), ("base model only", [])):
-            out = subprocess.run([sys.executable, __file__, "--row", label, "--model", str(model_dir),
-                                  "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-                                  "--adapters", *map(str, adapters)], capture_output=True, text=True, check=True)
-            rows[label] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(label, rows[label], flush=True)
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):  # rows interleaved, so drifting machine load hits all of them
+            for label, adapters in (("champion only", paths[:1]), ("champion + challenger", paths), ("base model only", [])):
+                out = subprocess.run([sys.executable, __file__, "--row", label, "--model", str(model_dir),
+                                      "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+                                      "--adapters", *map(str, adapters)], capture_output=True, text=True, check=True)
+                runs.setdefault(label, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(label, runs[label][-1]["tok_s"], flush=True)
+        rows = {label: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2],
+                        "all_tok_s": [round(r["tok_s"], 1) for r in rs]} for label, rs in runs.items()}
     base = rows["champion only"]["tok_s"]
     lines = [
         "# Serving a challenger beside the champion",
         "",
         f"{platform.processor() or platform.machine()}, {args.requests} concurrent requests × {args.max_tokens} tokens, "
-        "real SmolLM2-135M float32, greedy; each row in a fresh process.",
+        f"real SmolLM2-135M float32, greedy; each row in a fresh process, {args.repeats} interleaved repeats, "
+        "the median shown (all runs in the last column).",
         "",
-        "| row | tokens/s | ratio vs champion only | adapter load (read) s | weight MB per variant | RSS growth at load MB | RSS after the run MB |",
-        "|---|---|---|---|---|---|---|",
+        "| row | tokens/s | ratio vs champion only | adapter load (read) s | weight MB per variant | RSS growth at load MB | RSS after the run MB | all runs tok/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
         weights = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["weight_bytes"].items())
         lines.append(f"| {label} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
                      f"{', '.join(f'{s:.1f}' for s in r['load_s'])} | {weights} | "
                      f"{', '.join(f'{b / 2**20:.0f}' for b in r['rss_growth_per_adapter'])} | "
-                     f"{r['rss_after_run'] / 2**20:.0f} |")
+                     f"{r['rss_after_run'] / 2**20:.0f} | {', '.join(map(str, r['all_tok_s']))} |")
     extra = rows["champion + challenger"]["rss_after_run"] - rows["champion only"]["rss_after_run"]
     lora_cost = rows["champion only"]["tok_s"] / rows["base model only"]["tok_s"]
     lines += ["", f"A served challenger costs {extra / 2**20:.0f} MB of resident memory after use (RSS difference "

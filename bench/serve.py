@@ -14,6 +14,10 @@ Systems (each a fresh server process, started and stopped here):
                      (Q4_1), built from the llama-cpp-python sdist's vendored source (AMX off:
                      this VM traps AMX instructions); cached under .cache/bench/
   * `hf-serve-cb`  - `transformers serve --continuous-batching` on the same converted model
+                     (`--hf-dtype`, float32 by default like the gateway)
+  * `before`       - the gateway at an earlier git ref (`--before REF`), the same-run baseline
+  * `tellerloop-bf16` - the gateway with `model.dtype = "bfloat16"` (not the default: see
+                     bench/dtype_quality.py for what it costs in answer quality)
 Peers are baselines only, never part of the product.
 
 Scenarios: "plain" (system prompt + question) and "rag" (the gateway retrieves from the demo FAQ
@@ -136,7 +140,7 @@ def wait_until(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
-def start_gateway(work: Path, rag: bool, extra_toml: str = "") -> Server:
+def start_gateway(work: Path, rag: bool, extra_toml: str = "", root: Path = ROOT) -> Server:
     port = free_port()
     config = work / "bench.toml"
     config.write_text(
@@ -148,7 +152,8 @@ def start_gateway(work: Path, rag: bool, extra_toml: str = "") -> Server:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port),
          "--data-dir", str(work / "var")],
-        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}, stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     server = Server("tellerloop", f"http://127.0.0.1:{port}", "tellerloop", proc, log,
                     {"Authorization": f"Bearer {BENCH_KEY}"})
@@ -344,7 +349,8 @@ def report(data: dict) -> str:
         "# Serving: tellerloop vs llama.cpp vs transformers serve",
         "",
         f"{data['machine']}; {data['date']}. Banking77 utterances, greedy, max {MAX_TOKENS} new tokens, streaming "
-        f"clients, {data['per_stream']} requests per stream back to back; each system a fresh server. "
+        f"clients, {data['per_stream']} requests per stream back to back; each system a fresh server; "
+        f"transformers serve in {data.get('hf_dtype', 'float32')}. "
         "Ratios are against the peers measured in this same run.",
         "",
     ]
@@ -362,7 +368,7 @@ def report(data: dict) -> str:
                     f"{fmt(row['itl_p50'], 'ms')} | {fmt(row['itl_p99'], 'ms')} | {row['errors']} | "
                     f"{entry['peak_rss'] / 2**30:.2f} GB |")
         ours = systems.get("tellerloop", {}).get("levels", [])
-        for peer in ("llama.cpp", "hf-serve-cb"):
+        for peer in ("before", "llama.cpp", "hf-serve-cb", "tellerloop-bf16"):
             theirs = {r["streams"]: r for r in systems.get(peer, {}).get("levels", [])}
             ratios = [f"{r['streams']}: {r['tok_s'] / theirs[r['streams']]['tok_s']:.2f}×" for r in ours
                       if r["streams"] in theirs and theirs[r["streams"]]["tok_s"]]
@@ -407,8 +413,10 @@ def main() -> None:
     parser.add_argument("--scenarios", default="plain,rag")
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--per-stream", type=int, default=2)
-    parser.add_argument("--hf-dtype", default="bfloat16")
+    parser.add_argument("--hf-dtype", default="float32")
     parser.add_argument("--extra-toml", default="", help="appended to the gateway's config (e.g. engine overrides)")
+    parser.add_argument("--before", default="", help="git ref of an earlier engine, served as system 'before' "
+                        "(checked out into a temporary worktree) — the same-run baseline for the engine rebuild")
     parser.add_argument("--out", default=str(RESULTS / "serve"))
     args = parser.parse_args()
 
@@ -425,17 +433,27 @@ def main() -> None:
     if "rag" in args.scenarios:
         prompts["rag"] = rag_messages(settings, questions)
     llama = build_llama_server() if "llama.cpp" in systems else None
+    before_root = work / "before"
+    if "before" in systems:
+        subprocess.run(["git", "worktree", "add", "--detach", str(before_root), args.before], cwd=ROOT, check=True,
+                       capture_output=True)
 
     data = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-            "per_stream": args.per_stream, "levels": levels, "scenarios": {}, "extra_toml": args.extra_toml}
+            "per_stream": args.per_stream, "levels": levels, "scenarios": {}, "extra_toml": args.extra_toml,
+            "hf_dtype": args.hf_dtype}
     for scenario in args.scenarios.split(","):
         results = data["scenarios"][scenario] = {}
         for name in systems:
             print(f"[{scenario}] {name}", flush=True)
             try:
-                if name == "tellerloop":
-                    server = start_gateway(work, rag=scenario == "rag", extra_toml=args.extra_toml)
+                if name in ("tellerloop", "tellerloop-bf16"):
+                    extra = args.extra_toml + ('\n[model]\ndtype = "bfloat16"\n' if name == "tellerloop-bf16" else "")
+                    server = start_gateway(work, rag=scenario == "rag", extra_toml=extra)
+                    server.name = name
                     sent = prompts["plain"]  # with retrieval on, the gateway adds the context itself
+                elif name == "before":
+                    server = start_gateway(work, rag=scenario == "rag", extra_toml=args.extra_toml, root=before_root)
+                    server.name, sent = name, prompts["plain"]
                 elif name == "llama.cpp":
                     if llama is None:
                         results[name] = {"skipped": "llama-server build failed"}
@@ -465,6 +483,8 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: no plot", flush=True)
     print(report(data))
+    if "before" in systems:
+        subprocess.run(["git", "worktree", "remove", "--force", str(before_root)], cwd=ROOT, capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
 
 

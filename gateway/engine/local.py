@@ -467,6 +467,7 @@ class LocalEngine:
         """One forward pass: the next token of every running sequence plus, if a cohort is being
         admitted, the next chunk of its prompts."""
         running, cohort = self._running, self._cohort
+        running.sort(key=lambda seq: seq.variant)  # each adapter's tokens form one contiguous run (lora.py)
         nd = len(running)
         ids = [seq.last_token for seq in running]
         variants = [seq.variant for seq in running]

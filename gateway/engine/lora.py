@@ -35,7 +35,7 @@ class RowRouting:
     """Which tokens of the current forward pass use which adapter (shared by every wrapper).
     `groups` maps adapter name → flat token indices (None: every token); base-model tokens are absent."""
 
-    groups: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    groups: dict[str, torch.Tensor | slice | None] = field(default_factory=dict)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -59,6 +59,8 @@ class BatchedLoraLinear(nn.Module):
             a, b = delta
             if tokens is None:
                 flat_out += (flat_x @ a.T) @ b.T
+            elif isinstance(tokens, slice):  # a contiguous run of tokens: no gather, no scatter
+                flat_out[tokens] += (flat_x[tokens] @ a.T) @ b.T
             else:
                 flat_out.index_add_(0, tokens, (flat_x.index_select(0, tokens) @ a.T) @ b.T)
         return out
@@ -162,7 +164,14 @@ class LoraBank:
         for token, variant in enumerate(variants):
             if variant in self.adapters:
                 groups.setdefault(variant, []).append(token)
-        self.routing.groups = {
-            name: None if len(tokens) == len(variants) else torch.tensor(tokens, dtype=torch.long)
-            for name, tokens in groups.items()
-        }
+        self.routing.groups = {name: _index(tokens, len(variants)) for name, tokens in groups.items()}
+
+
+def _index(tokens: list[int], total: int) -> torch.Tensor | slice | None:
+    """None for every token, a slice for a contiguous run (the engine orders rows by variant), else
+    an index tensor."""
+    if len(tokens) == total:
+        return None
+    if tokens[-1] - tokens[0] + 1 == len(tokens):
+        return slice(tokens[0], tokens[-1] + 1)
+    return torch.tensor(tokens, dtype=torch.long)
