@@ -23,6 +23,7 @@ UTF-8 character and anything that could still become a stop string.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import random
 import threading
@@ -159,7 +160,6 @@ class LocalEngine:
         self._torch_threads = torch_threads
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._active = 0
         self.model = None
         self.tokenizer = None
         self._bank: LoraBank | None = None
@@ -225,12 +225,6 @@ class LocalEngine:
             self._free_retired(set())
         return True
 
-    def _busy_variants(self) -> set[str]:
-        busy = {seq.variant for seq in self._running}
-        if self._cohort is not None:
-            busy.update(seq.variant for seq in self._cohort.seqs[: self._cohort.reading])
-        return busy
-
     def _free_retired(self, busy: set[str]) -> None:
         """Drop retired versions no running sequence (`busy`) and no queued request still needs."""
         if not self._retiring:
@@ -260,7 +254,7 @@ class LocalEngine:
     def stats(self) -> dict[str, int]:
         cache = self._cache
         kv = cache.nbytes() if cache is not None else 0
-        return {"queued": self._pending.qsize(), "active": self._active, "kv_cache_bytes": kv,
+        return {"queued": self._pending.qsize(), "active": len(self._in_flight()), "kv_cache_bytes": kv,
                 "steps": self._steps, "step_ms": int(self._step_seconds * 1000), "tokens": self._tokens,
                 "prefix_hits": self._prefix_hits}
 
@@ -278,12 +272,6 @@ class LocalEngine:
         llama_parts(model)
         self.model = model.eval()
         self._bank = LoraBank(self.model)
-        config = model.config
-        self._kv_shape = (
-            config.num_hidden_layers,
-            config.num_key_value_heads,
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        )
         tok = self.tokenizer
         stop_ids = {tok.eos_token_id}
         for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
@@ -301,10 +289,6 @@ class LocalEngine:
             seconds=round(time.perf_counter() - started, 2),
             parameters=sum(p.numel() for p in model.parameters()),
         )
-
-    def _new_cache(self, rows: int) -> SlotCache:
-        layers, kv_heads, head_dim = self._kv_shape
-        return SlotCache(layers, kv_heads, head_dim, self._dtype, max_rows=rows, block_tokens=self._kv_block)
 
     # ---- request side (event loop) ---------------------------------------------------------
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
@@ -338,10 +322,13 @@ class LocalEngine:
 
     # ---- worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        self._cache = self._new_cache(self._max_batch)
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, self._dtype,
+                                max_rows=self._max_batch, block_tokens=self._kv_block)
         with torch.inference_mode():
             while not self._stopping.is_set():
-                self._free_retired(self._busy_variants())  # a retired adapter's matrices go once it has drained
+                self._free_retired({seq.variant for seq in self._in_flight()})  # a retired adapter's matrices go once it has drained
                 if self._cohort is None:
                     self._admit()
                 if self._cohort is None and not self._running:
@@ -355,13 +342,14 @@ class LocalEngine:
                 except Exception as exc:  # noqa: BLE001 - never let the worker die
                     log.exception("engine.step_failed")
                     self._fail_all(exc)
-                self._active = len(self._running) + (self._cohort.reading if self._cohort else 0)
         for seq in self._in_flight():
             if not seq.done:
                 seq.send(Finished("cancelled", len(seq.prompt_ids), len(seq.out_ids)))
 
     def _in_flight(self) -> list[_Sequence]:
-        return self._running + (self._cohort.seqs[: self._cohort.reading] if self._cohort else [])
+        """Running sequences and those still reading their prompt (also read by stats() off-thread)."""
+        cohort = self._cohort
+        return list(self._running) + (cohort.seqs[: cohort.reading] if cohort is not None else [])
 
     def _fail_all(self, exc: Exception) -> None:
         for seq in self._in_flight():
@@ -402,18 +390,15 @@ class LocalEngine:
                 self._cohort = None
 
     def _admit_cohort(self, newcomers: list[_Sequence]) -> None:
-        if newcomers:
-            shared = [self._shared_prefix(seq) for seq in newcomers]
-            order = sorted(range(len(newcomers)), key=lambda i: len(newcomers[i].prompt_ids) - shared[i][0], reverse=True)
-            newcomers = [newcomers[i] for i in order]
-            first = self._cache.allocate(len(newcomers))
-            for i, (seq, (tokens, prefix)) in enumerate(zip(newcomers, [shared[i] for i in order])):
-                seq.row = first + i
-                if prefix is not None:
-                    self._cache.write_prefix(seq.row, prefix)  # its shared prompt prefix is not recomputed
-                    seq.kv_len = tokens
-            self._cohort = _Cohort(newcomers, first, reading=len(newcomers))
-            self._active = len(self._running) + len(newcomers)  # stats() never shows admitted work as idle
+        pairs = [(seq, self._shared_prefix(seq)) for seq in newcomers]
+        pairs.sort(key=lambda pair: len(pair[0].prompt_ids) - pair[1][0], reverse=True)  # most unread first
+        first = self._cache.allocate(len(pairs))
+        for i, (seq, (tokens, prefix)) in enumerate(pairs):
+            seq.row = first + i
+            if prefix is not None:
+                self._cache.write_prefix(seq.row, prefix)  # its shared prompt prefix is not recomputed
+                seq.kv_len = tokens
+        self._cohort = _Cohort([seq for seq, _ in pairs], first, reading=len(pairs))
 
     # ---- shared prompt prefixes (the system prompt every request repeats) --------------------
     def _shared_prefix(self, seq: _Sequence) -> tuple[int, object]:
@@ -423,26 +408,20 @@ class LocalEngine:
         if not self._prefix_entries:
             return 0, None
         ids = seq.prompt_ids
-        best: tuple[int, object] = (0, None)
-        for (variant, prefix), kv in self._prefixes.items():
-            if variant == seq.variant and best[0] < len(prefix) < len(ids) and tuple(ids[: len(prefix)]) == prefix:
-                best = (len(prefix), kv)
-        if best[1] is not None:
-            self._prefixes.move_to_end((seq.variant, tuple(ids[: best[0]])))
+        matches = [key for key in self._prefixes
+                   if key[0] == seq.variant and len(key[1]) < len(ids) and tuple(ids[: len(key[1])]) == key[1]]
+        if matches:
+            key = max(matches, key=lambda k: len(k[1]))
+            self._prefixes.move_to_end(key)
             self._prefix_hits += 1
-            return best
+            return len(key[1]), self._prefixes[key]
         last = self._last_prompt.get(seq.variant)
         self._last_prompt[seq.variant] = ids
         if last is not None:
-            common = 0
-            for a, b in zip(last, ids):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)
+            common = min(len(os.path.commonprefix([last, ids])), len(ids) - 1)
             if common >= self._prefix_min:
                 seq.share = common
-        return best
+        return 0, None
 
     def _purge_prefixes(self) -> None:
         """Forget stored prefixes of variants whose weights changed (reloaded or freed)."""
