@@ -6,7 +6,7 @@ from Beta around their arm's true rate (concentration `--kappa`), and rates 1 + 
 exchanges (mean `--mean-ratings`); every exchange is staff-flagged with the same small
 probability in both arms (`--flag-rate`), so any guardrail retirement is a false alarm.
 
-The real `retraining.experiments.decide` is applied every `--every` customers (the scheduled job's
+The real `gateway.experiments.repository.decide` is applied every `--every` customers (the scheduled job's
 looks) until it promotes or retires, or the horizon runs out, in two ways measured in the same run:
   * per rating (the previous rule, the baseline): every rating is its own unit, and the flag
     guardrail fires on probability alone (min flags 1, no minimum difference);
@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.settings import ExperimentSettings, load_settings  # noqa: E402
-from retraining.experiments import Arm, decide  # noqa: E402
+from gateway.core.settings import ExperimentSettings, load_settings  # noqa: E402
+from gateway.experiments.statistics import Arm, decide  # noqa: E402
 
 # (name, thumbs-up champion, challenger, challenger's flag rate as a multiple of the champion's)
 SCENARIOS = [("A/A (no difference)", 0.70, 0.70, 1), ("challenger +10 pts", 0.70, 0.80, 1),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.runtime import build_engine, build_knowledge_base  # noqa: E402
-from gateway.settings import load_settings  # noqa: E402
+from gateway.core.runtime import build_engine, build_knowledge_base  # noqa: E402
+from gateway.core.settings import load_settings  # noqa: E402
 from retraining.evaluate import evaluate, load_qa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

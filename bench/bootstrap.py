@@ -43,10 +43,10 @@ def table(result: dict) -> str:
 
 
 async def run(context: bool, data_dir: Path) -> dict:
-    from gateway.runtime import build_knowledge_base
-    from gateway.settings import load_settings
+    from gateway.core.runtime import build_knowledge_base
+    from gateway.core.settings import load_settings
     from gateway.store.db import create_engine, migrate, session_factory
-    from retraining.jobs import Retrainer
+    from gateway.runs.control import Retrainer
 
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)

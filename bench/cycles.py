@@ -44,7 +44,7 @@ POOL_SEED = 7
 
 
 def settings_for(data_dir: Path, args, **retraining):  # noqa: ANN001
-    from gateway.settings import load_settings
+    from gateway.core.settings import load_settings
 
     training = {"nice": 0}
     if args.max_steps:
@@ -56,7 +56,7 @@ def settings_for(data_dir: Path, args, **retraining):  # noqa: ANN001
 
 
 async def open_all(settings):  # noqa: ANN001
-    from gateway.runtime import build_knowledge_base
+    from gateway.core.runtime import build_knowledge_base
     from gateway.store.db import create_engine, migrate, session_factory
 
     db = create_engine(settings.storage.resolved_database_url)
@@ -66,10 +66,10 @@ async def open_all(settings):  # noqa: ANN001
 
 
 async def bootstrap(args) -> None:  # noqa: ANN001
-    from gateway.settings import PROJECT_ROOT
+    from gateway.core.settings import PROJECT_ROOT
     from retraining.dataset import FrozenSplit, usable_seeds
-    from retraining.experiments import Experiments
-    from retraining.jobs import Retrainer
+    from gateway.experiments.repository import Experiments
+    from gateway.runs.control import Retrainer
 
     data_dir = Path(args.root) / "bootstrap"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -111,8 +111,8 @@ async def bootstrap(args) -> None:  # noqa: ANN001
 async def add_reviews(settings, sessions, kb, pool: list[dict], cycle: int) -> None:  # noqa: ANN001
     """Resolved review items as the review loop leaves them: the exchange as the model saw it, the
     reviewers' consensus answer = the bank's reference answer."""
-    from gateway.prompting import retrieve
-    from gateway.prompting import build_messages
+    from gateway.chat.prompting import retrieve
+    from gateway.chat.prompting import build_messages
     from gateway.store.models import Exchange, ReviewItem
 
     now = datetime.now(timezone.utc) + timedelta(seconds=cycle)
@@ -135,8 +135,8 @@ async def add_reviews(settings, sessions, kb, pool: list[dict], cycle: int) -> N
 
 async def answer_quality(settings, registry, kb, version: str | None, rows: list[dict]) -> dict:  # noqa: ANN001
     """Similarity of `version`'s answers (with retrieval) to the reference answers of `rows`."""
-    from gateway.runtime import build_engine
-    from gateway.rag.embeddings import Embedder
+    from gateway.core.runtime import build_engine
+    from gateway.knowledge.embeddings import Embedder
     from retraining.evaluate import QA, evaluate
 
     engine = build_engine(settings)
@@ -155,8 +155,8 @@ async def answer_quality(settings, registry, kb, version: str | None, rows: list
 
 
 async def cycles(args) -> None:  # noqa: ANN001
-    from retraining.experiments import Experiments
-    from retraining.jobs import Retrainer
+    from gateway.experiments.repository import Experiments
+    from gateway.runs.control import Retrainer
 
     source = Path(args.root) / "bootstrap"
     if not (source / "bootstrap.json").is_file():

@@ -77,8 +77,8 @@ def plain_messages(settings, questions: list[str]) -> list[list[dict]]:  # noqa:
 
 def rag_messages(settings, questions: list[str]) -> list[list[dict]]:  # noqa: ANN001
     """The messages the gateway itself builds with retrieval on (same KB, same settings)."""
-    from gateway.prompting import build_messages, retrieve
-    from gateway.runtime import build_knowledge_base
+    from gateway.chat.prompting import build_messages, retrieve
+    from gateway.core.runtime import build_knowledge_base
 
     kb = build_knowledge_base(settings)  # ingests the demo FAQ on first use, as `serve` does
 
@@ -421,7 +421,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from gateway.engine.model_files import convert_embedded
-    from gateway.settings import load_settings
+    from gateway.core.settings import load_settings
 
     systems = args.systems.split(",")
     levels = [int(x) for x in args.levels.split(",")]

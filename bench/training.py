@@ -25,11 +25,11 @@ def one(quantization: str, steps: int, context: bool, bf16: bool = False) -> dic
     """Runs in the child process."""
     import resource
 
-    from gateway.prompting import build_messages
-    from gateway.rag.knowledge import Hit
-    from gateway.settings import load_settings
+    from gateway.chat.prompting import build_messages
+    from gateway.knowledge.store import Hit
+    from gateway.core.settings import load_settings
     from retraining.evaluate import load_qa
-    from retraining.train import train_adapter
+    from retraining.finetune import train_adapter
 
     settings = load_settings(None, storage={"data_dir": str(ROOT / ".cache" / "bench")},
                              training={"quantization": quantization, "max_steps": steps, "nice": 0, "bf16": bf16})

@@ -16,7 +16,7 @@ class CliError(Exception):
 
 
 def _settings(args: argparse.Namespace):
-    from gateway.settings import load_settings
+    from gateway.core.settings import load_settings
 
     overrides: dict = {}
     if getattr(args, "host", None):
@@ -34,8 +34,8 @@ def _settings(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.logging import configure_logging
-    from gateway.security import UnsafeBindError, check_bind_safety
+    from gateway.core.logging import configure_logging
+    from gateway.core.security import UnsafeBindError, check_bind_safety
 
     settings = _settings(args)
     try:
@@ -67,15 +67,15 @@ def _progress(desc: str):
 
 
 def _open_kb(settings):
-    from gateway.runtime import build_knowledge_base
-    from gateway.logging import configure_logging
+    from gateway.core.runtime import build_knowledge_base
+    from gateway.core.logging import configure_logging
 
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
     return build_knowledge_base(settings, ingest_demo=False)  # the kb commands manage content explicitly
 
 
 def _kb_ingest(args: argparse.Namespace) -> int:
-    from gateway.rag.documents import SUPPORTED, DocumentError
+    from gateway.knowledge.documents import SUPPORTED, DocumentError
 
     settings = _settings(args)
     path = Path(args.path)
@@ -114,9 +114,9 @@ def _kb_delete(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gateway.runtime import build_engine, build_knowledge_base
-    from gateway.logging import configure_logging
-    from gateway.rag.embeddings import Embedder
+    from gateway.core.runtime import build_engine, build_knowledge_base
+    from gateway.core.logging import configure_logging
+    from gateway.knowledge.embeddings import Embedder
     from retraining.evaluate import evaluate, load_qa
 
     settings = _settings(args)
@@ -161,9 +161,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """Resolved review items as chat JSONL, read straight from the database (no server needed)."""
-    from gateway.review import ReviewService
-    from gateway.store.db import create_engine, migrate, session_factory
-    from gateway.store.reviews import ReviewRepository
+    from gateway.review.service import ReviewService
+    from gateway.core.runtime import open_database
+    from gateway.review.repository import ReviewRepository
 
     settings = _settings(args)
     out = Path(args.out)
@@ -173,11 +173,8 @@ def _export(args: argparse.Namespace) -> int:
         raise CliError(f"{out.parent}: no such directory")
 
     async def run() -> int:
-        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        db = create_engine(settings.storage.resolved_database_url)
-        try:
-            await migrate(db)
-            service = ReviewService(settings, ReviewRepository(session_factory(db), settings.review), lambda: None)
+        async with open_database(settings) as sessions:
+            service = ReviewService(settings, ReviewRepository(sessions, settings.review), lambda: None)
             tmp = out.with_name(out.name + ".tmp")
             n = 0
             with tmp.open("w", encoding="utf-8") as fh:
@@ -186,8 +183,6 @@ def _export(args: argparse.Namespace) -> int:
                     n += 1
             tmp.replace(out)  # a reader never sees a half-written export
             return n
-        finally:
-            await db.dispose()
 
     try:
         n = asyncio.run(run())
@@ -202,10 +197,10 @@ def _export(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     """Without --now: say whether a run is due. With --now: run one cycle in the foreground (works
     with the gateway stopped; beside a running gateway, the database keeps it to one run at a time)."""
-    from gateway.runtime import build_knowledge_base
-    from gateway.logging import configure_logging
-    from gateway.store.db import create_engine, migrate, session_factory
-    from retraining.jobs import Retrainer, RunRefused
+    from gateway.core.runtime import build_knowledge_base
+    from gateway.core.logging import configure_logging
+    from gateway.core.runtime import open_database
+    from gateway.runs.control import Retrainer, RunRefused
 
     settings = _settings(args)
     overrides = {k: v for k, v in {"max_steps": args.max_steps, "epochs": args.epochs,
@@ -216,12 +211,9 @@ def _retrain(args: argparse.Namespace) -> int:
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
 
     async def run() -> int:
-        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        db = create_engine(settings.storage.resolved_database_url)
-        try:
-            await migrate(db)
+        async with open_database(settings) as sessions:
             kb_box: list = [None]
-            retrainer = Retrainer(settings, session_factory(db), kb=lambda: kb_box[0])
+            retrainer = Retrainer(settings, sessions, kb=lambda: kb_box[0])
             if not args.now:
                 try:
                     await retrainer.check_due(args.force)
@@ -258,8 +250,6 @@ def _retrain(args: argparse.Namespace) -> int:
                               "adapter": adapter.version, "state": adapter.state, "reason": adapter.reason,
                               "gate": (final.metrics or {}).get("gate", {}).get("checks")}, indent=1))
             return 0 if final.status == "succeeded" else 1
-        finally:
-            await db.dispose()
 
     return asyncio.run(run())
 
@@ -267,43 +257,38 @@ def _retrain(args: argparse.Namespace) -> int:
 def _serving(args: argparse.Namespace) -> int:
     """promote / rollback / retire / experiments: decisions go to the database; a running gateway
     follows within experiment.sync_interval_s (no restart, in-flight requests finish)."""
-    from gateway.store.db import create_engine, migrate, session_factory
-    from retraining.experiments import Experiments, decision_dict, experiment_dict
-    from gateway.logging import configure_logging
-    from retraining.registry import AdapterCorrupt, AdapterRegistry, RegistryError
+    from gateway.core.runtime import open_database
+    from gateway.experiments.repository import Experiments, decision_dict, experiment_dict
+    from gateway.core.logging import configure_logging
+    from gateway.adapters.registry import AdapterCorrupt, AdapterRegistry, RegistryError
 
     settings = _settings(args)
     configure_logging(settings.logging)
     actor = f"cli:{args.actor}"
 
     async def run() -> dict:
-        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        db = create_engine(settings.storage.resolved_database_url)
         try:
-            await migrate(db)
-            sessions = session_factory(db)
-            experiments = Experiments(settings, sessions, AdapterRegistry(sessions, settings.storage.data_dir))
-            if args.command in ("promote", "retire"):
-                if await experiments.registry.get(args.version) is None:
-                    raise CliError(f"no adapter version '{args.version}' (see GET /v1/adapters)")
-                act = experiments.promote if args.command == "promote" else experiments.retire
-                adapter = await act(args.version, actor)
-                return {"version": adapter.version, "state": adapter.state, "reason": adapter.reason,
-                        "champion": await experiments.champion_name()}
-            if args.command == "rollback":
-                return {"champion": await experiments.rollback(actor)}
-            if args.evaluate:
-                return await experiments.evaluate(actor)
-            running = await experiments.running()
-            return {"champion": await experiments.champion_name(),
-                    "running": experiment_dict(running) if running else None,
-                    "decisions": [decision_dict(d) for d in await experiments.decisions(limit=10, include_continue=False)]}
+            async with open_database(settings) as sessions:
+                experiments = Experiments(settings, sessions, AdapterRegistry(sessions, settings.storage.data_dir))
+                if args.command in ("promote", "retire"):
+                    if await experiments.registry.get(args.version) is None:
+                        raise CliError(f"no adapter version '{args.version}' (see GET /v1/adapters)")
+                    act = experiments.promote if args.command == "promote" else experiments.retire
+                    adapter = await act(args.version, actor)
+                    return {"version": adapter.version, "state": adapter.state, "reason": adapter.reason,
+                            "champion": await experiments.champion_name()}
+                if args.command == "rollback":
+                    return {"champion": await experiments.rollback(actor)}
+                if args.evaluate:
+                    return await experiments.evaluate(actor)
+                running = await experiments.running()
+                return {"champion": await experiments.champion_name(),
+                        "running": experiment_dict(running) if running else None,
+                        "decisions": [decision_dict(d) for d in await experiments.decisions(limit=10, include_continue=False)]}
         except AdapterCorrupt as exc:
             raise CliError(f"refused: {exc}") from None
         except RegistryError as exc:
             raise CliError(str(exc)) from None
-        finally:
-            await db.dispose()
 
     print(json.dumps(asyncio.run(run()), indent=1, default=str))
     return 0

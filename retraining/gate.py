@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binomtest, bootstrap
 
-from gateway.settings import RetrainingSettings
+from gateway.core.settings import RetrainingSettings
 
 TIE = 1e-6  # |difference| below this is a tie for the sign test
 

@@ -1,219 +1,205 @@
 """The trainer process: `python -m retraining.train RUN_ID --settings FILE`.
 
-Started (niced) by `retraining.jobs` with the run's dataset already built. It trains a LoRA
-adapter (QLoRA with bitsandbytes nf4 when `training.quantization = "4bit"`) with the transformers
-`Trainer` — loss on answer tokens only, gradient accumulation, eval loss each epoch with early
-stopping, a fixed seed — writes progress to the run record and a log file, saves and checksums the
-adapter, evaluates it against the champion (or the base model) on the frozen split with and
-without retrieval, and applies the offline gate. Any failure marks the run (and the adapter)
-failed with the reason; serving, in another process, is never touched.
+Started (niced) by the gateway's run control (`gateway/runs/control.py`) or the CLI with the run's
+dataset already built. It fine-tunes the adapter (`retraining/finetune.py`), writes progress to the
+run record and a log file, seals (checksums) the adapter, evaluates it against the champion (or the
+base model) on the frozen split with and without retrieval and on the forgetting probe, and applies
+the paired offline gate (`retraining/gate.py`). Any failure marks the run (and the adapter) failed
+with the reason; serving, in another process, is never touched.
+
+It imports only lower layers — settings, the database, the repositories (runs, adapters,
+experiments), the engine, prompting and evaluation — never the app, a controller or a service.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    DataCollatorForSeq2Seq,
-    EarlyStoppingCallback,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
-
-from gateway.engine.model_files import resolve_base_model
-from gateway.settings import Settings
+from gateway.adapters.registry import AdapterRegistry
+from gateway.core.runtime import build_engine, open_database
+from gateway.core.settings import Settings
+from gateway.experiments.repository import Experiments
+from gateway.knowledge.embeddings import Embedder
+from gateway.knowledge.store import Hit
+from gateway.runs.repository import RunStore, fail_run, run_dir
 from gateway.store.models import utcnow
+from retraining import dataset as datasets
+from retraining.evaluate import QA, evaluate, summarise
+from retraining.finetune import train_adapter
+from retraining.gate import decide, paired
+
+
+class FrozenRetrieval:
+    """The retrieval results of the frozen split's questions, saved with the dataset, so the trainer
+    process evaluates "with retrieval" without opening the (single-process) Chroma store."""
+
+    def __init__(self, hits: dict[str, list[dict]]) -> None:
+        self._hits = hits
+
+    def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
+        return [Hit(**h) for h in self._hits.get(query, [])][:k]
 
 
 
-def _prompt_variants(messages: list[dict]) -> list[list[dict]]:
-    """The prompt as the model saw it, then (for long conversations) just the system turn and the
-    last customer turn: the system turn carries the retrieved context and must survive."""
-    prompt = messages[:-1]
-    last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=0)
-    system = [m for m in prompt[:1] if m["role"] == "system"]
-    short = system + prompt[last_user:]
-    return [prompt] if short == prompt else [prompt, short]
+
+async def execute_run(settings: Settings, run_id: int) -> None:
+    """The whole run in this process; the parent built the dataset and migrated the database."""
+    async with open_database(settings, migrate_schema=False) as sessions:
+        runs, registry = RunStore(sessions), AdapterRegistry(sessions, settings.storage.data_dir)
+        run = await runs.get(run_id)
+        version = run.adapter_version
+        folder = run_dir(settings, run_id)
+        try:
+            await runs.update(run_id, status="running", started_at=utcnow(), pid=os.getpid())
+            metrics = await _train_evaluate_gate(settings, run, runs, registry, folder)
+            # "trained": the parent marks it succeeded once the adapter is in service (or needs none).
+            await runs.update(run_id, status="trained", metrics={**(run.metrics or {}), **metrics},
+                              progress={"phase": "done"})
+        except BaseException as exc:
+            await fail_run(runs, registry, run_id, version, f"{type(exc).__name__}: {exc}")
+            raise
 
 
-def encode(tokenizer, messages: list[dict], max_tokens: int) -> dict | None:  # noqa: ANN001
-    """Token ids with labels only on the answer, whole, with its end-of-turn token (so answers learn
-    to end). An example over `max_tokens` drops its earlier conversation turns; if the system turn,
-    the last question and the whole answer still do not fit, it is skipped (None): a cut answer
-    would teach the model to stop mid-sentence, a cut context to answer without it."""
-    answer = messages[-1]
-    for prompt_messages in _prompt_variants(messages):
-        prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(prompt_messages + [answer], tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError("chat template does not extend the prompt with the answer")
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) + len(answer_ids) <= max_tokens:
-            ids = prompt_ids + answer_ids
-            return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt_ids) + answer_ids}
-    return None
+async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterRegistry, folder: Path) -> dict:  # noqa: ANN001
+    snap_dir = settings.storage.data_dir / "datasets" / run.dataset_hash[:16]
+    train = [e.messages for e in datasets.load_train(snap_dir)]
+    eval_rows = [json.loads(x) for x in (snap_dir / "eval.jsonl").read_text().splitlines()]
+    probe_file = snap_dir / "probe.jsonl"
+    probe_rows = [json.loads(x) for x in probe_file.read_text().splitlines()] if probe_file.is_file() else []
+    hits = json.loads((snap_dir / "eval_hits.json").read_text())
+    if settings.retraining.eval_limit:
+        eval_rows = eval_rows[: settings.retraining.eval_limit]
+        probe_rows = probe_rows[: settings.retraining.eval_limit]
+    retrieval = FrozenRetrieval(hits)
+    eval_messages = [datasets.seed_messages(settings, r["question"], r["answer"], retrieval) for r in eval_rows]
+    adapter = await registry.get(run.adapter_version)
+    init = (adapter.config or {}).get("initialised_from", "base")
+    parent_dir = None if init == "base" else await registry.verify(init)
+    log_file = (folder / "train.log").open("a")
+    loop = asyncio.get_running_loop()
+    last = [0.0]
+
+    def report(progress: dict) -> None:  # called on the training thread
+        if time.monotonic() - last[0] < 2 and progress.get("eval_loss") is None:
+            return
+        last[0] = time.monotonic()
+        asyncio.run_coroutine_threadsafe(runs.update(run.id, progress=progress), loop).result(30)
+
+    def write(line: str) -> None:
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    out = registry.path(run.adapter_version)
+    train_metrics = await asyncio.to_thread(train_adapter, settings, train, eval_messages, out, report, write,
+                                            parent_dir)
+    train_metrics["initialised_from"] = init
+    await registry.seal(run.adapter_version)
+    await registry.transition(run.adapter_version, "candidate", metrics={"training": train_metrics})
+    await runs.update(run.id, progress={"phase": "evaluating", "training": train_metrics})
+    evaluation = await evaluate_against_baseline(settings, registry, run.adapter_version, eval_rows, probe_rows,
+                                                 retrieval)
+    decision = decide(settings.retraining, evaluation.pop("comparisons"), evaluation["baseline_version"])
+    metrics = {"training": train_metrics, "evaluation": evaluation, "gate": decision}
+    await registry.update(run.adapter_version, reason=decision["reason"], metrics=metrics)
+    if decision["passed"] and not settings.experiment.enabled and await registry.champion() is None:
+        await Experiments(settings, registry.sessions, registry).promote(  # no experiments: the first one serves
+            run.adapter_version, "gate", automatic=True, reason=decision["reason"], evidence={"gate": decision})
+    elif decision["passed"]:  # live traffic decides (retraining/experiments.py), or an admin when disabled
+        await registry.transition(run.adapter_version, "challenger")
+    write(json.dumps({"gate": decision}))
+    log_file.close()
+    return metrics
 
 
-def load_model(base: str, cfg, parent: Path | None = None):  # noqa: ANN001
-    """The base model with a trainable LoRA adapter: a fresh one, or (warm start) the parent's
-    weights loaded trainable, so training continues from what the champion knows."""
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    if cfg.quantization == "4bit":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32,
-                                                     local_files_only=True)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
-    if parent is not None:
-        return tokenizer, PeftModel.from_pretrained(model, str(parent), is_trainable=True)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    return tokenizer, get_peft_model(model, lora)
+def _eval_fingerprint(settings: Settings) -> str:
+    """What an evaluation's answers depend on besides the adapter and the question."""
+    parts = {"model": settings.model.model_dump(), "rag": settings.rag.model_dump(),
+             "confidence": settings.confidence.model_dump(), "max_tokens": settings.retraining.eval_max_tokens}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_atomically(model, out_dir: Path) -> None:  # noqa: ANN001
-    """Write the adapter to a temporary sibling folder, fsync every file and the folder, then rename
-    it into place: a crash or a full disk never leaves a half-written version folder."""
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+class EvalCache:
+    """Per-question evaluation results of sealed adapters (and the base model), so a champion's
+    answers on the frozen split are computed once, not again in every cycle's gate. Greedy decoding
+    makes them a pure function of (adapter files, question, settings fingerprint)."""
+
+    def __init__(self, settings: Settings, version: str, files: dict | None) -> None:
+        identity = json.dumps({"v": version, "files": files or {}, "fp": _eval_fingerprint(settings)}, sort_keys=True)
+        self.path = settings.storage.data_dir / "eval_cache" / f"{version}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+        self.items: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, mode: str, question: str) -> dict | None:
+        return self.items.get(f"{mode}\x1f{question}")
+
+    def put(self, mode: str, item: dict) -> None:
+        self.items[f"{mode}\x1f{item['question']}"] = item
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.items))
+        tmp.replace(self.path)
+
+
+async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistry, version: str,
+                                    eval_rows: list[dict], probe_rows: list[dict], retrieval: FrozenRetrieval) -> dict:
+    """Candidate vs the champion (or the base model): the frozen split with and without retrieval,
+    and the forgetting probe with retrieval; per-question paired comparisons for the gate."""
+    frozen = [QA(r["question"], r["answer"]) for r in eval_rows]
+    probe = [QA(r["question"], r["answer"]) for r in probe_rows]
+    champion = await registry.champion()
+    baseline = champion.version if champion else "base"
+    sets = {"rag": (frozen, True), "no_rag": (frozen, False), "forgetting": (probe, True)}
+    engine = build_engine(settings)
+    await engine.start()
     try:
-        model.save_pretrained(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with path.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        await engine.load_adapter(version, str(await registry.verify(version)))
+        if champion:
+            await engine.load_adapter(champion.version, str(await registry.verify(champion.version)))
+        embedder = await asyncio.to_thread(Embedder, settings.rag.embedding_model)
+        result: dict = {"baseline_version": baseline, "rows": len(frozen), "probe_rows": len(probe)}
+        per_question: dict[str, dict[str, list[dict]]] = {}
+        for name, adapter in (("candidate", version), ("baseline", None if baseline == "base" else baseline)):
+            row = await registry.get(adapter) if adapter else None
+            cache = EvalCache(settings, adapter or "base", row.files if row else None)
+            result[name], per_question[name] = {}, {}
+            for mode, (rows, rag) in sets.items():
+                if not rows:
+                    continue
+                missing = [qa for qa in rows if cache.get(mode, qa.question) is None]
+                if missing:
+                    report = await evaluate(settings, engine, embedder, missing, kb=retrieval if rag else None,
+                                            rag=rag, adapter=adapter, max_tokens=settings.retraining.eval_max_tokens)
+                    for item in report["items"]:
+                        cache.put(mode, item)
+                items = [cache.get(mode, qa.question) for qa in rows]
+                per_question[name][mode] = items
+                result[name][mode] = summarise(items)
+            cache.save()
+        result["comparisons"] = {
+            mode: paired([i["similarity"] for i in per_question["candidate"][mode]],
+                         [i["similarity"] for i in per_question["baseline"][mode]],
+                         settings.retraining.gate_confidence, settings.retraining.gate_bootstrap_samples)
+            for mode in per_question["candidate"]}
+        return result
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Progress(TrainerCallback):
-    """Step, loss, ETA → the run record (throttled) and the log file."""
-
-    def __init__(self, report, log) -> None:  # noqa: ANN001
-        self.report, self.log = report, log
-        self.started = time.perf_counter()
-        self.epochs: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-        logs = logs or {}
-        elapsed = time.perf_counter() - self.started
-        step, total = state.global_step, state.max_steps or 1
-        eta = elapsed / step * (total - step) if step else None
-        progress = {"phase": "training", "step": step, "total_steps": total, "epoch": round(state.epoch or 0, 3),
-                    "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"),
-                    "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1),
-                    "eval_losses": self.epochs}
-        epoch = round(state.epoch or 0, 3)
-        if "eval_loss" in logs and not (self.epochs and self.epochs[-1]["epoch"] == epoch):  # not the final re-check
-            self.epochs.append({"epoch": epoch, "eval_loss": logs["eval_loss"]})
-        self.log(json.dumps({"at": utcnow().isoformat(), **logs, "step": step}))
-        self.report(progress)
-
-
-def train_adapter(settings: Settings, train_rows: list[list[dict]], eval_rows: list[list[dict]], out_dir: Path,
-                  report, log, parent: Path | None = None) -> dict:  # noqa: ANN001
-    """Train (from scratch, or on top of `parent`'s adapter) and save the adapter; returns training metrics."""
-    cfg = settings.training
-    torch.manual_seed(cfg.seed)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    tokenizer, model = load_model(resolve_base_model(settings.model.base, settings.storage.data_dir), cfg, parent)
-    encoded = [encode(tokenizer, m, cfg.max_seq_tokens) for m in train_rows]
-    train_ds = [e for e in encoded if e is not None]
-    eval_ds = [e for e in (encode(tokenizer, m, cfg.max_seq_tokens) for m in eval_rows) if e is not None]
-    skipped = len(encoded) - len(train_ds)
-    if skipped:
-        log(json.dumps({"skipped_too_long": skipped, "max_seq_tokens": cfg.max_seq_tokens}))
-    if not train_ds:
-        raise ValueError(f"every training example is longer than training.max_seq_tokens={cfg.max_seq_tokens}")
-    learning_rate = settings.retraining.warm_learning_rate if parent is not None else cfg.learning_rate
-    epochs = settings.retraining.warm_epochs if parent is not None else cfg.epochs
-    steps_per_epoch = max(1, -(-len(train_ds) // (cfg.batch_size * cfg.grad_accum)))
-    total = cfg.max_steps or steps_per_epoch * epochs
-    checkpoints = out_dir.parent / f".{out_dir.name}-checkpoints"
-    args = TrainingArguments(
-        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=learning_rate, num_train_epochs=epochs, max_steps=cfg.max_steps or -1,
-        warmup_steps=int(total * cfg.warmup_ratio), lr_scheduler_type="linear", logging_steps=cfg.progress_every_steps,
-        eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, save_only_model=True,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), report_to="none",
-        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
-        prediction_loss_only=True,  # never keep eval logits (batch × tokens × 49k vocab) in memory
-        train_sampling_strategy="group_by_length",  # batches of similar length: less padding to push through the model
-        bf16=cfg.bf16,
-    )
-    progress = _Progress(report, log)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[progress] + ([EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []),
-    )
-    started = time.perf_counter()
-    try:
-        result = trainer.train()
-        final_eval = trainer.evaluate()
-        seconds = time.perf_counter() - started
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically(trainer.model, out_dir)
-    finally:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # only the final adapter is kept
-    return {
-        "train_loss": result.training_loss, "eval_loss": final_eval.get("eval_loss"), "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0, 3), "train_seconds": round(seconds, 1),
-        "examples_per_s": round(len(train_ds) * (trainer.state.epoch or 0) / seconds, 3) if seconds else None,
-        "eval_losses": progress.epochs, "quantization": cfg.quantization,
-        "initialised_from": "parent adapter" if parent is not None else "base model",
-        "learning_rate": learning_rate, "examples": len(train_ds), "skipped_too_long": skipped,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-    }
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        await engine.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retraining.train")
     parser.add_argument("run_id", type=int)
-    parser.add_argument("--settings", required=True, help="the run's settings JSON (written by retraining.jobs)")
+    parser.add_argument("--settings", required=True, help="the run's settings JSON (written by gateway.runs.control)")
     args = parser.parse_args(argv)
     settings = Settings.model_validate_json(Path(args.settings).read_text())
-    from retraining.jobs import execute_run  # the run's pipeline: train → evaluate → gate
-
     try:
         asyncio.run(execute_run(settings, args.run_id))
     except Exception:  # noqa: BLE001 - already recorded on the run; the exit status tells the parent

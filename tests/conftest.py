@@ -64,9 +64,9 @@ def tiny_model_dir(real_model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def faq_chroma_dir(tmp_path_factory) -> Path:
     """A data dir whose embedded Chroma holds the demo FAQ, ingested once per session (~25 s)."""
-    from gateway.rag.embeddings import Embedder
-    from gateway.rag.knowledge import KnowledgeBase
-    from gateway.settings import load_settings
+    from gateway.knowledge.embeddings import Embedder
+    from gateway.knowledge.store import KnowledgeBase
+    from gateway.core.settings import load_settings
 
     data_dir = tmp_path_factory.mktemp("faq-kb")
     kb = KnowledgeBase(load_settings().rag, data_dir, Embedder())
@@ -83,7 +83,7 @@ def seed_knowledge(data_dir: Path, faq_chroma_dir: Path) -> None:
 @pytest.fixture
 def make_settings(tmp_path: Path):
     """Settings on a fresh data dir. The demo FAQ is not auto-ingested (slow) unless a test asks."""
-    from gateway.settings import load_settings
+    from gateway.core.settings import load_settings
 
     def _make(model_dir: Path | str = "", **sections):
         sections.setdefault("storage", {})
@@ -201,8 +201,8 @@ async def make_adapter(settings, model_dir: Path, state: str, seed: int) -> str:
     from transformers import AutoModelForCausalLM
 
     from gateway.store.db import create_engine, migrate, session_factory
-    from retraining.experiments import Experiments
-    from retraining.registry import AdapterRegistry
+    from gateway.experiments.repository import Experiments
+    from gateway.adapters.registry import AdapterRegistry
 
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     db = create_engine(settings.storage.resolved_database_url)

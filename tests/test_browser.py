@@ -139,7 +139,7 @@ async def test_admin_decides_an_experiment_in_the_console(console_server, tiny_m
 
     from playwright.async_api import async_playwright
 
-    from gateway.settings import load_settings
+    from gateway.core.settings import load_settings
     from tests.conftest import make_adapter
 
     base = console_server.base_url

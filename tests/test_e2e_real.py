@@ -412,7 +412,7 @@ def test_ab_simulation_with_two_real_adapters_hot_swap_and_rollback(tmp_path, re
     """Issue 6 on the real model, one server, no restart: customers who prefer the challenger get it
     promoted by the scheduled job; a worse next challenger is retired; a promotion while 16 streams
     are in flight drops none; rollback restores the previous champion."""
-    from gateway.settings import load_settings
+    from gateway.core.settings import load_settings
     from tests.conftest import make_adapter, start_server
 
     server = start_server(tmp_path, f"""
@@ -508,7 +508,7 @@ def test_two_real_adapters_and_the_base_decode_in_one_batch(tmp_path, real_model
     """Issue 12 on the real model through the real server: champion, challenger and base requests
     run concurrently in one batch; each answer (tokens and log-probs) equals the one the same
     variant gives alone; the adapters really change the model; each costs megabytes, not a copy."""
-    from gateway.settings import load_settings
+    from gateway.core.settings import load_settings
     from tests.conftest import make_adapter, start_server
 
     server = start_server(tmp_path, f"""

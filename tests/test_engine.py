@@ -120,7 +120,7 @@ async def test_full_queue_is_refused(tiny_model_dir):
 async def test_concurrent_model_loads_do_not_corrupt_weights(tiny_model_dir):
     """The gateway loads the chat model and the embedder on two threads at start. transformers'
     loading is not thread-safe; unserialised, this produced garbage tokens after a few loads."""
-    from gateway.rag.embeddings import Embedder
+    from gateway.knowledge.embeddings import Embedder
 
     req = GenerationRequest("t", [{"role": "user", "content": "hello"}], SamplingParams(max_tokens=4))
     outputs = []

@@ -33,9 +33,9 @@ def test_load_qa_sample_is_seeded():
 
 
 def test_evaluate_on_tiny_model(make_settings, tiny_model_dir, faq_chroma_dir):
-    from gateway.runtime import build_engine
-    from gateway.rag.embeddings import Embedder
-    from gateway.rag.knowledge import KnowledgeBase
+    from gateway.core.runtime import build_engine
+    from gateway.knowledge.embeddings import Embedder
+    from gateway.knowledge.store import KnowledgeBase
     from retraining.evaluate import evaluate
 
     from .conftest import seed_knowledge

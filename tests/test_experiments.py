@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from gateway.app import create_app
-from gateway.routing import PinNotAllowed, Split, UnknownModel, bucket, choose, resolve_variant
-from gateway.settings import ExperimentSettings
-from retraining.experiments import Arm, aggregate, decide, interval, prob_better
+from gateway.chat.routing import PinNotAllowed, Split, UnknownModel, bucket, choose, resolve_variant
+from gateway.core.settings import ExperimentSettings
+from gateway.experiments.statistics import Arm, aggregate, decide, interval, prob_better
 from tests.conftest import ROOT, fresh_postgres_database, make_adapter, ready_client
 
 ADMIN = {"Authorization": "Bearer dev-admin-key"}

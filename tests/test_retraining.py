@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,14 @@ import pytest
 
 from gateway.app import create_app
 from gateway.store.db import create_engine, migrate, session_factory
-from gateway.store.models import Exchange, ReviewItem
+from gateway.store.models import Exchange, ReviewItem, as_utc
 from retraining import dataset as ds
 from retraining.gate import decide, paired
-from retraining.jobs import FrozenRetrieval, Retrainer, RunRefused, make_scheduler, scheduled_run
-from retraining.registry import AdapterCorrupt, AdapterRegistry, RegistryError, RunActive, RunStore
+from gateway.runs.control import Retrainer, RunRefused
+from gateway.runs.scheduler import ScheduledJobs, make_scheduler, retrain_anchor
+from retraining.train import FrozenRetrieval
+from gateway.adapters.registry import AdapterCorrupt, AdapterRegistry, RegistryError
+from gateway.runs.repository import RunActive, RunStore
 from tests.conftest import ROOT, ready_client
 
 SEED = ROOT / "data" / "bank_faq" / "faq.csv"
@@ -55,8 +58,8 @@ def resolved(item_id: int, question: str, answer: str, when: str = "2026-11-01T0
 
 def seed_kb(settings, seed_csv):
     """A real (embedded Chroma) knowledge base holding the seed Q&A."""
-    from gateway.rag.embeddings import Embedder
-    from gateway.rag.knowledge import KnowledgeBase
+    from gateway.knowledge.embeddings import Embedder
+    from gateway.knowledge.store import KnowledgeBase
 
     kb = KnowledgeBase(settings.rag, settings.storage.data_dir, Embedder())
     kb.ingest_bytes("seed.csv", Path(seed_csv).read_bytes())
@@ -160,7 +163,7 @@ def test_context_training_without_a_knowledge_base_is_refused(make_settings, tin
 def test_encode_keeps_the_answer_end_and_the_system_turn(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from retraining.train import encode
+    from retraining.finetune import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -280,9 +283,9 @@ async def _run_cycle(settings, quantization: str):
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings, real_model_dir, seed_csv, quantization):
-    from gateway.runtime import build_engine
+    from gateway.core.runtime import build_engine
     from gateway.engine.base import Finished, GenerationRequest
-    from gateway.prompting import sampling_params
+    from gateway.chat.prompting import sampling_params
 
     settings = settings_for(make_settings, real_model_dir, seed_csv)
     run, adapter, retrainer = await _run_cycle(settings, quantization)
@@ -323,7 +326,7 @@ async def test_warm_start_continues_the_champion(make_settings, tiny_model_dir, 
     lineage says so, and the new weights start where the champion's ended."""
     from safetensors.torch import load_file
 
-    from retraining.experiments import Experiments
+    from gateway.experiments.repository import Experiments
 
     settings = settings_for(make_settings, tiny_model_dir, seed_csv, mode="warm", min_replay=4, eval_share=0.0)
     settings.training.learning_rate = 5e-2  # the bootstrap must move the LoRA weights visibly
@@ -527,7 +530,7 @@ async def test_killed_trainer_fails_the_run_and_serving_continues(gateway):
         await asyncio.sleep(0.5)
     db = create_engine(c.settings.storage.resolved_database_url)
     try:
-        from retraining.registry import RunStore
+        from gateway.runs.repository import RunStore
         pid = (await RunStore(session_factory(db)).get(run_id)).pid
     finally:
         await db.dispose()
@@ -571,22 +574,34 @@ async def test_scheduler_job_runs_only_when_enough_new_labels(make_settings, tin
     await migrate(db)
     kb = seed_kb(settings, seed_csv)
     retrainer = Retrainer(settings, session_factory(db), kb=lambda: kb)
-    scheduler = make_scheduler(settings, retrainer)
+    jobs = ScheduledJobs(retrainer)
+    scheduler = make_scheduler(settings, jobs, anchor=await retrain_anchor(retrainer))
     scheduler.start()
     try:
-        assert scheduler.get_job("retrain") is not None  # persisted in the database job store
-        await scheduled_run()
+        job = scheduler.get_job("retrain")
+        assert job is not None and scheduler.get_job("experiment") is None  # no serving: no experiment job
+        await jobs.retrain()
         assert await retrainer.runs.list() == []  # due, but 0 new labels: nothing happens
         await _resolve_items(settings, 2)
-        await scheduled_run()
+        await jobs.retrain()
         runs = await retrainer.runs.list()
         assert len(runs) == 1 and runs[0].trigger == "schedule"
-        await scheduled_run()  # already running: still one
+        await jobs.retrain()  # already running: still one
         assert len(await retrainer.runs.list()) == 1
         await retrainer.wait()
         assert (await retrainer.runs.get(runs[0].id)).status == "succeeded"
         with pytest.raises(RunRefused):
             await retrainer.start("schedule", "scheduler")  # its labels are used up
+        # a restart keeps the slot: the interval's grid starts at the newest run, not at the restart
+        anchor = await retrain_anchor(retrainer)
+        assert anchor == as_utc(runs[0].created_at)
+        restarted = make_scheduler(settings, jobs, anchor=anchor)
+        restarted.start(paused=True)
+        try:
+            slot = restarted.get_job("retrain").next_run_time
+            assert slot - anchor == timedelta(hours=settings.retraining.interval_hours)
+        finally:
+            restarted.shutdown(wait=False)
     finally:
         scheduler.shutdown(wait=False)
         await db.dispose()

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from gateway.agreement import cohen_kappa, consensus_group, percent_agreement
+from gateway.review.agreement import cohen_kappa, consensus_group, percent_agreement
 from gateway.app import create_app
 from gateway.store.models import Exchange
 from tests.conftest import ROOT, fresh_postgres_database, ready_client
@@ -71,12 +71,12 @@ async def add_exchange(client, confidence: float, *, age_h: float = 0.0, user: s
     )
     item = None
     if row.flagged:
-        from gateway.store.reviews import new_item
+        from gateway.review.repository import new_item
         item = new_item(row, client.settings.review, low_confidence=True, now=when)
     # Our own engine in the test's event loop (the app's runs in the test client's loop; asyncpg
     # connections cannot cross loops).
     from gateway.store.db import create_engine, session_factory
-    from gateway.store.exchanges import ExchangeRepository
+    from gateway.exchanges.repository import ExchangeRepository
 
     db = create_engine(client.settings.storage.resolved_database_url)
     try:

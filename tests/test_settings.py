@@ -6,8 +6,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from gateway.security import UnsafeBindError, check_bind_safety
-from gateway.settings import load_settings
+from gateway.core.security import UnsafeBindError, check_bind_safety
+from gateway.core.settings import load_settings
 
 from .conftest import ROOT
 

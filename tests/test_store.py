@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from sqlalchemy import text
 
 from gateway.store.db import create_engine, migrate, session_factory
-from gateway.store.exchanges import ExchangeRepository
+from gateway.exchanges.repository import ExchangeRepository
 from gateway.store.models import Exchange
 from tests.conftest import fresh_postgres_database
 

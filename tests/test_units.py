@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from gateway.confidence import is_looping, score
-from gateway.pii import scrub, scrub_messages
-from gateway.routing import Route, Split, UnknownModel, resolve_variant
-from gateway.settings import ConfidenceSettings
+from gateway.chat.confidence import is_looping, score
+from gateway.core.pii import scrub, scrub_messages
+from gateway.chat.routing import Route, Split, UnknownModel, resolve_variant
+from gateway.core.settings import ConfidenceSettings
 
 CFG = ConfidenceSettings(truncation_penalty=0.5, loop_penalty=0.25, retrieval_weight=0.5,
                          retrieval_floor=0.3, retrieval_ceiling=0.8)

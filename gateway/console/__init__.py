@@ -19,7 +19,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
-from gateway.settings import Settings
+from gateway.core.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 # Cookies (session, CSRF) belong to the console only; the JSON API uses bearer keys, no ambient credentials.

@@ -47,7 +47,7 @@ from gateway.engine.base import (
 )
 from gateway.engine.lora import LoraBank
 from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
-from gateway.loading import MODEL_LOAD_LOCK
+from gateway.core.loading import MODEL_LOAD_LOCK
 
 log = structlog.get_logger(__name__)
 

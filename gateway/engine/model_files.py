@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import structlog
-from gateway.loading import MODEL_LOAD_LOCK
+from gateway.core.loading import MODEL_LOAD_LOCK
 from transformers import AutoModelForCausalLM, AutoTokenizer  # at import time: lazy imports are not thread-safe
 
 log = structlog.get_logger(__name__)

@@ -1,0 +1,60 @@
+"""API-key authentication middleware and role guards for the HTTP layer.
+
+Keys are looked up by `gateway.core.security.KeyStore` (sha256 digests, constant-time compare);
+roles rank client < reviewer < admin: a higher role may do everything a lower one can.
+"""
+
+from __future__ import annotations
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
+
+from gateway.core.security import ROLE_RANK, KeyStore, Principal
+from gateway.core.settings import Settings
+
+PUBLIC_PATHS = {"/health", "/ready", "/metrics", "/schema"}
+
+
+class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
+    def __init__(self, app, keystore: KeyStore, **kwargs) -> None:  # noqa: ANN001
+        super().__init__(app, **kwargs)
+        self._keystore = keystore
+
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise NotAuthorizedException(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+            )
+        if scheme.lower() != "bearer" or not token.strip():
+            raise NotAuthorizedException("Malformed Authorization header; expected 'Bearer <key>'.")
+        principal = self._keystore.lookup(token.strip())
+        if principal is None:
+            raise NotAuthorizedException("Incorrect API key provided.")
+        return AuthenticationResult(user=principal, auth=None)
+
+
+def auth_middleware(settings: Settings) -> DefineMiddleware:
+    return DefineMiddleware(
+        ApiKeyAuthMiddleware,
+        keystore=KeyStore(settings.auth.keys),
+        # The console authenticates with its own signed session cookie (gateway/console).
+        exclude=[rf"^{p}" for p in sorted(PUBLIC_PATHS | {"/console"})],
+    )
+
+
+def require(role: str):
+    """Guard factory: the caller's role must rank at least `role`."""
+
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        principal: Principal = connection.user
+        if ROLE_RANK[principal.role] < ROLE_RANK[role]:
+            raise PermissionDeniedException(
+                f"This endpoint needs the '{role}' role; key '{principal.name}' has '{principal.role}'."
+            )
+
+    guard.__name__ = f"require_{role}"
+    return guard

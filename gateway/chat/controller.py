@@ -1,0 +1,38 @@
+"""OpenAI-compatible chat completions and model listing."""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar.response import ServerSentEvent
+
+from gateway.chat.protocol import ChatCompletionRequest
+from gateway.chat.service import ChatService
+from gateway.api.auth import require
+
+
+class ChatController(Controller):
+    path = "/v1"
+    guards = [require("client")]
+    tags = ["chat"]
+
+    @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+    async def create(
+        self, request: Request, data: JSONBody[ChatCompletionRequest], chat_service: NamedDependency[ChatService]
+    ) -> Response | ServerSentEvent:
+        session = request.headers.get(chat_service.settings.experiment.session_header)
+        run = await chat_service.start(data, request.user, session=session[:200] if session else None)
+        headers = {"X-Exchange-Id": run.exchange_id, "X-Variant": run.route.variant}
+        if data.stream:
+            return ServerSentEvent(chat_service.stream(run), headers={**headers, "Cache-Control": "no-cache"})
+        return Response(await chat_service.complete(run), headers=headers)
+
+    @get("/models", summary="The logical model and the variants served")
+    async def models(self, chat_service: NamedDependency[ChatService]) -> dict:
+        cfg = chat_service.settings.model
+        ids = [cfg.name, *chat_service.engine.variants()]
+        return {
+            "object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "tellerloop"} for i in ids],
+        }

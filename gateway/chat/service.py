@@ -1,0 +1,330 @@
+"""Chat service: request → prompt → engine → confidence → durable exchange row → response.
+
+The controller only parses and authorises; everything about a completion happens here, so the
+stream and non-stream paths share one `_Run` that accumulates tokens and writes the log row.
+The row is committed before the non-stream body is returned and before a stream's `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import AsyncIterator
+
+import structlog
+
+from gateway.core import metrics
+from gateway.chat.protocol import ChatCompletionRequest
+from gateway.chat.confidence import score as score_confidence
+from gateway.engine.base import (
+    ContextLengthExceeded,
+    Engine,
+    EngineFailure,
+    EngineOverloaded,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenStream,
+    UnknownAdapter,
+)
+from gateway.chat.protocol import error_body
+from gateway.core.pii import scrub, scrub_messages
+from gateway.chat.prompting import build_messages, last_user_message, retrieve, sampling_params
+from gateway.knowledge.store import KnowledgeBase
+from gateway.chat.routing import PinNotAllowed, Route, Split, UnknownModel, resolve_variant
+from gateway.core.security import ROLE_RANK, Principal
+from gateway.core.settings import Settings
+from gateway.exchanges.repository import ExchangeRepository
+from gateway.store.models import Exchange
+from gateway.review.repository import new_item
+from gateway.core.errors import GenerationFailed, InvalidRequest, NotFound, PermissionDenied, Unavailable
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Run:
+    """One completion in progress: what was asked and what has come back so far."""
+
+    exchange_id: str
+    request: ChatCompletionRequest
+    principal: Principal
+    route: Route
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    stream: TokenStream
+    started: float
+    created: int
+    sources: list[dict] | None = None  # None: retrieval did not run
+    top_similarity: float | None = None
+    retrieval_ms: float | None = None
+    first_token_at: float | None = None
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finished: Finished | None = None
+
+    def add(self, event: TokenEvent | Finished) -> None:
+        if isinstance(event, Finished):
+            self.finished = event
+            self.text += event.text
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.text += event.text
+        self.logprobs.append(event.logprob)
+        if self.request.logprobs:
+            self.tokens.append(event)
+
+
+class ChatService:
+    def __init__(
+        self, settings: Settings, engine: Engine, exchanges: ExchangeRepository, kb: KnowledgeBase | None = None
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.exchanges = exchanges
+        self.kb = kb
+        self.split = Split()  # set by gateway/adapters.py from the registry: champion, challenger, share
+
+    @property
+    def default_variant(self) -> str:
+        return self.split.champion
+
+    # ---- preparation: everything that can fail with a 4xx happens before generation ---------
+    def _validate(self, req: ChatCompletionRequest, principal: Principal,
+                  session: str | None) -> tuple[Route, list[dict[str, str]], SamplingParams]:
+        cfg = self.settings.model
+        if len(req.messages) > cfg.max_messages:
+            raise InvalidRequest(f"Too many messages: {len(req.messages)} > {cfg.max_messages}", param="messages")
+        for i, m in enumerate(req.messages):
+            if len(m.content) > cfg.max_message_chars:
+                raise InvalidRequest(f"Message {i} is {len(m.content)} characters; the limit is {cfg.max_message_chars}",
+                    param=f"messages.{i}.content",
+                    code="context_length_exceeded",
+                )
+        max_tokens = req.requested_max_tokens or cfg.default_max_tokens
+        if max_tokens > cfg.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens is too large: {max_tokens}. This server allows at most {cfg.max_tokens_limit}.",
+                param="max_tokens",
+            )
+        may_pin = ROLE_RANK[principal.role] >= ROLE_RANK[self.settings.experiment.pin_min_role]
+        try:
+            route = resolve_variant(req.model, cfg.name, self.engine.variants(), self.split,
+                                    unit=req.user or session, may_pin=may_pin)
+        except UnknownModel as exc:
+            raise NotFound(str(exc), param="model", code="model_not_found") from None
+        except PinNotAllowed:
+            raise PermissionDenied(f"Pinning the model version '{req.model}' needs the "
+                           f"'{self.settings.experiment.pin_min_role}' role (experiment.pin_min_role); key "
+                           f"'{principal.name}' has '{principal.role}'. Send model '{cfg.name}'.",
+                           param="model", code="permission_denied") from None
+        if req.rag_top_k is not None and req.rag_top_k > self.settings.rag.max_top_k:
+            raise InvalidRequest(f"rag_top_k may be at most {self.settings.rag.max_top_k}", param="rag_top_k")
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages
+        ]
+        params = sampling_params(
+            self.settings, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list,
+            seed=req.seed, top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+        )
+        return route, messages, params
+
+    async def start(self, req: ChatCompletionRequest, principal: Principal, session: str | None = None) -> _Run:
+        """`session`: the routing unit when the request names no `user` (experiment.session_header)."""
+        if not self.engine.ready:
+            metrics.REJECTED.labels("loading").inc()
+            raise Unavailable("The model is still loading; retry shortly.", code="model_loading",
+                           retry_after=self.settings.engine.retry_after_s)
+        route, messages, params = self._validate(req, principal, session)
+        variant = route.variant
+        exchange_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        use_rag = self.settings.rag.enabled_by_default if req.rag is None else req.rag
+        hits, top, retrieval_ms = None, None, None
+        if use_rag:
+            if self.kb is None:
+                raise Unavailable("The knowledge base is not available yet; retry shortly or send \"rag\": false.",
+                               code="knowledge_base_unavailable",
+                               retry_after=self.settings.engine.retry_after_s)
+            hits, top, retrieval_ms = await retrieve(
+                self.settings, self.kb, last_user_message(messages), req.rag_top_k or self.settings.rag.top_k
+            )
+            metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
+        messages = build_messages(self.settings, messages, hits)
+        try:
+            stream = await self.engine.submit(
+                GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
+            )
+        except ContextLengthExceeded as exc:
+            metrics.REJECTED.labels("context_length").inc()
+            raise InvalidRequest(str(exc), param="messages", code="context_length_exceeded") from None
+        except EngineOverloaded as exc:
+            metrics.REJECTED.labels("overloaded").inc()
+            raise Unavailable(str(exc), code="overloaded",
+                           retry_after=self.settings.engine.retry_after_s) from None
+        except UnknownAdapter as exc:
+            raise NotFound(str(exc), param="model", code="model_not_found") from None
+        structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
+        if route.experiment_id is not None:
+            metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
+        return _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
+                    sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
+                    retrieval_ms=retrieval_ms)
+
+    # ---- non-streaming ------------------------------------------------------------------------
+    async def complete(self, run: _Run) -> dict:
+        metrics.IN_FLIGHT.inc()
+        try:
+            async for event in run.stream:
+                run.add(event)
+        except EngineFailure as exc:
+            raise GenerationFailed(str(exc), code="generation_failed") from None
+        finally:
+            metrics.IN_FLIGHT.dec()
+        row = await self._record(run)
+        message: dict = {"role": "assistant", "content": run.text}
+        choice: dict = {"index": 0, "message": message, "finish_reason": run.finished.finish_reason,
+                        "logprobs": None}
+        if run.request.logprobs:
+            choice["logprobs"] = {"content": self._logprob_items(run)}
+        return {
+            "id": f"chatcmpl-{run.exchange_id}",
+            "object": "chat.completion",
+            "created": run.created,
+            "model": run.request.model,
+            "choices": [choice],
+            "usage": self._usage(run),
+            **self._extras(row),
+        }
+
+    # ---- streaming ----------------------------------------------------------------------------
+    async def stream(self, run: _Run) -> AsyncIterator[str]:
+        """SSE `data:` payloads; the last content chunk carries the extras, then `[DONE]`."""
+        base = {"id": f"chatcmpl-{run.exchange_id}", "object": "chat.completion.chunk",
+                "created": run.created, "model": run.request.model}
+        metrics.IN_FLIGHT.inc()
+        completed = False
+        try:
+            yield json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]})
+            try:
+                async for event in run.stream:
+                    run.add(event)
+                    text = event.text
+                    if not text and not (isinstance(event, TokenEvent) and run.request.logprobs):
+                        continue
+                    choice: dict = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+                    if run.request.logprobs and isinstance(event, TokenEvent):
+                        choice["logprobs"] = {"content": [self._logprob_item(event)]}
+                    yield json.dumps({**base, "choices": [choice]})
+            except EngineFailure as exc:
+                yield json.dumps(error_body(500, str(exc), code="generation_failed"))
+                return
+            try:
+                row = await self._record(run)
+            except Exception:  # noqa: BLE001 - the client must not see [DONE] for an unlogged exchange
+                log.exception("exchange.write_failed")
+                yield json.dumps(error_body(503, "The exchange could not be recorded; please retry."))
+                return
+            completed = True
+            yield json.dumps({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                   "finish_reason": run.finished.finish_reason}],
+                              "usage": self._usage(run), **self._extras(row)})
+            yield "[DONE]"
+        finally:
+            metrics.IN_FLIGHT.dec()
+            if not completed and run.finished is None:
+                # Client went away mid-stream: stop generating and still keep an audit row.
+                await run.stream.aclose()
+                run.finished = Finished("cancelled", 0, len(run.logprobs))
+                await asyncio.shield(self._record_quietly(run))
+
+    # ---- logging ------------------------------------------------------------------------------
+    async def _record(self, run: _Run) -> Exchange:
+        done = time.perf_counter()
+        fin = run.finished
+        conf = score_confidence(run.logprobs, run.text, fin.finish_reason, self.settings.confidence,
+                                 top_similarity=run.top_similarity)
+        flagged = conf.score < self.settings.review.confidence_threshold
+        ttft_ms = None if run.first_token_at is None else (run.first_token_at - run.started) * 1000
+        p = run.params
+        row = Exchange(
+            id=run.exchange_id,
+            created_at=datetime.fromtimestamp(run.created, timezone.utc),
+            completed_at=datetime.now(timezone.utc),
+            api_key_name=run.principal.name,
+            user=scrub(run.request.user) if run.request.user else None,
+            model_requested=run.request.model,
+            variant=run.route.variant,
+            messages=scrub_messages(run.messages, self.settings.pii.keep),
+            answer=scrub(run.text, self.settings.pii.keep),
+            finish_reason=fin.finish_reason,
+            stream=run.request.stream,
+            rag=run.sources is not None,
+            sources=run.sources or [],
+            retrieval_ms=run.retrieval_ms,
+            params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                    "stop": list(p.stop), "seed": p.seed, "repetition_penalty": p.repetition_penalty,
+                    "no_repeat_ngram_size": p.no_repeat_ngram_size},
+            prompt_tokens=fin.prompt_tokens,
+            completion_tokens=fin.completion_tokens,
+            ttft_ms=ttft_ms,
+            latency_ms=(done - run.started) * 1000,
+            confidence=conf.score,
+            confidence_parts=conf.parts(),
+            flagged=flagged,
+            experiment_id=run.route.experiment_id,
+            routing_unit=run.route.unit,
+        )
+        enqueue = flagged and fin.finish_reason != "cancelled"  # a cancelled answer is not an answer to review
+        await self.exchanges.add(row, new_item(row, self.settings.review, low_confidence=True) if enqueue else None)
+        if enqueue:
+            metrics.ENQUEUED.labels("low_confidence").inc()
+        stream_label = str(run.request.stream).lower()
+        if ttft_ms is not None:
+            metrics.TTFT.labels(run.route.variant, stream_label).observe(ttft_ms / 1000)
+        metrics.GENERATION_SECONDS.labels(run.route.variant, stream_label).observe(done - run.started)
+        metrics.TOKENS.labels(run.route.variant).inc(fin.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(run.route.variant).inc(fin.prompt_tokens)
+        metrics.EXCHANGES.labels(run.route.variant, fin.finish_reason, str(flagged).lower()).inc()
+        metrics.CONFIDENCE.labels(run.route.variant).observe(conf.score)
+        log.info("exchange.logged", variant=run.route.variant, finish_reason=fin.finish_reason,
+                 completion_tokens=fin.completion_tokens, confidence=conf.score, flagged=flagged,
+                 latency_ms=round(row.latency_ms, 1))
+        return row
+
+    async def _record_quietly(self, run: _Run) -> None:
+        try:
+            await self._record(run)
+        except Exception:  # noqa: BLE001
+            log.exception("exchange.write_failed", finish_reason="cancelled")
+
+    # ---- response pieces ----------------------------------------------------------------------
+    @staticmethod
+    def _usage(run: _Run) -> dict:
+        fin = run.finished
+        return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+                "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+
+    @staticmethod
+    def _extras(row: Exchange) -> dict:
+        return {"exchange_id": row.id, "confidence": row.confidence, "flagged": row.flagged,
+                "variant": row.variant, "sources": row.sources}
+
+    @staticmethod
+    def _logprob_item(event: TokenEvent) -> dict:
+        return {
+            "token": event.token,
+            "logprob": event.logprob,
+            "bytes": list(event.token.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in event.top_logprobs],
+        }
+
+    def _logprob_items(self, run: _Run) -> list[dict]:
+        return [self._logprob_item(event) for event in run.tokens]

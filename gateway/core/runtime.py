@@ -1,0 +1,63 @@
+"""The runtime parts every entry point assembles the same way: the database, the engine and the
+knowledge base.
+
+One home used by the app, the CLI, the trainer process (offline evaluation), the benchmarks and the
+tests, so nothing below the HTTP layer needs the app factory.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import AsyncIterator
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from gateway.engine.base import Engine
+from gateway.engine.local import LocalEngine
+from gateway.engine.model_files import resolve_base_model
+from gateway.knowledge.embeddings import Embedder
+from gateway.knowledge.store import KnowledgeBase, ingest_demo_data
+from gateway.core.settings import PROJECT_ROOT, Settings
+from gateway.store.db import create_engine, migrate, session_factory
+
+
+@asynccontextmanager
+async def open_database(settings: Settings, *, migrate_schema: bool = True) -> AsyncIterator[async_sessionmaker]:
+    """Sessions on the configured database, migrated to the head revision (unless the caller is a
+    process that must not migrate, such as the trainer); the engine is disposed on exit."""
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    db = create_engine(settings.storage.resolved_database_url)
+    try:
+        if migrate_schema:
+            await migrate(db)
+        yield session_factory(db)
+    finally:
+        await db.dispose()
+
+
+def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> KnowledgeBase:
+    """Blocking (loads the embedder, opens Chroma, may ingest the demo FAQ): run it in a thread."""
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    embedder = Embedder(settings.rag.embedding_model, batch_size=settings.rag.embedding_batch)
+    kb = KnowledgeBase(settings.rag, settings.storage.data_dir, embedder)
+    if ingest_demo:
+        ingest_demo_data(kb, settings.rag.demo_data, PROJECT_ROOT)
+    return kb
+
+
+def build_engine(settings: Settings) -> Engine:
+    if settings.engine.backend != "local":
+        raise NotImplementedError(f"engine.backend={settings.engine.backend!r} is not implemented yet")
+    return LocalEngine(
+        partial(resolve_base_model, settings.model.base, settings.storage.data_dir),
+        dtype=settings.model.dtype,
+        max_context_tokens=settings.model.max_context_tokens,
+        max_batch=settings.engine.max_batch,
+        max_queue=settings.engine.max_queue,
+        torch_threads=settings.engine.torch_threads,
+        prefill_chunk_tokens=settings.engine.prefill_chunk_tokens,
+        kv_block_tokens=settings.engine.kv_block_tokens,
+        prefix_cache_entries=settings.engine.prefix_cache_entries,
+        prefix_min_tokens=settings.engine.prefix_min_tokens,
+    )

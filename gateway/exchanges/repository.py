@@ -1,0 +1,66 @@
+"""Exchange log repository: the only code that reads or writes the `exchanges` table."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from gateway.store.models import Exchange, ReviewItem, iso_utc
+from gateway.review.repository import event
+
+
+def exchange_record(row: Exchange) -> dict:
+    """The full logged record of an exchange, as the API and the review console show it."""
+    return {
+        "id": row.id,
+        "created_at": iso_utc(row.created_at),
+        "completed_at": iso_utc(row.completed_at),
+        "api_key_name": row.api_key_name,
+        "user": row.user,
+        "model": row.model_requested,
+        "variant": row.variant,
+        "messages": row.messages,
+        "answer": row.answer,
+        "finish_reason": row.finish_reason,
+        "stream": row.stream,
+        "rag": row.rag,
+        "retrieval_ms": row.retrieval_ms,
+        "sources": row.sources,
+        "params": row.params,
+        "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens},
+        "ttft_ms": row.ttft_ms,
+        "latency_ms": row.latency_ms,
+        "confidence": row.confidence,
+        "confidence_parts": row.confidence_parts,
+        "flagged": row.flagged,
+    }
+
+
+class ExchangeRepository:
+    def __init__(self, sessions: async_sessionmaker) -> None:
+        self._sessions = sessions
+
+    async def add(self, exchange: Exchange, review_item: ReviewItem | None = None) -> None:
+        """Insert and commit (with its review item when it was flagged at serving time, in the same
+        transaction); returns only once the rows are durable."""
+        async with self._sessions() as session, session.begin():
+            session.add(exchange)
+            if review_item is not None:
+                await session.flush()
+                session.add(review_item)
+                await session.flush()
+                session.add(event(exchange.id, review_item.id, "system", "enqueued", reason="low_confidence"))
+
+    async def get(self, exchange_id: str) -> Exchange | None:
+        async with self._sessions() as session:
+            return await session.get(Exchange, exchange_id)
+
+    async def recent(self, limit: int = 50) -> list[Exchange]:
+        async with self._sessions() as session:
+            rows = await session.scalars(select(Exchange).order_by(Exchange.created_at.desc()).limit(limit))
+            return list(rows)
+
+    async def ping(self) -> bool:
+        async with self._sessions() as session:
+            await session.execute(text("SELECT 1"))
+        return True
