@@ -4,15 +4,36 @@ from __future__ import annotations
 
 from litestar import Response, get
 from litestar.datastructures import State
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: str = Field(description="always 'ok' while the process answers")
+
+
+class ReadyChecks(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: bool
+    database: bool
+    knowledge_base: bool
+    adapters: bool = Field(description="the champion and challenger are loaded and routed")
+    error: str | None = Field(None, description="why start-up failed, if it did")
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: str = Field(description="ready | not_ready (then the status code is 503)")
+    checks: ReadyChecks
 
 
 @get("/health", tags=["health"], summary="Liveness: the process answers")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health() -> Health:
+    return Health(status="ok")
 
 
 @get("/ready", tags=["health"], summary="Readiness: model and adapters loaded, database reachable")
-async def ready(state: State) -> Response:
+async def ready(state: State) -> Response[Readiness]:
     engine = state.engine
     checks = {"model": bool(engine is not None and engine.ready), "database": False,
               "knowledge_base": state.get("kb") is not None,
@@ -24,4 +45,5 @@ async def ready(state: State) -> Response:
     if state.get("startup_error"):
         checks["error"] = state.startup_error
     ok = checks["model"] and checks["database"] and checks["knowledge_base"] and checks["adapters"]
-    return Response({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
+    body = Readiness(status="ready" if ok else "not_ready", checks=ReadyChecks(**checks))
+    return Response(body, status_code=200 if ok else 503)

@@ -143,3 +143,107 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
             "code": code,
         }
     }
+
+
+# ---- responses -------------------------------------------------------------------------------------
+# The OpenAI chat.completion / chat.completion.chunk / model list objects, plus tellerloop's extras.
+# Responses are serialised without unset fields (`PydanticPlugin(exclude_unset=True)` in the app), so
+# optional source metadata that an entry does not have is left out, as before.
+class Source(BaseModel):
+    """A knowledge-base entry the model was shown."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    text: str
+    score: float = Field(description="cosine similarity of the entry to the retrieval query")
+    source: str | None = Field(None, description="the document it came from")
+    title: str | None = None
+    category: str | None = None
+    question: str | None = None
+    answer: str | None = None
+
+
+class TopLogprob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    message: AssistantMessage
+    finish_reason: str = Field(description="stop | length | cancelled")
+    logprobs: ChoiceLogprobs | None
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ExchangeExtras(BaseModel):
+    """What tellerloop adds to a completion (and to a stream's last chunk)."""
+
+    model_config = ConfigDict(extra="forbid")
+    exchange_id: str = Field(description="the logged exchange: rate it at /v1/exchanges/{exchange_id}/feedback")
+    confidence: float = Field(description="0..1; below review.confidence_threshold the answer is queued for review")
+    flagged: bool
+    variant: str = Field(description="the adapter version (or 'base') that answered")
+    sources: list[Source]
+
+
+class ChatCompletion(ExchangeExtras):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    message: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
