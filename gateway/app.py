@@ -13,6 +13,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.htmx import HTMXPlugin
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.pydantic import PydanticPlugin
 
 from gateway import console
 from gateway.adapters.controller import AdaptersController
@@ -151,7 +152,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         ],
         csrf_config=console.csrf_config(settings, secret),
         template_config=console.template_config(),
-        plugins=[structlog_plugin(settings.logging), HTMXPlugin()],
+        # responses leave out what a model was not given (optional source metadata): the wire shape is the data
+        plugins=[structlog_plugin(settings.logging), HTMXPlugin(), PydanticPlugin(exclude_unset=True)],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="tellerloop", version="0.1.0", path="/schema"),

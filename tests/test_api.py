@@ -179,3 +179,32 @@ async def test_request_id_is_echoed(client):
     r = await client.get("/health", headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     assert len((await client.get("/health")).headers["x-request-id"]) == 32
+
+
+async def test_every_v1_response_has_a_schema(client):
+    """Each /v1 operation documents its success body as a named component (no bare `object`), so a
+    client generator gets types; errors are documented by the OpenAI-style error model."""
+    schema = (await client.get("/schema/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    missing = []
+    for path, operations in schema["paths"].items():
+        if not path.startswith("/v1/") or path == "/v1/review/export":  # export streams JSONL lines
+            continue
+        for method, op in operations.items():
+            ok = [r for code, r in op["responses"].items() if code.startswith("2") and r.get("content")]
+            refs = [c.get("schema", {}).get("$ref", "") for r in ok for c in r["content"].values()]
+            if not any(ref.split("/")[-1] in components for ref in refs):
+                missing.append(f"{method.upper()} {path}")
+    assert missing == []
+    for name in ("ChatCompletion", "ModelList", "ExchangeRecord", "ReviewItemDetail", "AdapterList",
+                 "ExperimentsOverview", "Run", "SearchResult"):
+        assert components[name]["properties"], name
+    assert {"exchange_id", "confidence", "flagged", "variant", "sources"} <= set(components["ChatCompletion"]["properties"])
+
+
+async def test_sources_keep_only_the_metadata_an_entry_has(client):
+    """Responses leave out fields a model was not given (a source without a title has no `title`)."""
+    body = (await client.post("/v1/chat/completions", json=chat(), headers=CLIENT)).json()
+    assert "error" not in body
+    for source in body["sources"]:
+        assert None not in source.values()

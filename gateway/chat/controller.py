@@ -5,9 +5,10 @@ from __future__ import annotations
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import ServerSentEvent
 
-from gateway.chat.protocol import ChatCompletionRequest
+from gateway.chat.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from gateway.chat.service import ChatService
 from gateway.api.auth import require
 
@@ -17,7 +18,9 @@ class ChatController(Controller):
     guards = [require("client")]
     tags = ["chat"]
 
-    @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+    @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)",
+          responses={200: ResponseSpec(ChatCompletion, description="a chat.completion object; with \"stream\": true "
+                                       "a text/event-stream of chat.completion.chunk objects ending with data: [DONE]")})
     async def create(
         self, request: Request, data: JSONBody[ChatCompletionRequest], chat_service: NamedDependency[ChatService]
     ) -> Response | ServerSentEvent:
@@ -29,10 +32,8 @@ class ChatController(Controller):
         return Response(await chat_service.complete(run), headers=headers)
 
     @get("/models", summary="The logical model and the variants served")
-    async def models(self, chat_service: NamedDependency[ChatService]) -> dict:
+    async def models(self, chat_service: NamedDependency[ChatService]) -> ModelList:
         cfg = chat_service.settings.model
         ids = [cfg.name, *chat_service.engine.variants()]
-        return {
-            "object": "list",
-            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "tellerloop"} for i in ids],
-        }
+        return ModelList(object="list", data=[ModelCard(id=i, object="model", created=0, owned_by="tellerloop")
+                                              for i in ids])

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import structlog
 
 from gateway.core import metrics
-from gateway.chat.protocol import ChatCompletionRequest
+from gateway.chat.protocol import ChatCompletion, ChatCompletionRequest
 from gateway.chat.confidence import score as score_confidence
 from gateway.engine.base import (
     ContextLengthExceeded,
@@ -178,7 +178,7 @@ class ChatService:
                     retrieval_ms=retrieval_ms)
 
     # ---- non-streaming ------------------------------------------------------------------------
-    async def complete(self, run: _Run) -> dict:
+    async def complete(self, run: _Run) -> ChatCompletion:
         metrics.IN_FLIGHT.inc()
         try:
             async for event in run.stream:
@@ -193,7 +193,7 @@ class ChatService:
                         "logprobs": None}
         if run.request.logprobs:
             choice["logprobs"] = {"content": self._logprob_items(run)}
-        return {
+        return ChatCompletion.model_validate({
             "id": f"chatcmpl-{run.exchange_id}",
             "object": "chat.completion",
             "created": run.created,
@@ -201,7 +201,7 @@ class ChatService:
             "choices": [choice],
             "usage": self._usage(run),
             **self._extras(row),
-        }
+        })
 
     # ---- streaming ----------------------------------------------------------------------------
     async def stream(self, run: _Run) -> AsyncIterator[str]:

@@ -6,6 +6,7 @@ from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from gateway.review.schemas import ExchangeRecord
 from gateway.review.service import ReviewService
 from gateway.api.auth import require
 from gateway.exchanges.repository import ExchangeRepository, exchange_record
@@ -21,8 +22,8 @@ class ExchangesController(Controller):
     async def get_exchange(
         self, exchange_id: FromPath[str], exchange_repository: NamedDependency[ExchangeRepository],
         review_service: NamedDependency[ReviewService],
-    ) -> dict:
+    ) -> ExchangeRecord:
         row = await exchange_repository.get(exchange_id) if len(exchange_id) <= 64 else None
         if row is None:
             raise NotFound(f"No exchange with id '{exchange_id[:64]}'", param="exchange_id", code="not_found")
-        return {**exchange_record(row), **await review_service.exchange_signals(row.id)}
+        return ExchangeRecord.model_validate({**exchange_record(row), **await review_service.exchange_signals(row.id)})

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.core import metrics
 from gateway.knowledge.documents import DocumentError
+from gateway.knowledge.schemas import DeleteResult, IngestResult, KnowledgeStats, SearchResult
 from gateway.knowledge.store import KnowledgeBase
 from gateway.api.auth import require
 from gateway.core.errors import InvalidRequest, NotFound, Unavailable
@@ -37,25 +38,25 @@ class KnowledgeController(Controller):
     tags = ["knowledge"]
 
     @post("/documents", guards=[require("admin")], status_code=201, summary="Ingest (or replace) one document")
-    async def ingest(self, request: Request, data: JSONBody[IngestRequest]) -> dict:
+    async def ingest(self, request: Request, data: JSONBody[IngestRequest]) -> IngestResult:
         kb = _kb(request)
         try:
             result = await asyncio.to_thread(kb.ingest_bytes, data.source, data.content.encode(), data.format)
         except DocumentError as exc:
             raise InvalidRequest(str(exc), param="content", code="invalid_document") from None
         metrics.KB_CHUNKS.set(kb.count())
-        return result.as_dict()
+        return IngestResult.model_validate(result.as_dict())
 
     @delete("/documents", guards=[require("admin")], status_code=200, summary="Delete every chunk of a source")
     async def delete_source(
         self, request: Request, source: Annotated[str, QueryParameter(min_length=1, max_length=200)]
-    ) -> dict:
+    ) -> DeleteResult:
         kb = _kb(request)
         removed = await asyncio.to_thread(kb.delete_source, source)
         if not removed:
             raise NotFound(f"No documents from source '{source}'", param="source", code="not_found")
         metrics.KB_CHUNKS.set(kb.count())
-        return {"source": source, "deleted": removed}
+        return DeleteResult(source=source, deleted=removed)
 
     @get("/search", guards=[require("reviewer")], summary="Semantic search over the knowledge base")
     async def search(
@@ -63,11 +64,11 @@ class KnowledgeController(Controller):
         request: Request,
         q: Annotated[str, QueryParameter(min_length=1, max_length=2000)],
         k: Annotated[int, QueryParameter(ge=1, le=50)] = 5,
-    ) -> dict:
+    ) -> SearchResult:
         kb = _kb(request)
         hits = await asyncio.to_thread(kb.search, q, k, -1.0)
-        return {"query": q, "results": [h.as_source() for h in hits]}
+        return SearchResult.model_validate({"query": q, "results": [h.as_source() for h in hits]})
 
     @get("/stats", guards=[require("reviewer")], summary="Chunks per source")
-    async def stats(self, request: Request) -> dict:
-        return await asyncio.to_thread(_kb(request).stats)
+    async def stats(self, request: Request) -> KnowledgeStats:
+        return KnowledgeStats.model_validate(await asyncio.to_thread(_kb(request).stats))

@@ -10,6 +10,7 @@ from litestar.params import FromPath, JSONBody
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.auth import require
+from gateway.runs.schemas import Run, RunList
 from gateway.runs.service import RunService
 
 
@@ -31,14 +32,14 @@ class RetrainingController(Controller):
 
     @post("/", status_code=202, summary="Start a retraining cycle now (dataset → train → evaluate → gate)")
     async def start(self, request: Request, data: JSONBody[RunRequest],
-                    run_service: NamedDependency[RunService]) -> dict:
+                    run_service: NamedDependency[RunService]) -> Run:
         overrides = data.model_dump(exclude={"force"}, exclude_none=True)
-        return await run_service.start_run(request.user.name, overrides, data.force)
+        return Run.model_validate(await run_service.start_run(request.user.name, overrides, data.force))
 
     @get("/", summary="Recent runs, newest first")
-    async def list_runs(self, run_service: NamedDependency[RunService]) -> dict:
-        return {"object": "list", "data": await run_service.runs()}
+    async def list_runs(self, run_service: NamedDependency[RunService]) -> RunList:
+        return RunList.model_validate({"object": "list", "data": await run_service.runs()})
 
     @get("/{run_id:int}", summary="One run: status, progress, metrics, log tail")
-    async def get_run(self, run_id: FromPath[int], run_service: NamedDependency[RunService]) -> dict:
-        return await run_service.run(run_id)
+    async def get_run(self, run_id: FromPath[int], run_service: NamedDependency[RunService]) -> Run:
+        return Run.model_validate(await run_service.run(run_id))
