@@ -113,8 +113,8 @@ async def add_reviews(settings, sessions, kb, pool: list[dict], cycle: int) -> N
     reviewers' consensus answer = the bank's reference answer."""
     from gateway.chat.prompting import retrieve
     from gateway.chat.prompting import build_messages
-    from gateway.store.models import Exchange, ReviewItem
-
+    from gateway.exchanges.models import Exchange
+    from gateway.review.models import ReviewItem
     now = datetime.now(timezone.utc) + timedelta(seconds=cycle)
     async with sessions() as session, session.begin():
         for qa in pool:

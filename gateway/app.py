@@ -19,15 +19,15 @@ from gateway import console
 from gateway.adapters.controller import AdaptersController
 from gateway.adapters.registry import AdapterRegistry
 from gateway.adapters.service import AdapterService
+from gateway.api.auth import auth_middleware
 from gateway.api.errors import exception_handlers
 from gateway.api.health import health, ready
+from gateway.api.logging import RequestContextMiddleware, structlog_plugin
 from gateway.chat.controller import ChatController
 from gateway.chat.service import ChatService
 from gateway.console.auth import ConsoleAuthController
 from gateway.core import metrics
-from gateway.api.logging import RequestContextMiddleware, structlog_plugin
 from gateway.core.runtime import build_engine, build_knowledge_base, open_database
-from gateway.api.auth import auth_middleware
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine
 from gateway.exchanges.controller import ExchangesController
@@ -43,7 +43,12 @@ from gateway.review.repository import ReviewRepository
 from gateway.review.service import ReviewService
 from gateway.runs.control import Retrainer
 from gateway.runs.controller import RetrainingController
-from gateway.runs.scheduler import ScheduledJobs, make_scheduler, retrain_anchor, schedule_bootstrap
+from gateway.runs.scheduler import (
+    ScheduledJobs,
+    make_scheduler,
+    retrain_anchor,
+    schedule_bootstrap,
+)
 from gateway.runs.service import RunService
 
 log = structlog.get_logger(__name__)
@@ -72,11 +77,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         async with open_database(settings) as sessions:
             repo = ExchangeRepository(sessions)
             app.state.exchange_repository = repo
+            reviews = ReviewRepository(sessions, settings.review)
             app.state.review_service = ReviewService(
-                settings, ReviewRepository(sessions, settings.review),
-                embedder=lambda: app.state.kb.embedder if app.state.kb is not None else None)
+                settings, reviews, embedder=lambda: app.state.kb.embedder if app.state.kb is not None else None)
             await app.state.review_service.refresh_queue_gauge()
-            chat = app.state.chat_service = ChatService(settings, engine, repo)
+            chat = app.state.chat_service = ChatService(settings, engine, repo, reviews)
             retrainer = Retrainer(settings, sessions, kb=lambda: app.state.kb,
                                   on_adapter_ready=lambda: app.state.adapter_service.reconcile())
             registry = AdapterRegistry(sessions, settings.storage.data_dir)
@@ -91,6 +96,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             metrics.ENGINE_QUEUED.set_function(lambda: engine.stats()["queued"])
             metrics.ENGINE_ACTIVE.set_function(lambda: engine.stats()["active"])
             metrics.ENGINE_KV_BYTES.set_function(lambda: engine.stats().get("kv_cache_bytes", 0))
+            metrics.ENGINE_ADAPTER_BYTES.set_function(lambda: engine.stats().get("adapter_bytes", 0))
             metrics.ENGINE_STEPS.set_function(lambda: engine.stats().get("steps", 0))
             metrics.ENGINE_STEP_SECONDS.set_function(lambda: engine.stats().get("step_ms", 0) / 1000)
             metrics.ENGINE_TOKENS.set_function(lambda: engine.stats().get("tokens", 0))

@@ -67,8 +67,8 @@ def _progress(desc: str):
 
 
 def _open_kb(settings):
-    from gateway.core.runtime import build_knowledge_base
     from gateway.core.logging import configure_logging
+    from gateway.core.runtime import build_knowledge_base
 
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
     return build_knowledge_base(settings, ingest_demo=False)  # the kb commands manage content explicitly
@@ -114,8 +114,8 @@ def _kb_delete(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gateway.core.runtime import build_engine, build_knowledge_base
     from gateway.core.logging import configure_logging
+    from gateway.core.runtime import build_engine, build_knowledge_base
     from gateway.knowledge.embeddings import Embedder
     from retraining.evaluate import evaluate, load_qa
 
@@ -161,9 +161,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """Resolved review items as chat JSONL, read straight from the database (no server needed)."""
-    from gateway.review.service import ReviewService
     from gateway.core.runtime import open_database
     from gateway.review.repository import ReviewRepository
+    from gateway.review.service import ReviewService
 
     settings = _settings(args)
     out = Path(args.out)
@@ -197,9 +197,8 @@ def _export(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     """Without --now: say whether a run is due. With --now: run one cycle in the foreground (works
     with the gateway stopped; beside a running gateway, the database keeps it to one run at a time)."""
-    from gateway.core.runtime import build_knowledge_base
     from gateway.core.logging import configure_logging
-    from gateway.core.runtime import open_database
+    from gateway.core.runtime import build_knowledge_base, open_database
     from gateway.runs.control import Retrainer, RunRefused
 
     settings = _settings(args)
@@ -257,10 +256,14 @@ def _retrain(args: argparse.Namespace) -> int:
 def _serving(args: argparse.Namespace) -> int:
     """promote / rollback / retire / experiments: decisions go to the database; a running gateway
     follows within experiment.sync_interval_s (no restart, in-flight requests finish)."""
-    from gateway.core.runtime import open_database
-    from gateway.experiments.repository import Experiments, decision_dict, experiment_dict
-    from gateway.core.logging import configure_logging
     from gateway.adapters.registry import AdapterCorrupt, AdapterRegistry, RegistryError
+    from gateway.core.logging import configure_logging
+    from gateway.core.runtime import open_database
+    from gateway.experiments.repository import (
+        Experiments,
+        decision_dict,
+        experiment_dict,
+    )
 
     settings = _settings(args)
     configure_logging(settings.logging)

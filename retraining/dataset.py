@@ -36,10 +36,10 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gateway.core.pii import scrub, scrub_messages
 from gateway.chat.prompting import build_messages
-from gateway.knowledge.store import KnowledgeBase
+from gateway.core.pii import scrub, scrub_messages
 from gateway.core.settings import PROJECT_ROOT, Settings
+from gateway.knowledge.store import KnowledgeBase
 from retraining.evaluate import QA, load_qa
 
 SPLIT_SEED = 20261121  # fixed forever: the frozen split must not move between runs

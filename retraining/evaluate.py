@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gateway.chat.prompting import retrieve, sampling_params
 from gateway.chat.confidence import is_looping
 from gateway.chat.confidence import score as score_confidence
+from gateway.chat.prompting import build_messages, retrieve, sampling_params
+from gateway.core.settings import Settings
 from gateway.engine.base import Engine, Finished, GenerationRequest, TokenEvent
-from gateway.chat.prompting import build_messages
 from gateway.knowledge.documents import normalise_question
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import KnowledgeBase
-from gateway.core.settings import Settings
 
 GOOD_SIMILARITY = 0.75
 _TOKEN = re.compile(r"\w+")

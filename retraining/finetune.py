@@ -26,10 +26,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from gateway.engine.model_files import resolve_base_model
 from gateway.core.settings import Settings
-from gateway.store.models import utcnow
-
+from gateway.engine.model_files import resolve_base_model
+from gateway.store.base import utcnow
 
 
 def _prompt_variants(messages: list[dict]) -> list[list[dict]]:

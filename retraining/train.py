@@ -30,7 +30,7 @@ from gateway.experiments.repository import Experiments
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import Hit
 from gateway.runs.repository import RunStore, fail_run, run_dir
-from gateway.store.models import utcnow
+from gateway.store.base import utcnow
 from retraining import dataset as datasets
 from retraining.evaluate import QA, evaluate, summarise
 from retraining.finetune import train_adapter

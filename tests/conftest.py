@@ -64,9 +64,9 @@ def tiny_model_dir(real_model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def faq_chroma_dir(tmp_path_factory) -> Path:
     """A data dir whose embedded Chroma holds the demo FAQ, ingested once per session (~25 s)."""
+    from gateway.core.settings import load_settings
     from gateway.knowledge.embeddings import Embedder
     from gateway.knowledge.store import KnowledgeBase
-    from gateway.core.settings import load_settings
 
     data_dir = tmp_path_factory.mktemp("faq-kb")
     kb = KnowledgeBase(load_settings().rag, data_dir, Embedder())
@@ -111,6 +111,33 @@ async def ready_client(app, settings):
         assert (await c.get("/ready")).status_code == 200, (await c.get("/ready")).text
         c.settings, c.app = settings, app
         yield c
+
+
+@asynccontextmanager
+async def served_client(app, settings):
+    """The app behind a real uvicorn server in this event loop, with a real HTTP client: responses
+    stream chunk by chunk (the in-process test transports buffer a whole response first), so a test
+    can act while streams are provably in flight."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            for _ in range(600):
+                try:
+                    if (await c.get("/ready")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            assert (await c.get("/ready")).status_code == 200
+            c.settings, c.app = settings, app
+            yield c
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 60)
 
 
 def free_port() -> int:
@@ -200,9 +227,9 @@ async def make_adapter(settings, model_dir: Path, state: str, seed: int) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gateway.store.db import create_engine, migrate, session_factory
-    from gateway.experiments.repository import Experiments
     from gateway.adapters.registry import AdapterRegistry
+    from gateway.experiments.repository import Experiments
+    from gateway.store.db import create_engine, migrate, session_factory
 
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     db = create_engine(settings.storage.resolved_database_url)

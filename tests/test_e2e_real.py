@@ -192,9 +192,16 @@ def test_logs_are_json_with_ids_and_no_message_content(real_server, sdk):
 
 
 def test_metrics_count_the_traffic(real_server, sdk):
-    text = httpx.get(f"{real_server.base_url}/metrics").text
-    line = next(l for l in text.splitlines() if l.startswith('tellerloop_generated_tokens_total{variant="base"}'))
-    assert float(line.split()[-1]) > 0
+    def generated() -> float:
+        text = httpx.get(f"{real_server.base_url}/metrics").text
+        line = next((l for l in text.splitlines() if l.startswith('tellerloop_generated_tokens_total{variant="base"}')),
+                    None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = generated()
+    answer = sdk.chat.completions.create(model="tellerloop", messages=[{"role": "user", "content": "Hello"}],
+                                         max_tokens=4, extra_body={"rag": False})
+    assert generated() == before + answer.usage.completion_tokens  # this test's own request, counted
 
 
 def test_rag_answer_cites_the_matching_faq_entry(real_server, sdk):
@@ -468,29 +475,38 @@ sync_interval_s = 1
 
         async def streams():
             client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="dev-client-key", max_retries=0)
+            decoding, all_decoding, promoting = [0], asyncio.Event(), asyncio.Event()
 
             async def one(i):
-                variants, finish = set(), None
+                variants, finish, first = set(), None, True
                 stream = await client.chat.completions.create(
-                    model="tellerloop", messages=[{"role": "user", "content": QUESTIONS[i % 8]}], max_tokens=24,
+                    model="tellerloop", messages=[{"role": "user", "content": QUESTIONS[i % 8]}], max_tokens=48,
                     stream=True, user=f"swap-{i}", extra_body={"rag": False})
                 async for chunk in stream:
+                    if first and chunk.choices and chunk.choices[0].delta.content:
+                        first = False
+                        decoding[0] += 1
+                        if decoding[0] == 16:
+                            all_decoding.set()
                     if chunk.model_extra.get("variant"):
                         variants.add(chunk.model_extra["variant"])
                     if chunk.choices and chunk.choices[0].finish_reason:
                         finish = chunk.choices[0].finish_reason
-                return variants, finish
+                return variants, finish, promoting.is_set()  # still decoding when the promotion was sent?
 
             tasks = [asyncio.create_task(one(i)) for i in range(16)]
-            await asyncio.sleep(1.0)
+            await asyncio.wait_for(all_decoding.wait(), 120)  # every stream has its first token
+            promoting.set()
             async with httpx.AsyncClient(timeout=120) as http:
                 r = await http.post(f"{base}/v1/adapters/v0003/promote", headers=admin)
                 assert r.status_code == 200, r.text
             return await asyncio.gather(*tasks)
 
         results = asyncio.run(streams())
-        assert len(results) == 16 and all(finish in ("stop", "length") for _, finish in results)
-        assert all(len(v) == 1 for v, _ in results) and {v.pop() for v, _ in results} <= {"v0002", "v0003"}
+        assert len(results) == 16 and all(finish in ("stop", "length") for _, finish, _ in results)
+        in_flight = sum(during for _, _, during in results)
+        assert in_flight >= 8, f"only {in_flight} of 16 streams were still decoding at the promotion"
+        assert all(len(v) == 1 for v, _, _ in results) and {v.pop() for v, _, _ in results} <= {"v0002", "v0003"}
         assert state("v0003") == "champion" and state("v0002") == "retired"
         # Rollback restores the previous champion, hot.
         r = httpx.post(f"{base}/v1/adapters/rollback", headers=admin, timeout=120)

@@ -224,19 +224,22 @@ async def test_unload_under_load_finishes_in_flight_streams(lora_engine):
     from gateway.engine.base import UnknownAdapter
 
     alone, _ = await run_on(lora_engine, "a1", QUESTIONS[0], max_tokens=40)
+    a1_bytes = lora_engine.weight_bytes()["a1"]
     request = GenerationRequest("t", [{"role": "user", "content": QUESTIONS[0]}], SamplingParams(max_tokens=40), adapter="a1")
     stream = await lora_engine.submit(request)
     first = await stream.__anext__()
     assert isinstance(first, TokenEvent)  # decoding now
+    resident = lora_engine.stats()["adapter_bytes"]
     assert await lora_engine.unload_adapter("a1")
-    assert lora_engine.variants() == ["base", "a2"]
+    assert lora_engine.variants() == ["base", "a2"] and "a1" not in lora_engine.weight_bytes()
+    assert lora_engine.stats()["adapter_bytes"] == resident  # still in memory: a request is decoding on it
     rest = [e async for e in stream]
     assert [first.token_id] + [e.token_id for e in rest if isinstance(e, TokenEvent)] == alone
     for _ in range(100):
-        if "a1" not in lora_engine.adapter_paths:
+        if lora_engine.stats()["adapter_bytes"] < resident:
             break
         await asyncio.sleep(0.02)
-    assert "a1" not in lora_engine.adapter_paths and "a1" not in lora_engine.weight_bytes()
+    assert lora_engine.stats()["adapter_bytes"] == resident - a1_bytes  # freed once its last request finished
     with pytest.raises(UnknownAdapter):
         await lora_engine.submit(request)
 

@@ -13,10 +13,23 @@ import numpy as np
 import pytest
 
 from gateway.app import create_app
-from gateway.chat.routing import PinNotAllowed, Split, UnknownModel, bucket, choose, resolve_variant
+from gateway.chat.routing import (
+    PinNotAllowed,
+    Split,
+    UnknownModel,
+    bucket,
+    choose,
+    resolve_variant,
+)
 from gateway.core.settings import ExperimentSettings
 from gateway.experiments.statistics import Arm, aggregate, decide, interval, prob_better
-from tests.conftest import ROOT, fresh_postgres_database, make_adapter, ready_client
+from tests.conftest import (
+    ROOT,
+    fresh_postgres_database,
+    make_adapter,
+    ready_client,
+    served_client,
+)
 
 ADMIN = {"Authorization": "Bearer dev-admin-key"}
 REVIEWER = {"Authorization": "Bearer dev-reviewer-key"}
@@ -259,45 +272,73 @@ async def test_a_worse_challenger_is_retired_and_its_experiment_recorded(ab_gate
     assert after.json()["error"]["code"] == "not_due"  # decided: only the label count matters again
 
 
-async def test_promotion_while_16_streams_are_in_flight(ab_gateway):
-    """Zero failed requests; each stream finishes on the one variant it started on; the retired
-    champion's weights go once its last stream is done."""
-    c = ab_gateway
+@pytest.fixture
+async def served_ab_gateway(make_settings, tiny_model_dir):
+    """The A/B set-up behind a real HTTP server, so streams really are in flight."""
+    settings = make_settings(tiny_model_dir, experiment={"min_samples": 8, "challenger_share": 0.5})
+    await make_adapter(settings, tiny_model_dir, "champion", seed=1)
+    await make_adapter(settings, tiny_model_dir, "challenger", seed=2)
+    async with served_client(create_app(settings), settings) as c:
+        yield c
 
-    async def stream(i: int) -> tuple[str, str, int]:
-        variants, chunks = set(), 0
+
+async def test_promotion_while_16_streams_are_in_flight(served_ab_gateway):
+    """Zero failed requests; each stream finishes on the one variant it started on; the promotion
+    happens while every one of the 16 is still decoding (each has its first token, none its end);
+    the retired champion's weights go once its last stream is done."""
+    c = served_ab_gateway
+    started = {"n": 0}
+    all_started = asyncio.Event()
+    promotion_sent = asyncio.Event()
+
+    async def stream(i: int) -> tuple[str, str, bool]:
+        variants, first = set(), True
         async with c.stream("POST", "/v1/chat/completions", headers=CLIENT, json={
                 "model": "tellerloop", "messages": [{"role": "user", "content": f"tell me a story {i}"}],
-                "max_tokens": 48, "stream": True, "rag": False, "user": f"stream-user-{i}"}) as r:
+                "max_tokens": 160, "stream": True, "rag": False, "user": f"stream-user-{i}"}) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
                     event = json.loads(line[6:])
                     assert "error" not in event, event
-                    chunks += 1
+                    if first and event["choices"][0]["delta"].get("content"):
+                        first = False
+                        started["n"] += 1
+                        if started["n"] == 16:
+                            all_started.set()
                     if "variant" in event:
                         variants.add(event["variant"])
                 elif line == "data: [DONE]":
-                    return variants.pop(), event["exchange_id"], chunks
+                    assert len(variants) == 1
+                    return variants.pop(), event["exchange_id"], promotion_sent.is_set()
         raise AssertionError("stream ended without [DONE]")
 
     tasks = [asyncio.create_task(stream(i)) for i in range(16)]
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(all_started.wait(), 60)
+    before = (await c.get("/metrics")).text
+    promotion_sent.set()
     promoted = await c.post("/v1/adapters/v0002/promote", headers=ADMIN)
-    assert promoted.status_code == 200
+    assert promoted.status_code == 200 and promoted.json()["state"] == "champion"
     results = await asyncio.gather(*tasks)
     assert len(results) == 16
+    assert all(ended_after for _, _, ended_after in results)  # all 16 were in flight at the promotion
     served = {v for v, _, _ in results}
-    assert served <= {"v0001", "v0002"}
+    assert served <= {"v0001", "v0002"} and "v0001" in served
     for variant, exchange_id, _ in results:
         row = (await c.get(f"/v1/exchanges/{exchange_id}", headers=REVIEWER)).json()
         assert row["variant"] == variant
-    engine = c.app.state.engine
-    for _ in range(50):
-        if "v0001" not in engine.adapter_paths:
+
+    def adapter_bytes(metrics: str) -> float:
+        return float(next(line for line in metrics.splitlines()
+                          if line.startswith("tellerloop_engine_adapter_bytes ")).split()[-1])
+    for _ in range(50):  # v0001's matrices go once its last stream is done
+        if adapter_bytes((await c.get("/metrics")).text) < adapter_bytes(before):
             break
         await asyncio.sleep(0.1)
-    assert "v0001" not in engine.adapter_paths and engine.variants() == ["base", "v0002"]
+    assert adapter_bytes((await c.get("/metrics")).text) < adapter_bytes(before)
+    adapters = {a["version"]: a for a in (await c.get("/v1/adapters", headers=REVIEWER)).json()["data"]}
+    assert not adapters["v0001"]["loaded"] and adapters["v0002"]["loaded"] and adapters["v0002"]["default"]
+    assert [m["id"] for m in (await c.get("/v1/models", headers=CLIENT)).json()["data"]] == ["tellerloop", "base", "v0002"]
 
 
 async def test_cli_promote_and_rollback_reach_a_running_gateway(ab_gateway):

@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.core.settings import load_settings
 from gateway.knowledge.documents import DocumentError, parse
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import KnowledgeBase
-from gateway.core.settings import load_settings
 
 from .conftest import ROOT, free_port
 

@@ -18,16 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.adapters.registry import AdapterCorrupt, AdapterRegistry, RegistryError
 from gateway.app import create_app
+from gateway.exchanges.models import Exchange
+from gateway.review.models import ReviewItem
+from gateway.runs.control import Retrainer, RunRefused
+from gateway.runs.repository import RunActive, RunStore
+from gateway.runs.scheduler import ScheduledJobs, make_scheduler, retrain_anchor
+from gateway.store.base import as_utc
 from gateway.store.db import create_engine, migrate, session_factory
-from gateway.store.models import Exchange, ReviewItem, as_utc
 from retraining import dataset as ds
 from retraining.gate import decide, paired
-from gateway.runs.control import Retrainer, RunRefused
-from gateway.runs.scheduler import ScheduledJobs, make_scheduler, retrain_anchor
 from retraining.train import FrozenRetrieval
-from gateway.adapters.registry import AdapterCorrupt, AdapterRegistry, RegistryError
-from gateway.runs.repository import RunActive, RunStore
 from tests.conftest import ROOT, ready_client
 
 SEED = ROOT / "data" / "bank_faq" / "faq.csv"
@@ -283,9 +285,9 @@ async def _run_cycle(settings, quantization: str):
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings, real_model_dir, seed_csv, quantization):
+    from gateway.chat.prompting import sampling_params
     from gateway.core.runtime import build_engine
     from gateway.engine.base import Finished, GenerationRequest
-    from gateway.chat.prompting import sampling_params
 
     settings = settings_for(make_settings, real_model_dir, seed_csv)
     run, adapter, retrainer = await _run_cycle(settings, quantization)

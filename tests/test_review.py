@@ -13,9 +13,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from gateway.review.agreement import cohen_kappa, consensus_group, percent_agreement
 from gateway.app import create_app
-from gateway.store.models import Exchange
+from gateway.exchanges.models import Exchange
+from gateway.review.agreement import cohen_kappa, consensus_group, percent_agreement
 from tests.conftest import ROOT, fresh_postgres_database, ready_client
 
 KEYS = [
@@ -39,9 +39,13 @@ async def client(make_settings, tiny_model_dir):
         yield c
 
 
-@pytest.fixture
-async def pg_client(make_settings, tiny_model_dir):
-    """The same app on a fresh PostgreSQL database (the race-prone paths must hold there too)."""
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db_client(request, make_settings, tiny_model_dir):
+    """The app on SQLite, then on a fresh PostgreSQL database: the race-prone paths must hold on both."""
+    if request.param == "sqlite":
+        async for c in _client(make_settings, tiny_model_dir):
+            yield c
+        return
     async with fresh_postgres_database("tellerloop_review") as url:
         async for c in _client(make_settings, tiny_model_dir, url):
             yield c
@@ -69,18 +73,18 @@ async def add_exchange(client, confidence: float, *, age_h: float = 0.0, user: s
         completion_tokens=5, ttft_ms=1.0, latency_ms=2.0, confidence=confidence, confidence_parts={},
         flagged=confidence < client.settings.review.confidence_threshold,
     )
-    item = None
-    if row.flagged:
-        from gateway.review.repository import new_item
-        item = new_item(row, client.settings.review, low_confidence=True, now=when)
     # Our own engine in the test's event loop (the app's runs in the test client's loop; asyncpg
     # connections cannot cross loops).
-    from gateway.store.db import create_engine, session_factory
     from gateway.exchanges.repository import ExchangeRepository
+    from gateway.review.repository import ReviewRepository
+    from gateway.store.db import create_engine, session_factory
 
     db = create_engine(client.settings.storage.resolved_database_url)
     try:
-        await ExchangeRepository(session_factory(db)).add(row, item)
+        sessions = session_factory(db)
+        reviews = ReviewRepository(sessions, client.settings.review)
+        queue_it = (lambda s, e: reviews.enqueue_in(s, e, now=when)) if row.flagged else None
+        await ExchangeRepository(sessions).add(row, queue_it)
     finally:
         await db.dispose()
     return row.id
@@ -133,32 +137,32 @@ async def test_served_low_confidence_exchange_is_queued(client):
     assert detail["review_item"]["status"] == "open" and detail["feedback"] == [] and detail["reviews"] == []
 
 
-async def test_feedback_only_for_own_exchanges_and_changeable(client):
-    eid = await add_exchange(client, 0.9, user="cust-1")  # confident: not queued on its own
-    assert await queue(client) == []
+async def test_feedback_only_for_own_exchanges_and_changeable(db_client):
+    eid = await add_exchange(db_client, 0.9, user="cust-1")  # confident: not queued on its own
+    assert await queue(db_client) == []
     url = f"/v1/exchanges/{eid}/feedback"
-    assert (await client.post(url, json={"rating": "down"}, headers=H["app"])).status_code == 404  # user missing
-    assert (await client.post(url, json={"rating": "down", "user": "cust-2"}, headers=H["app"])).status_code == 404
-    assert (await client.post(url, json={"rating": "down", "user": "cust-1"}, headers=H["app2"])).status_code == 404
-    assert (await client.post(url, json={"rating": "down", "user": "cust-1"}, headers=H["r1"])).status_code == 404
-    bad = await client.post(url, json={"rating": "meh", "user": "cust-1"}, headers=H["app"])
+    assert (await db_client.post(url, json={"rating": "down"}, headers=H["app"])).status_code == 404  # user missing
+    assert (await db_client.post(url, json={"rating": "down", "user": "cust-2"}, headers=H["app"])).status_code == 404
+    assert (await db_client.post(url, json={"rating": "down", "user": "cust-1"}, headers=H["app2"])).status_code == 404
+    assert (await db_client.post(url, json={"rating": "down", "user": "cust-1"}, headers=H["r1"])).status_code == 404
+    bad = await db_client.post(url, json={"rating": "meh", "user": "cust-1"}, headers=H["app"])
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
-    extra = await client.post(url, json={"rating": "up", "user": "cust-1", "stars": 5}, headers=H["app"])
+    extra = await db_client.post(url, json={"rating": "up", "user": "cust-1", "stars": 5}, headers=H["app"])
     assert extra.status_code == 400 and "stars" in extra.json()["error"]["message"]
-    r = await client.post(url, json={"rating": "down", "user": "cust-1", "comment": "mail me at jo@example.com"},
+    r = await db_client.post(url, json={"rating": "down", "user": "cust-1", "comment": "mail me at jo@example.com"},
                           headers=H["app"])
     assert r.status_code == 200, r.text
     assert r.json()["review_item_id"] and "jo@example.com" not in r.text
-    items = await queue(client)
+    items = await queue(db_client)
     assert [i["exchange_id"] for i in items] == [eid] and items[0]["reasons"][0]["code"] == "thumbs_down"
     # Changing the rating: one rating per exchange, and the item leaves the queue again.
-    r = await client.post(url, json={"rating": "up", "user": "cust-1"}, headers=H["app"])
+    r = await db_client.post(url, json={"rating": "up", "user": "cust-1"}, headers=H["app"])
     assert r.status_code == 200 and r.json()["review_item_id"] is None
-    assert await queue(client) == []
-    detail = (await client.get(f"/v1/exchanges/{eid}", headers=H["r1"])).json()
+    assert await queue(db_client) == []
+    detail = (await db_client.get(f"/v1/exchanges/{eid}", headers=H["r1"])).json()
     assert [f["rating"] for f in detail["feedback"]] == ["up"]
     assert detail["review_item"]["status"] == "withdrawn"
-    assert (await client.post("/v1/exchanges/nope/feedback", json={"rating": "up"}, headers=H["app"])).status_code == 404
+    assert (await db_client.post("/v1/exchanges/nope/feedback", json={"rating": "up"}, headers=H["app"])).status_code == 404
 
 
 async def test_staff_flags(client):
@@ -176,15 +180,15 @@ async def test_staff_flags(client):
 
 
 # ---- queue ---------------------------------------------------------------------------------------
-async def test_queue_order_follows_the_documented_formula(client):
-    cfg = client.settings.review
-    low = await add_exchange(client, 0.10)                    # doubt
-    old_low = await add_exchange(client, 0.30, age_h=30)      # less doubt, but waiting 30 h
-    flagged = await add_exchange(client, 0.90)
-    await client.post(f"/v1/exchanges/{flagged}/flags", json={"reason": "wrong"}, headers=H["r1"])
-    downed = await add_exchange(client, 0.80, user="u")
-    await client.post(f"/v1/exchanges/{downed}/feedback", json={"rating": "down", "user": "u"}, headers=H["app"])
-    items = await queue(client, "r2")
+async def test_queue_order_follows_the_documented_formula(db_client):
+    cfg = db_client.settings.review
+    low = await add_exchange(db_client, 0.10)                    # doubt
+    old_low = await add_exchange(db_client, 0.30, age_h=30)      # less doubt, but waiting 30 h
+    flagged = await add_exchange(db_client, 0.90)
+    await db_client.post(f"/v1/exchanges/{flagged}/flags", json={"reason": "wrong"}, headers=H["r1"])
+    downed = await add_exchange(db_client, 0.80, user="u")
+    await db_client.post(f"/v1/exchanges/{downed}/feedback", json={"rating": "down", "user": "u"}, headers=H["app"])
+    items = await queue(db_client, "r2")
     expected = {
         low: cfg.weight_confidence * 0.9 + cfg.weight_low_confidence,
         old_low: cfg.weight_confidence * 0.7 + cfg.weight_low_confidence + cfg.weight_age_per_hour * 30,
@@ -194,36 +198,36 @@ async def test_queue_order_follows_the_documented_formula(client):
     assert [i["exchange_id"] for i in items] == sorted(expected, key=expected.get, reverse=True)
     for i in items:
         assert i["priority"] == pytest.approx(expected[i["exchange_id"]], abs=0.01)
-        detail = (await client.get(f"/v1/review/items/{i['id']}", headers=H["r2"])).json()
+        detail = (await db_client.get(f"/v1/review/items/{i['id']}", headers=H["r2"])).json()
         assert sum(detail["priority_parts"].values()) == pytest.approx(i["priority"], abs=0.01)
-    assert len(await queue(client, "r2", limit=2)) == 2
-    r = await client.get("/v1/review/queue?limit=100000", headers=H["r2"])
+    assert len(await queue(db_client, "r2", limit=2)) == 2
+    r = await db_client.get("/v1/review/queue?limit=100000", headers=H["r2"])
     assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
-    assert (await client.get("/v1/review/queue?limit=0", headers=H["r2"])).status_code == 400
-    assert (await client.get("/v1/review/queue?limit=abc", headers=H["r2"])).status_code == 400
+    assert (await db_client.get("/v1/review/queue?limit=0", headers=H["r2"])).status_code == 400
+    assert (await db_client.get("/v1/review/queue?limit=abc", headers=H["r2"])).status_code == 400
 
 
-async def test_claims_under_concurrency(client):
-    ids = [await item_of(client, await add_exchange(client, c)) for c in (0.1, 0.2, 0.3)]
-    results = await asyncio.gather(*(client.post(f"/v1/review/items/{ids[0]}/claim", headers=H[w])
+async def test_claims_under_concurrency(db_client):
+    ids = [await item_of(db_client, await add_exchange(db_client, c)) for c in (0.1, 0.2, 0.3)]
+    results = await asyncio.gather(*(db_client.post(f"/v1/review/items/{ids[0]}/claim", headers=H[w])
                                      for w in ("r1", "r2", "r3", "boss")))
     codes = sorted(r.status_code for r in results)
     assert codes == [200, 409, 409, 409], [r.text for r in results]
     winner = next(r.json()["claimed_by"] for r in results if r.status_code == 200)
     loser = next(w for w in ("r1", "r2", "r3") if w != winner)
-    r = await label(client, ids[0], loser, "approve")
+    r = await label(db_client, ids[0], loser, "approve")
     assert r.status_code == 409 and r.json()["error"]["code"] == "claimed"
-    assert (await client.delete(f"/v1/review/items/{ids[0]}/claim", headers=H[loser])).status_code == 409
-    assert (await client.delete(f"/v1/review/items/{ids[0]}/claim", headers=H[winner])).status_code == 200
+    assert (await db_client.delete(f"/v1/review/items/{ids[0]}/claim", headers=H[loser])).status_code == 409
+    assert (await db_client.delete(f"/v1/review/items/{ids[0]}/claim", headers=H[winner])).status_code == 200
     # "next" hands every concurrent reviewer a different item.
-    nexts = await asyncio.gather(*(client.post("/v1/review/next", headers=H[w]) for w in ("r1", "r2", "r3")))
+    nexts = await asyncio.gather(*(db_client.post("/v1/review/next", headers=H[w]) for w in ("r1", "r2", "r3")))
     got = [r.json()["id"] for r in nexts]
     assert sorted(got) == sorted(ids), got
-    again = await client.post("/v1/review/next", headers=H["r1"])  # idempotent: your current claim
+    again = await db_client.post("/v1/review/next", headers=H["r1"])  # idempotent: your current claim
     assert again.json()["id"] == got[0]
-    assert (await client.post("/v1/review/next", headers=H["boss"])).status_code == 204  # all claimed
-    assert (await client.post("/v1/review/items/999/claim", headers=H["r1"])).status_code == 404
-    assert (await client.post(f"/v1/review/items/{10**30}/claim", headers=H["r1"])).status_code == 404
+    assert (await db_client.post("/v1/review/next", headers=H["boss"])).status_code == 204  # all claimed
+    assert (await db_client.post("/v1/review/items/999/claim", headers=H["r1"])).status_code == 404
+    assert (await db_client.post(f"/v1/review/items/{10**30}/claim", headers=H["r1"])).status_code == 404
 
 
 async def test_expired_claim_can_be_taken(client, monkeypatch):
@@ -251,20 +255,20 @@ async def test_agreeing_corrections_resolve_with_the_latest_wording(client):
     assert r.status_code == 409 and r.json()["error"]["code"] == "already_resolved"
 
 
-async def test_disagreement_escalates_then_third_reviewer_or_admin_decides(client):
-    a = await item_of(client, await add_exchange(client, 0.1))
-    assert (await label(client, a, "r1", "approve")).status_code == 201
-    r = await label(client, a, "r2", "reject")
+async def test_disagreement_escalates_then_third_reviewer_or_admin_decides(db_client):
+    a = await item_of(db_client, await add_exchange(db_client, 0.1))
+    assert (await label(db_client, a, "r1", "approve")).status_code == 201
+    r = await label(db_client, a, "r2", "reject")
     assert r.json()["item"]["status"] == "escalated" and r.json()["item"]["required_labels"] == 3
-    assert (await queue(client, "r3"))[0]["reasons"][0]["code"] == "escalated"
-    r = await label(client, a, "r3", "reject", note="gives a wrong fee")
+    assert (await queue(db_client, "r3"))[0]["reasons"][0]["code"] == "escalated"
+    r = await label(db_client, a, "r3", "reject", note="gives a wrong fee")
     assert r.json()["item"]["status"] == "resolved" and r.json()["item"]["resolution"] == "reject"
 
-    b = await item_of(client, await add_exchange(client, 0.1))
-    await label(client, b, "r1", "approve")
-    r = await label(client, b, "r2", "correct", "Please call the fraud line on the back of your card right away.")
+    b = await item_of(db_client, await add_exchange(db_client, 0.1))
+    await label(db_client, b, "r1", "approve")
+    r = await label(db_client, b, "r2", "correct", "Please call the fraud line on the back of your card right away.")
     assert r.json()["item"]["status"] == "escalated"
-    r = await label(client, b, "boss", "approve", proposed_answer_id=r.json()["label"]["id"])
+    r = await label(db_client, b, "boss", "approve", proposed_answer_id=r.json()["label"]["id"])
     item = r.json()["item"]
     assert item["status"] == "resolved" and item["decided_by"] == "admin:boss"
     assert item["resolved_answer"].startswith("Please call the fraud line")
@@ -298,11 +302,11 @@ async def test_label_rules_and_bad_input(client):
     assert (await client.get(f"/v1/review/items/{item}", headers=H["r1"])).json()["labels"][0]["verdict"] == "correct"
 
 
-async def test_concurrent_labels_on_one_item_are_consistent(client):
-    item = await item_of(client, await add_exchange(client, 0.1))
-    rs = await asyncio.gather(*(label(client, item, w, "reject") for w in ("r1", "r2", "r3")))
+async def test_concurrent_labels_on_one_item_are_consistent(db_client):
+    item = await item_of(db_client, await add_exchange(db_client, 0.1))
+    rs = await asyncio.gather(*(label(db_client, item, w, "reject") for w in ("r1", "r2", "r3")))
     assert all(r.status_code in (201, 409) for r in rs), [r.text for r in rs]
-    detail = (await client.get(f"/v1/review/items/{item}", headers=H["r1"])).json()
+    detail = (await db_client.get(f"/v1/review/items/{item}", headers=H["r1"])).json()
     assert detail["status"] == "resolved" and detail["resolution"] == "reject"
     assert 2 <= len(detail["labels"]) <= 3 and len({x["reviewer"] for x in detail["labels"]}) == len(detail["labels"])
 
@@ -365,18 +369,3 @@ async def test_export_api_and_cli(client, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gateway.cli", "export", "--config", str(cfg)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--out" in bad.stderr
-
-
-# ---- the same race-prone paths on PostgreSQL ---------------------------------------------------
-async def test_postgres_queue_order(pg_client):
-    await test_queue_order_follows_the_documented_formula(pg_client)
-
-
-async def test_postgres_claims_under_concurrency(pg_client):
-    await test_claims_under_concurrency(pg_client)
-
-
-async def test_postgres_concurrent_labels_and_consensus(pg_client):
-    await test_concurrent_labels_on_one_item_are_consistent(pg_client)
-    await test_disagreement_escalates_then_third_reviewer_or_admin_decides(pg_client)
-    await test_feedback_only_for_own_exchanges_and_changeable(pg_client)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-
 from tests.test_review import H, add_exchange, client, item_of  # noqa: F401 - fixture re-used
 
 ROLES = ("none", "app", "r1", "boss")  # no key, client, reviewer, admin

@@ -5,11 +5,10 @@ from datetime import datetime, timezone
 
 from sqlalchemy import text
 
-from gateway.store.db import create_engine, migrate, session_factory
+from gateway.exchanges.models import Exchange
 from gateway.exchanges.repository import ExchangeRepository
-from gateway.store.models import Exchange
+from gateway.store.db import create_engine, migrate, session_factory
 from tests.conftest import fresh_postgres_database
-
 
 
 def make_row(**kw) -> Exchange:

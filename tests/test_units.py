@@ -5,8 +5,8 @@ import math
 import pytest
 
 from gateway.chat.confidence import is_looping, score
-from gateway.core.pii import scrub, scrub_messages
 from gateway.chat.routing import Route, Split, UnknownModel, resolve_variant
+from gateway.core.pii import scrub, scrub_messages
 from gateway.core.settings import ConfidenceSettings
 
 CFG = ConfidenceSettings(truncation_penalty=0.5, loop_penalty=0.25, retrieval_weight=0.5,

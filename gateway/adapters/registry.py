@@ -15,7 +15,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from gateway.store.models import Adapter, utcnow
+from gateway.adapters.models import Adapter
+from gateway.store.base import utcnow
 
 TRANSITIONS = {
     "training": {"candidate", "failed"},

@@ -14,15 +14,16 @@ import asyncio
 
 import structlog
 
-from gateway.core import metrics
-from gateway.chat.service import ChatService
-from gateway.engine.base import Engine
-from gateway.chat.routing import Split
-from gateway.core.settings import Settings
-from gateway.store.models import Adapter, iso_utc
-from gateway.experiments.repository import BASE, Experiments, decision_dict
+from gateway.adapters.models import Adapter
 from gateway.adapters.registry import AdapterCorrupt, AdapterRegistry, RegistryError
+from gateway.chat.routing import Split
+from gateway.chat.service import ChatService
+from gateway.core import metrics
 from gateway.core.errors import Conflict, NotFound
+from gateway.core.settings import Settings
+from gateway.engine.base import Engine
+from gateway.experiments.repository import BASE, Experiments, decision_dict
+from gateway.store.base import iso_utc
 
 log = structlog.get_logger(__name__)
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
-from gateway.chat.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
-from gateway.chat.service import ChatService
 from gateway.api.auth import require
+from gateway.chat.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from gateway.chat.service import ChatService
 
 
 class ChatController(Controller):

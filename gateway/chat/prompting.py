@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from gateway.core.settings import Settings
 from gateway.engine.base import SamplingParams
 from gateway.knowledge.store import Hit, KnowledgeBase
-from gateway.core.settings import Settings
 
 NO_CONTEXT = "No information in the bank's records matches this question."
 

@@ -17,9 +17,32 @@ from typing import AsyncIterator
 
 import structlog
 
-from gateway.core import metrics
-from gateway.chat.protocol import ChatCompletion, ChatCompletionRequest
 from gateway.chat.confidence import score as score_confidence
+from gateway.chat.prompting import (
+    build_messages,
+    last_user_message,
+    retrieve,
+    sampling_params,
+)
+from gateway.chat.protocol import ChatCompletion, ChatCompletionRequest, error_body
+from gateway.chat.routing import (
+    PinNotAllowed,
+    Route,
+    Split,
+    UnknownModel,
+    resolve_variant,
+)
+from gateway.core import metrics
+from gateway.core.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from gateway.core.pii import scrub, scrub_messages
+from gateway.core.security import ROLE_RANK, Principal
+from gateway.core.settings import Settings
 from gateway.engine.base import (
     ContextLengthExceeded,
     Engine,
@@ -32,17 +55,10 @@ from gateway.engine.base import (
     TokenStream,
     UnknownAdapter,
 )
-from gateway.chat.protocol import error_body
-from gateway.core.pii import scrub, scrub_messages
-from gateway.chat.prompting import build_messages, last_user_message, retrieve, sampling_params
-from gateway.knowledge.store import KnowledgeBase
-from gateway.chat.routing import PinNotAllowed, Route, Split, UnknownModel, resolve_variant
-from gateway.core.security import ROLE_RANK, Principal
-from gateway.core.settings import Settings
+from gateway.exchanges.models import Exchange
 from gateway.exchanges.repository import ExchangeRepository
-from gateway.store.models import Exchange
-from gateway.review.repository import new_item
-from gateway.core.errors import GenerationFailed, InvalidRequest, NotFound, PermissionDenied, Unavailable
+from gateway.knowledge.store import KnowledgeBase
+from gateway.review.repository import ReviewRepository
 
 log = structlog.get_logger(__name__)
 
@@ -83,12 +99,12 @@ class _Run:
 
 
 class ChatService:
-    def __init__(
-        self, settings: Settings, engine: Engine, exchanges: ExchangeRepository, kb: KnowledgeBase | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, engine: Engine, exchanges: ExchangeRepository, reviews: ReviewRepository,
+                 kb: KnowledgeBase | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.exchanges = exchanges
+        self.reviews = reviews  # a low-confidence answer is queued in the same transaction as its row
         self.kb = kb
         self.split = Split()  # set by gateway/adapters.py from the registry: champion, challenger, share
 
@@ -283,7 +299,7 @@ class ChatService:
             routing_unit=run.route.unit,
         )
         enqueue = flagged and fin.finish_reason != "cancelled"  # a cancelled answer is not an answer to review
-        await self.exchanges.add(row, new_item(row, self.settings.review, low_confidence=True) if enqueue else None)
+        await self.exchanges.add(row, self.reviews.enqueue_in if enqueue else None)
         if enqueue:
             metrics.ENQUEUED.labels("low_confidence").inc()
         stream_label = str(run.request.stream).lower()

@@ -34,6 +34,7 @@ ENGINE_STEPS = Gauge("tellerloop_engine_steps_total", "Forward passes the engine
 ENGINE_STEP_SECONDS = Gauge("tellerloop_engine_step_seconds_total", "Seconds spent in forward passes (a counter, read from the engine)")
 ENGINE_TOKENS = Gauge("tellerloop_engine_tokens_total", "Tokens through the model: prompt and generated (a counter, read from the engine)")
 ENGINE_PREFIX_HITS = Gauge("tellerloop_engine_prefix_hits_total", "Requests whose shared prompt prefix was copied, not recomputed (a counter)")
+ENGINE_ADAPTER_BYTES = Gauge("tellerloop_engine_adapter_bytes", "LoRA matrices in memory, retired versions still finishing requests included")
 ENGINE_KV_BYTES = Gauge("tellerloop_engine_kv_cache_bytes", "Memory held by the running batch's key/value slots")
 RETRIEVAL_SECONDS = Histogram(
     "tellerloop_retrieval_seconds", "Knowledge-base search time (embedding + vector query)",

@@ -13,12 +13,12 @@ from typing import AsyncIterator
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from gateway.core.settings import PROJECT_ROOT, Settings
 from gateway.engine.base import Engine
 from gateway.engine.local import LocalEngine
 from gateway.engine.model_files import resolve_base_model
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import KnowledgeBase, ingest_demo_data
-from gateway.core.settings import PROJECT_ROOT, Settings
 from gateway.store.db import create_engine, migrate, session_factory
 
 

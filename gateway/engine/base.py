@@ -96,7 +96,7 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, int]:
-        """Queue depth, active sequences: for /metrics and /ready."""
+        """Queue depth, active sequences, memory (KV cache, resident adapters): for /metrics and /ready."""
         ...
 
     async def load_adapter(self, name: str, path: str) -> None:

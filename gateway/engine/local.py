@@ -34,8 +34,12 @@ from typing import Callable
 
 import structlog
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer  # at import time: lazy imports are not thread-safe
+from transformers import (  # at import time: lazy imports are not thread-safe
+    AutoModelForCausalLM,
+    AutoTokenizer,
+)
 
+from gateway.core.loading import MODEL_LOAD_LOCK
 from gateway.engine.base import (
     ContextLengthExceeded,
     EngineFailure,
@@ -47,7 +51,6 @@ from gateway.engine.base import (
 )
 from gateway.engine.lora import LoraBank
 from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
-from gateway.core.loading import MODEL_LOAD_LOCK
 
 log = structlog.get_logger(__name__)
 
@@ -254,9 +257,11 @@ class LocalEngine:
     def stats(self) -> dict[str, int]:
         cache = self._cache
         kv = cache.nbytes() if cache is not None else 0
+        resident = sum(a.nbytes for a in self._bank.adapters.values()) if self._bank else 0
         return {"queued": self._pending.qsize(), "active": len(self._in_flight()), "kv_cache_bytes": kv,
                 "steps": self._steps, "step_ms": int(self._step_seconds * 1000), "tokens": self._tokens,
-                "prefix_hits": self._prefix_hits}
+                "prefix_hits": self._prefix_hits,
+                "adapter_bytes": resident}  # every adapter in memory, retired ones still draining included
 
     def _load(self) -> None:
         if self._torch_threads:

@@ -15,8 +15,12 @@ import time
 from pathlib import Path
 
 import structlog
+from transformers import (  # at import time: lazy imports are not thread-safe
+    AutoModelForCausalLM,
+    AutoTokenizer,
+)
+
 from gateway.core.loading import MODEL_LOAD_LOCK
-from transformers import AutoModelForCausalLM, AutoTokenizer  # at import time: lazy imports are not thread-safe
 
 log = structlog.get_logger(__name__)
 

@@ -6,11 +6,11 @@ from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from gateway.api.auth import require
+from gateway.core.errors import NotFound
+from gateway.exchanges.repository import ExchangeRepository, exchange_record
 from gateway.review.schemas import ExchangeRecord
 from gateway.review.service import ReviewService
-from gateway.api.auth import require
-from gateway.exchanges.repository import ExchangeRepository, exchange_record
-from gateway.core.errors import NotFound
 
 
 class ExchangesController(Controller):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from typing import Awaitable, Callable
 
-from gateway.store.models import Exchange, ReviewItem, iso_utc
-from gateway.review.repository import event
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.exchanges.models import Exchange
+from gateway.store.base import iso_utc
+
+SameTransaction = Callable[[AsyncSession, Exchange], Awaitable[None]]
 
 
 def exchange_record(row: Exchange) -> dict:
@@ -40,16 +44,15 @@ class ExchangeRepository:
     def __init__(self, sessions: async_sessionmaker) -> None:
         self._sessions = sessions
 
-    async def add(self, exchange: Exchange, review_item: ReviewItem | None = None) -> None:
-        """Insert and commit (with its review item when it was flagged at serving time, in the same
-        transaction); returns only once the rows are durable."""
+    async def add(self, exchange: Exchange, also: SameTransaction | None = None) -> None:
+        """Insert and commit; `also` writes its own rows in the same transaction (the review queue's
+        item for an answer flagged at serving time), so both are durable or neither is. Returns only
+        once the commit is done."""
         async with self._sessions() as session, session.begin():
             session.add(exchange)
-            if review_item is not None:
+            if also is not None:
                 await session.flush()
-                session.add(review_item)
-                await session.flush()
-                session.add(event(exchange.id, review_item.id, "system", "enqueued", reason="low_confidence"))
+                await also(session, exchange)
 
     async def get(self, exchange_id: str) -> Exchange | None:
         async with self._sessions() as session:

@@ -7,9 +7,13 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from gateway.adapters.service import AdapterService
-from gateway.core.errors import NotFound
 from gateway.api.auth import require
-from gateway.experiments.schemas import EvaluationResult, ExperimentsOverview, ExperimentView
+from gateway.core.errors import NotFound
+from gateway.experiments.schemas import (
+    EvaluationResult,
+    ExperimentsOverview,
+    ExperimentView,
+)
 from gateway.experiments.service import ExperimentService
 from gateway.store.db import is_row_id
 

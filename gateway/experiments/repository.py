@@ -13,12 +13,21 @@ import structlog
 from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from gateway.adapters.models import Adapter
+from gateway.adapters.registry import AdapterRegistry, RegistryError
 from gateway.core import metrics
 from gateway.core.settings import Settings
-from gateway.store.models import (Adapter, Decision, Exchange, Experiment, Feedback, Flag, as_utc, iso_utc,
-                                  utcnow)
-from gateway.adapters.registry import AdapterRegistry, RegistryError
-from gateway.experiments.statistics import Arm, aggregate, age_days, decide, refresh_gauges
+from gateway.exchanges.models import Exchange
+from gateway.experiments.models import Decision, Experiment
+from gateway.experiments.statistics import (
+    Arm,
+    age_days,
+    aggregate,
+    decide,
+    refresh_gauges,
+)
+from gateway.review.models import Feedback, Flag
+from gateway.store.base import as_utc, iso_utc, utcnow
 
 log = structlog.get_logger(__name__)
 BASE = "base"  # the champion's name when no adapter is champion

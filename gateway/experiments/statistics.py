@@ -31,7 +31,8 @@ from scipy import special, stats
 
 from gateway.core import metrics
 from gateway.core.settings import ExperimentSettings
-from gateway.store.models import Experiment, as_utc, utcnow
+from gateway.experiments.models import Experiment
+from gateway.store.base import as_utc, utcnow
 
 
 def prob_better(a_yes: float, a_no: float, b_yes: float, b_no: float) -> float:

@@ -9,12 +9,17 @@ from litestar import Controller, Request, delete, get, post
 from litestar.params import JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.core import metrics
-from gateway.knowledge.documents import DocumentError
-from gateway.knowledge.schemas import DeleteResult, IngestResult, KnowledgeStats, SearchResult
-from gateway.knowledge.store import KnowledgeBase
 from gateway.api.auth import require
+from gateway.core import metrics
 from gateway.core.errors import InvalidRequest, NotFound, Unavailable
+from gateway.knowledge.documents import DocumentError
+from gateway.knowledge.schemas import (
+    DeleteResult,
+    IngestResult,
+    KnowledgeStats,
+    SearchResult,
+)
+from gateway.knowledge.store import KnowledgeBase
 
 
 class IngestRequest(BaseModel):

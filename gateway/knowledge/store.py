@@ -20,9 +20,9 @@ from urllib.parse import urlparse
 
 import structlog
 
+from gateway.core.settings import RagSettings
 from gateway.knowledge.documents import Chunk, content_hash, parse
 from gateway.knowledge.embeddings import Embedder
-from gateway.core.settings import RagSettings
 
 log = structlog.get_logger(__name__)
 _WRITE_BATCH = 256

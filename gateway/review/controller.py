@@ -6,16 +6,25 @@ from typing import Annotated, Literal
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.review.schemas import (ClaimResult, FeedbackResult, FlagResult, LabelResult, QueueList, ReleaseResult,
-                                    ReviewItemDetail, ReviewStats)
-from gateway.review.service import ReviewService
 from gateway.api.auth import require
 from gateway.core.errors import InvalidRequest
+from gateway.review.schemas import (
+    ClaimResult,
+    FeedbackResult,
+    FlagResult,
+    LabelResult,
+    QueueList,
+    ReleaseResult,
+    ReviewItemDetail,
+    ReviewStats,
+)
+from gateway.review.service import ReviewService
+
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -20,10 +20,19 @@ from sqlalchemy import and_, case, exists, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.core.settings import ReviewSettings
-from gateway.store.db import is_row_id
-from gateway.store.models import Exchange, Feedback, Flag, ReviewEvent, ReviewItem, ReviewLabel, ReviewPair, utcnow
 from gateway.core.errors import Conflict
+from gateway.core.settings import ReviewSettings
+from gateway.exchanges.models import Exchange
+from gateway.review.models import (
+    Feedback,
+    Flag,
+    ReviewEvent,
+    ReviewItem,
+    ReviewLabel,
+    ReviewPair,
+)
+from gateway.store.base import utcnow
+from gateway.store.db import is_row_id
 
 T = TypeVar("T")
 OPEN_STATUSES = ("open", "escalated")
@@ -100,6 +109,14 @@ class ReviewRepository:
     def __init__(self, sessions: async_sessionmaker, cfg: ReviewSettings) -> None:
         self._sessions = sessions
         self.cfg = cfg
+
+    async def enqueue_in(self, session: AsyncSession, exchange: Exchange, now: datetime | None = None) -> None:
+        """Queue a just-logged exchange whose confidence is under the threshold, inside the caller's
+        transaction (`ExchangeRepository.add(..., also=...)`), with its audit event."""
+        item = new_item(exchange, self.cfg, low_confidence=True, now=now)
+        session.add(item)
+        await session.flush()
+        session.add(event(exchange.id, item.id, "system", "enqueued", reason="low_confidence"))
 
     async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]], attempts: int = 8) -> T:
         for attempt in range(attempts):

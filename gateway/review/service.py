@@ -22,17 +22,31 @@ from datetime import datetime, timezone
 from typing import AsyncIterator, Callable
 
 from gateway.core import metrics
-from gateway.review.agreement import cohen_kappa, consensus_group, percent_agreement
+from gateway.core.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from gateway.core.pii import scrub, scrub_messages
-from gateway.knowledge.embeddings import Embedder
 from gateway.core.security import ROLE_RANK, Principal
 from gateway.core.settings import Settings
+from gateway.exchanges.models import Exchange
 from gateway.exchanges.repository import exchange_record
-from gateway.store.models import (
-    Exchange, Feedback, Flag, ReviewEvent, ReviewItem, ReviewLabel, ReviewPair, iso_utc,
+from gateway.knowledge.embeddings import Embedder
+from gateway.review.agreement import cohen_kappa, consensus_group, percent_agreement
+from gateway.review.models import (
+    Feedback,
+    Flag,
+    ReviewEvent,
+    ReviewItem,
+    ReviewLabel,
+    ReviewPair,
 )
-from gateway.review.repository import LabelCommit, ReviewConflict, ReviewRepository, StaleItem, event, priority_parts
-from gateway.core.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from gateway.review.repository import (
+    LabelCommit,
+    ReviewConflict,
+    ReviewRepository,
+    StaleItem,
+    event,
+    priority_parts,
+)
+from gateway.store.base import iso_utc
 
 NEW = -1  # placeholder id of the label being decided
 VERDICTS = ("approve", "correct", "reject")

@@ -25,14 +25,14 @@ from typing import Callable
 import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from gateway.knowledge.store import KnowledgeBase
-from gateway.core.settings import Settings
-from gateway.store.models import as_utc, utcnow
-from gateway.review.repository import ReviewRepository
-from retraining import dataset as datasets
 from gateway.adapters.registry import AdapterRegistry
-from gateway.runs.repository import RunActive, RunStore, fail_run, run_dir
 from gateway.core.errors import Conflict
+from gateway.core.settings import Settings
+from gateway.knowledge.store import KnowledgeBase
+from gateway.review.repository import ReviewRepository
+from gateway.runs.repository import RunActive, RunStore, fail_run, run_dir
+from gateway.store.base import as_utc, utcnow
+from retraining import dataset as datasets
 
 log = structlog.get_logger(__name__)
 

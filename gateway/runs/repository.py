@@ -12,8 +12,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway.adapters.registry import AdapterRegistry, RegistryError
 from gateway.core.settings import Settings
+from gateway.runs.models import TrainingRun
+from gateway.store.base import utcnow
 from gateway.store.db import is_row_id
-from gateway.store.models import TrainingRun, utcnow
 
 log = structlog.get_logger(__name__)
 ACTIVE_RUN = ("queued", "running", "trained")  # trained: the parent is putting the adapter in service

@@ -23,7 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from gateway.adapters.registry import RegistryError
 from gateway.core.settings import Settings
 from gateway.runs.control import Retrainer, RunRefused
-from gateway.store.models import as_utc
+from gateway.store.base import as_utc
 
 if TYPE_CHECKING:
     from gateway.adapters.service import AdapterService

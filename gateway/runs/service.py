@@ -6,7 +6,8 @@ from pathlib import Path
 
 from gateway.core.errors import Conflict, NotFound
 from gateway.runs.control import Retrainer
-from gateway.store.models import TrainingRun, iso_utc
+from gateway.runs.models import TrainingRun
+from gateway.store.base import iso_utc
 
 
 class RunService:

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from gateway.store.models import Base
+from gateway.store.tables import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
