@@ -229,13 +229,9 @@ async def make_adapter(settings, model_dir: Path, state: str, seed: int) -> str:
 
     from gateway.adapters.registry import AdapterRegistry
     from gateway.experiments.repository import Experiments
-    from gateway.store.db import create_engine, migrate, session_factory
+    from gateway.core.runtime import open_database
 
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-    db = create_engine(settings.storage.resolved_database_url)
-    try:
-        await migrate(db)
-        sessions = session_factory(db)
+    async with open_database(settings) as sessions:
         registry = AdapterRegistry(sessions, settings.storage.data_dir)
         adapter = await registry.create(run_id=None, base_model=str(model_dir), parent=None, config={"test": True})
         torch.manual_seed(seed)
@@ -254,8 +250,6 @@ async def make_adapter(settings, model_dir: Path, state: str, seed: int) -> str:
         elif state == "challenger":
             await registry.transition(adapter.version, "challenger")
         return adapter.version
-    finally:
-        await db.dispose()
 
 
 PG_URL = os.environ.get("TELLERLOOP_TEST_POSTGRES_URL", "")

@@ -75,18 +75,14 @@ async def add_exchange(client, confidence: float, *, age_h: float = 0.0, user: s
     )
     # Our own engine in the test's event loop (the app's runs in the test client's loop; asyncpg
     # connections cannot cross loops).
+    from gateway.core.runtime import open_database
     from gateway.exchanges.repository import ExchangeRepository
     from gateway.review.repository import ReviewRepository
-    from gateway.store.db import create_engine, session_factory
 
-    db = create_engine(client.settings.storage.resolved_database_url)
-    try:
-        sessions = session_factory(db)
+    async with open_database(client.settings, migrate_schema=False) as sessions:
         reviews = ReviewRepository(sessions, client.settings.review)
         queue_it = (lambda s, e: reviews.enqueue_in(s, e, now=when)) if row.flagged else None
         await ExchangeRepository(sessions).add(row, queue_it)
-    finally:
-        await db.dispose()
     return row.id
 
 
