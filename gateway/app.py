@@ -28,6 +28,7 @@ from gateway.chat.service import ChatService
 from gateway.console.auth import ConsoleAuthController
 from gateway.core import metrics
 from gateway.core.runtime import build_engine, build_knowledge_base, open_database
+from gateway.core.security import CustomerIds
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine
 from gateway.exchanges.controller import ExchangesController
@@ -78,10 +79,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             repo = ExchangeRepository(sessions)
             app.state.exchange_repository = repo
             reviews = ReviewRepository(sessions, settings.review)
+            customers = CustomerIds.from_settings(settings)
             app.state.review_service = ReviewService(
-                settings, reviews, embedder=lambda: app.state.kb.embedder if app.state.kb is not None else None)
+                settings, reviews, embedder=lambda: app.state.kb.embedder if app.state.kb is not None else None,
+                customers=customers)
             await app.state.review_service.refresh_queue_gauge()
-            chat = app.state.chat_service = ChatService(settings, engine, repo, reviews)
+            chat = app.state.chat_service = ChatService(settings, engine, repo, reviews, customers)
             retrainer = Retrainer(settings, sessions, kb=lambda: app.state.kb,
                                   on_adapter_ready=lambda: app.state.adapter_service.reconcile())
             registry = AdapterRegistry(sessions, settings.storage.data_dir)

@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gateway.chat.prompting import build_messages
-from gateway.core.pii import scrub, scrub_messages
 from gateway.core.settings import PROJECT_ROOT, Settings
 from gateway.knowledge.store import KnowledgeBase
 from retraining.evaluate import QA, load_qa
@@ -249,17 +248,17 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     """The training set for one run. `parent_manifest`: the dataset manifest of the adapter this run
     continues from (warm mode), whose `known_reviews` are not new."""
     cfg = settings.retraining
-    keep = settings.pii.keep
+    scrubber = settings.pii.scrubber()
     split = FrozenSplit.load_or_create(settings)
     warm = cfg.mode == "warm" and not bootstrap and parent_manifest is not None
     known = set(parent_manifest.get("known_reviews", [])) if warm else set()
 
     rows = sorted(resolved, key=lambda r: (r.resolved_at, r.item_id))
-    questions = [scrub(last_question(row.messages), keep) for row in rows]
+    questions = [scrubber.scrub(last_question(row.messages)) for row in rows]
     keys = [conversation_key(row.messages) for row in rows]
     for row, question, key in zip(rows, questions, keys):  # first the split grows (single questions only)...
         if question.strip() and not key.startswith("conversation:") and in_eval_share(question, cfg.eval_share):
-            split.add({"question": question, "answer": scrub(row.answer, keep), "source": "review",
+            split.add({"question": question, "answer": scrubber.scrub(row.answer), "source": "review",
                        "item_id": row.item_id})
     split.save()
     by_key: dict[str, tuple[Resolved, Example]] = {}
@@ -271,8 +270,8 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
             by_key.pop(key, None)
             near_review += 1
             continue
-        example = Example("review", question, scrub_messages(row.messages, keep) + [
-            {"role": "assistant", "content": scrub(row.answer, keep)}], row.item_id)
+        example = Example("review", question, scrubber.scrub_messages(row.messages) + [
+            {"role": "assistant", "content": scrubber.scrub(row.answer)}], row.item_id)
         by_key[key] = (row, example)  # later resolutions overwrite
 
     new = [ex for row, ex in by_key.values() if row.review_key not in known]
@@ -295,8 +294,8 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
         reviewed = new + old
         n_seed = len(seeds)
     chosen = rng.sample(seeds, n_seed) if n_seed < len(seeds) else seeds
-    seed_examples = [Example("seed", scrub(qa.question, keep),
-                             scrub_messages(seed_messages(settings, qa.question, qa.answer, kb), keep))
+    seed_examples = [Example("seed", scrubber.scrub(qa.question),
+                             scrubber.scrub_messages(seed_messages(settings, qa.question, qa.answer, kb)))
                      for qa in chosen]
     train = reviewed + seed_examples
     check_leakage(train, split)

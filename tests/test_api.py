@@ -36,7 +36,7 @@ async def test_completion_shape_and_log_row(client):
     assert body["usage"]["completion_tokens"] <= 12
     row = (await client.get(f"/v1/exchanges/{body['exchange_id']}", headers=REVIEWER)).json()
     assert row["answer"] == body["choices"][0]["message"]["content"]
-    assert row["user"] == "cust-42" and row["api_key_name"] == "dev-client"
+    assert row["user"].startswith("u_") and "cust-42" not in row["user"] and row["api_key_name"] == "dev-client"
     assert row["messages"][0]["role"] == "system" and row["messages"][-1]["content"] == "How do I block my card?"
     assert row["confidence"] == body["confidence"]
     assert set(row["confidence_parts"]) >= {"token_prob", "mean_logprob", "truncated", "looping"}
@@ -66,7 +66,17 @@ async def test_pii_never_reaches_the_log(client):
     row = (await client.get(f"/v1/exchanges/{r.json()['exchange_id']}", headers=REVIEWER)).json()
     stored = json.dumps(row)
     assert "4111" not in stored and "jo@example.com" not in stored
-    assert "[CARD]" in row["messages"][-1]["content"] and row["user"] == "[EMAIL]"
+    assert "[CARD]" in row["messages"][-1]["content"] and row["user"].startswith("u_")
+
+
+async def test_customer_ids_are_keyed_hashes_that_never_collide(client):
+    """Two customers with e-mail ids used to collide as "[EMAIL]"; keyed hashes keep them apart and
+    the same customer always gets the same id (feedback ownership, sticky routing)."""
+    ids = []
+    for user in ("ann@example.com", "bob@example.com", "ann@example.com"):
+        r = await client.post("/v1/chat/completions", json=chat(user=user), headers=CLIENT)
+        ids.append((await client.get(f"/v1/exchanges/{r.json()['exchange_id']}", headers=REVIEWER)).json()["user"])
+    assert ids[0] == ids[2] != ids[1] and all("@" not in i for i in ids)
 
 
 @pytest.mark.parametrize(

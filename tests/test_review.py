@@ -64,9 +64,12 @@ async def add_exchange(client, confidence: float, *, age_h: float = 0.0, user: s
                        key: str = "app", answer: str = "Use the app to block it.") -> str:
     """An exchange row as the chat service would log it, with a chosen confidence (the tiny model's
     own confidence is always ~0, which would make ordering tests meaningless)."""
+    from gateway.core.security import CustomerIds
+
     when = datetime.now(timezone.utc) - timedelta(hours=age_h)
-    row = Exchange(
-        id=uuid.uuid4().hex, created_at=when, completed_at=when, api_key_name=key, user=user,
+    row = Exchange(  # `user` stored as the gateway stores it: the keyed hash
+        id=uuid.uuid4().hex, created_at=when, completed_at=when, api_key_name=key,
+        user=CustomerIds.from_settings(client.settings).key(user),
         model_requested="tellerloop", variant="base",
         messages=[{"role": "system", "content": "sys"}, {"role": "user", "content": f"question {confidence}"}],
         answer=answer, finish_reason="stop", stream=False, rag=False, sources=[], params={}, prompt_tokens=5,

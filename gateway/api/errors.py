@@ -30,6 +30,7 @@ from gateway.core.errors import (
     PermissionDenied,
     Unavailable,
 )
+from gateway.core.pii import scrubber
 
 log = structlog.get_logger(__name__)
 
@@ -49,9 +50,9 @@ def http_status(exc: DomainError) -> int:
 
 
 def _response(status: int, message: str, param=None, code=None, headers=None) -> Response:
-    return Response(
-        error_body(status, message, param, code), status_code=status, media_type=MediaType.JSON, headers=headers
-    )
+    """An error can quote what the client sent (an unknown model name, a bad value): scrubbed first."""
+    return Response(error_body(status, scrubber().scrub(message) or message, param, code), status_code=status,
+                    media_type=MediaType.JSON, headers=headers)
 
 
 def _domain_error(_: Request, exc: DomainError) -> Response:

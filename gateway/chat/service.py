@@ -40,8 +40,7 @@ from gateway.core.errors import (
     PermissionDenied,
     Unavailable,
 )
-from gateway.core.pii import scrub, scrub_messages
-from gateway.core.security import ROLE_RANK, Principal
+from gateway.core.security import ROLE_RANK, CustomerIds, Principal
 from gateway.core.settings import Settings
 from gateway.engine.base import (
     ContextLengthExceeded,
@@ -100,11 +99,13 @@ class _Run:
 
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, exchanges: ExchangeRepository, reviews: ReviewRepository,
-                 kb: KnowledgeBase | None = None) -> None:
+                 customers: CustomerIds, kb: KnowledgeBase | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.exchanges = exchanges
         self.reviews = reviews  # a low-confidence answer is queued in the same transaction as its row
+        self.customers = customers  # `user` and session ids are stored and routed as keyed hashes only
+        self.scrubber = settings.pii.scrubber()
         self.kb = kb
         self.split = Split()  # set by gateway/adapters.py from the registry: champion, challenger, share
 
@@ -132,7 +133,7 @@ class ChatService:
         may_pin = ROLE_RANK[principal.role] >= ROLE_RANK[self.settings.experiment.pin_min_role]
         try:
             route = resolve_variant(req.model, cfg.name, self.engine.variants(), self.split,
-                                    unit=req.user or session, may_pin=may_pin)
+                                    unit=self._customer(req.user, session), may_pin=may_pin)
         except UnknownModel as exc:
             raise NotFound(str(exc), param="model", code="model_not_found") from None
         except PinNotAllowed:
@@ -150,6 +151,10 @@ class ChatService:
             seed=req.seed, top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
         )
         return route, messages, params
+
+    def _customer(self, user: str | None, session: str | None) -> str | None:
+        """The routing unit: the customer's keyed id, else the session's, else none (a fresh draw)."""
+        return self.customers.key(user) if user else self.customers.key(session, kind="session")
 
     async def start(self, req: ChatCompletionRequest, principal: Principal, session: str | None = None) -> _Run:
         """`session`: the routing unit when the request names no `user` (experiment.session_header)."""
@@ -275,18 +280,18 @@ class ChatService:
             created_at=datetime.fromtimestamp(run.created, timezone.utc),
             completed_at=datetime.now(timezone.utc),
             api_key_name=run.principal.name,
-            user=scrub(run.request.user) if run.request.user else None,
+            user=self.customers.key(run.request.user),
             model_requested=run.request.model,
             variant=run.route.variant,
-            messages=scrub_messages(run.messages, self.settings.pii.keep),
-            answer=scrub(run.text, self.settings.pii.keep),
+            messages=self.scrubber.scrub_messages(run.messages),
+            answer=self.scrubber.scrub(run.text),
             finish_reason=fin.finish_reason,
             stream=run.request.stream,
             rag=run.sources is not None,
             sources=run.sources or [],
             retrieval_ms=run.retrieval_ms,
             params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                    "stop": list(p.stop), "seed": p.seed, "repetition_penalty": p.repetition_penalty,
+                    "stop": [self.scrubber.scrub(s) for s in p.stop], "seed": p.seed, "repetition_penalty": p.repetition_penalty,
                     "no_repeat_ngram_size": p.no_repeat_ngram_size},
             prompt_tokens=fin.prompt_tokens,
             completion_tokens=fin.completion_tokens,

@@ -9,8 +9,6 @@ script adds keyboard shortcuts.
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from pathlib import Path
 
 from litestar.config.csrf import CSRFConfig
@@ -19,6 +17,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
+from gateway.core.security import stored_secret
 from gateway.core.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -30,17 +29,7 @@ CSRF_COOKIE = "tellerloop_csrf"
 
 def session_secret(settings: Settings) -> bytes:
     """32 bytes: from `console.session_secret`, or generated once into `<data_dir>/console_secret`."""
-    if settings.console.session_secret:
-        return hashlib.sha256(settings.console.session_secret.encode()).digest()
-    path = settings.storage.data_dir / "console_secret"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-        tmp.replace(path)
-    return hashlib.sha256(path.read_text().strip().encode()).digest()
+    return stored_secret(settings.storage.data_dir, "console_secret", settings.console.session_secret)
 
 
 def session_config(settings: Settings, secret: bytes) -> CookieBackendConfig:

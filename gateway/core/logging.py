@@ -11,15 +11,31 @@ import sys
 
 import structlog
 
+from gateway.core.pii import scrubber as default_scrubber
 from gateway.core.settings import LoggingSettings
+
+
+def scrub_event(_logger: object, _method: str, event: dict) -> dict:
+    """Last line of defence: no log line carries customer data, whatever a caller put in it
+    (string values are scrubbed; ids, counts and scores pass unchanged)."""
+    scrubber = default_scrubber()
+    for key, value in event.items():
+        if isinstance(value, str) and key not in _NOT_TEXT:
+            event[key] = scrubber.scrub(value)
+    return event
+
+
+_NOT_TEXT = {"timestamp", "level", "request_id", "exchange_id", "variant", "logger"}
 
 
 def processors(json_lines: bool) -> list:
     return [
         structlog.contextvars.merge_contextvars,
+        scrub_event,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info if json_lines else structlog.dev.set_exc_info,
+        scrub_event,  # again: a formatted traceback can quote a value
         structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(),
     ]
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from gateway.core.settings import ApiKey, Settings
 
@@ -35,6 +38,42 @@ class KeyStore:
             if hmac.compare_digest(candidate, digest):
                 found = principal
         return found
+
+
+def stored_secret(data_dir: Path, name: str, configured: str = "") -> bytes:
+    """32 bytes: from the configured value, or generated once into `<data_dir>/<name>` (mode 0600)."""
+    if configured:
+        return hashlib.sha256(configured.encode()).digest()
+    path = Path(data_dir) / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        os.replace(tmp, path)
+    return hashlib.sha256(path.read_text().strip().encode()).digest()
+
+
+class CustomerIds:
+    """Customer ids as keyed hashes (HMAC-SHA256 with a server secret): the same `user` always gives
+    the same id, so sticky A/B routing and feedback ownership work, two customers never share one
+    (no scrubbing that would turn every e-mail into "[EMAIL]"), and what is stored cannot be turned
+    back into an e-mail or phone number without the secret (an unkeyed hash could, by guessing)."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "CustomerIds":
+        return cls(stored_secret(settings.storage.data_dir, "user_hash_secret", settings.pii.user_hash_secret))
+
+    def key(self, user: str | None, kind: str = "user") -> str | None:
+        """`kind` keeps a `user` and a session id with the same text apart."""
+        if not user:
+            return None
+        digest = hmac.new(self._secret, f"{kind}\x00{user}".encode(), hashlib.sha256).hexdigest()
+        return f"u_{digest[:40]}"
 
 
 def is_loopback(host: str) -> bool:

@@ -160,9 +160,19 @@ class TrainingSettings(_Section):
 
 
 class PiiSettings(_Section):
-    """What the scrubber (gateway/pii.py) must leave alone."""
+    """The scrubber (gateway/core/pii.py): what it must leave alone, how it reads national phone
+    numbers, and the key customer ids are hashed with."""
 
     keep_numbers: list[str] = Field(default_factory=list)  # the bank's own published numbers, any separators
+    phone_region: str = Field("GB", min_length=2, max_length=2)  # country for numbers written without +CC
+    # HMAC key for customer ids (`user`): empty → generated once into <data_dir>/user_hash_secret. Replicas
+    # sharing a database must share it (set it, or share the data dir), or sticky routing and feedback break.
+    user_hash_secret: str = ""
+
+    def scrubber(self):  # noqa: ANN201 - gateway.core.pii.Scrubber, built once per configuration
+        from gateway.core.pii import scrubber
+
+        return scrubber(self.keep, self.phone_region.upper())
 
     @property
     def keep(self) -> frozenset[str]:

@@ -23,8 +23,7 @@ from typing import AsyncIterator, Callable
 
 from gateway.core import metrics
 from gateway.core.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from gateway.core.pii import scrub, scrub_messages
-from gateway.core.security import ROLE_RANK, Principal
+from gateway.core.security import ROLE_RANK, CustomerIds, Principal
 from gateway.core.settings import Settings
 from gateway.exchanges.models import Exchange
 from gateway.exchanges.repository import exchange_record
@@ -73,18 +72,21 @@ def current_proposal(exchange: Exchange, labels: list[ReviewLabel]) -> tuple[int
 
 
 class ReviewService:
-    def __init__(self, settings: Settings, repo: ReviewRepository, embedder: Callable[[], Embedder | None]) -> None:
+    def __init__(self, settings: Settings, repo: ReviewRepository, embedder: Callable[[], Embedder | None],
+                 customers: CustomerIds | None = None) -> None:
         self.settings = settings
         self.cfg = settings.review
         self.repo = repo
         self._embedder = embedder
+        self.customers = customers or CustomerIds.from_settings(settings)  # feedback ownership by keyed id
+        self.scrubber = settings.pii.scrubber()
 
     # ---- signals ------------------------------------------------------------------------------
     async def owned_exchange(self, exchange_id: str, principal: Principal, user: str | None) -> Exchange:
         """Clients may rate only their own exchanges: same API key and same `user` as the request.
         Anything else is a 404, so ids of other customers' exchanges are not confirmed."""
         row = await self.repo.exchange(exchange_id) if len(exchange_id) <= 64 else None
-        expected_user = scrub(user) if user else None
+        expected_user = self.customers.key(user)
         if row is None or row.api_key_name != principal.name or row.user != expected_user:
             hint = " (send the same 'user' as in the chat request)" if row is not None and not user else ""
             raise NotFound(f"No exchange '{exchange_id[:64]}' made with this API key and user{hint}.",
@@ -94,7 +96,8 @@ class ReviewService:
     async def feedback(self, exchange_id: str, principal: Principal, rating: str, comment: str | None,
                        user: str | None) -> dict:
         exchange = await self.owned_exchange(exchange_id, principal, user)
-        fb, item = await self.repo.set_feedback(exchange, principal.name, rating, scrub(comment) if comment else None)
+        comment = self.scrubber.scrub(comment) if comment else None
+        fb, item = await self.repo.set_feedback(exchange, principal.name, rating, comment)
         metrics.FEEDBACK.labels(rating).inc()
         await self.refresh_queue_gauge()
         return {"exchange_id": exchange.id, **self._feedback_dict(fb),
@@ -105,7 +108,7 @@ class ReviewService:
         if exchange is None:
             raise NotFound(f"No exchange with id '{exchange_id[:64]}'", param="exchange_id", code="not_found")
         try:
-            flag, item = await self.repo.add_flag(exchange, principal.name, scrub(reason))
+            flag, item = await self.repo.add_flag(exchange, principal.name, self.scrubber.scrub(reason))
         except ReviewConflict as exc:
             raise Conflict(str(exc), code=exc.code) from None
         metrics.FLAGS.inc()
@@ -260,8 +263,8 @@ class ReviewService:
         if verdict != "correct" and corrected_answer:
             raise InvalidRequest(f"'corrected_answer' goes only with the verdict 'correct' (got '{verdict}').",
                            param="corrected_answer")
-        corrected = scrub(corrected_answer.strip(), self.settings.pii.keep) if verdict == "correct" else None
-        note = scrub(note) if note else None
+        corrected = self.scrubber.scrub(corrected_answer.strip()) if verdict == "correct" else None
+        note = self.scrubber.scrub(note) if note else None
         for _ in range(8):
             try:
                 label, item = await self._label_once(item_id, principal, verdict, corrected, note, proposed_answer_id)
@@ -366,8 +369,8 @@ class ReviewService:
     async def export_lines(self) -> AsyncIterator[str]:
         """Resolved items with an answer as chat-format JSONL (PII scrubbed again on the way out)."""
         async for item, exchange in self.repo.resolved():
-            keep = self.settings.pii.keep
-            messages = scrub_messages(exchange.messages, keep) + [{"role": "assistant", "content": scrub(item.resolved_answer, keep)}]
+            messages = self.scrubber.scrub_messages(exchange.messages) + [
+                {"role": "assistant", "content": self.scrubber.scrub(item.resolved_answer)}]
             yield json.dumps({
                 "messages": messages, "item_id": item.id, "exchange_id": exchange.id,
                 "resolution": item.resolution, "decided_by": item.decided_by, "resolved_at": iso_utc(item.resolved_at),
