@@ -63,7 +63,9 @@ def main() -> None:
     systems = {"tellerloop (validators + context)": new.scrub, f"previous ({args.before}, regexes)": lambda t: old(t, keep)}
 
     corpus = lines(ROOT / "data/pii/corpus.jsonl")
+    heldout = [r for r in lines(ROOT / "data/pii/heldout.jsonl") if r["pii"]]
     ordinary = [r["text"] for r in lines(ROOT / "data/pii/ordinary.jsonl")]
+    ordinary += [r["text"] for r in lines(ROOT / "data/pii/heldout.jsonl") if not r["pii"]]
     with (ROOT / "data/banking77/train.csv").open(encoding="utf-8") as fh:
         banking77 = [r["text"] for r in csv.DictReader(fh)]
     with (ROOT / "data/bank_faq/faq.csv").open(encoding="utf-8") as fh:
@@ -71,12 +73,14 @@ def main() -> None:
 
     kinds = Counter(p["kind"] for r in corpus for p in r["pii"])
     caught = {name: Counter() for name in systems}
+    held = {name: 0 for name in systems}
     fp, speed = {}, {}
     for name, scrub in systems.items():
         for row in corpus:
             out = scrub(row["text"])
             for pii in row["pii"]:
                 caught[name][pii["kind"]] += not leaked(pii, out)
+        held[name] = sum(not leaked(pii, scrub(row["text"])) for row in heldout for pii in row["pii"])
         fp[name] = {label: sum(scrub(t) != t for t in texts)
                     for label, texts in (("ordinary", ordinary), ("banking77", banking77))}
         fp[name]["faq_changed"] = sum(scrub(t) != t for t in faq)
@@ -93,7 +97,8 @@ def main() -> None:
     out = ["# PII scrubber: recall, false positives, speed (bench/pii.py)", "",
            f"Corpus: {len(corpus)} messages with {sum(kinds.values())} pieces of personal data; "
            f"false-positive sets: {len(ordinary)} ordinary messages with amounts, dates, references and the "
-           f"bank's helplines, {len(banking77)} Banking77 utterances. Same run, same machine.", "",
+           f"bank's helplines, {len(banking77)} Banking77 utterances. Same run, same machine. The corpus was used "
+           "while building the scrubber; the held-out corpus caught 138/144 before its six misses were fixed.", "",
            "| kind | in corpus | " + " | ".join(f"caught: {n}" for n in names) + " |",
            "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
     for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]):
@@ -101,7 +106,10 @@ def main() -> None:
     total = sum(kinds.values())
     out.append(f"| **all** | {total} | " + " | ".join(
         f"**{sum(caught[x].values())}/{total} ({sum(caught[x].values()) / total:.1%})**" for x in names) + " |")
+    n_held = sum(len(r["pii"]) for r in heldout)
     out += ["", "| | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |",
+            f"| held-out corpus caught ({len(heldout)} messages, written apart from the scrubber) | "
+            + " | ".join(f"{held[x]}/{n_held}" for x in names) + " |",
             f"| ordinary messages changed (of {len(ordinary)}) | " + " | ".join(str(fp[x]["ordinary"]) for x in names) + " |",
             f"| Banking77 utterances changed (of {len(banking77)}) | " + " | ".join(str(fp[x]["banking77"]) for x in names) + " |",
             f"| demo FAQ texts changed (of {len(faq)}; its helplines are kept) | " + " | ".join(str(fp[x]["faq_changed"]) for x in names) + " |",

@@ -295,6 +295,15 @@ def test_the_corpus_of_realistic_messages_loses_every_piece_of_personal_data():
     assert missed == []
 
 
+def test_the_held_out_corpus_too():
+    """data/pii/heldout.jsonl was written apart from the scrubber (92 messages with 144 items, 30 without):
+    138/144 before its misses were fixed (context words between a secret's name and its value)."""
+    rows = corpus("heldout.jsonl")
+    assert sum(len(r["pii"]) for r in rows) >= 140
+    assert [leak for row in rows for leak in leaks(row, S.scrub(row["text"]))] == []
+    assert [r["text"] for r in rows if not r["pii"] and S.scrub(r["text"]) != r["text"]] == []
+
+
 def test_ordinary_banking_messages_come_out_unchanged():
     rows = corpus("ordinary.jsonl")
     assert len(rows) >= 80

@@ -61,23 +61,31 @@ _TEXT_DATE = (rf"(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTHS},?\s+\d{{2,4}
               rf"{_MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{2,4}})")
 _DATE = re.compile(rf"(?<![\d/.\-])(?:{_NUMERIC_DATE}|{_TEXT_DATE})(?![\d/.\-]?\d)", re.I)
 _DOB = re.compile(rf"(?i)\b(date\s+of\s+birth|birth\s*date|d\.?\s?o\.?\s?b\.?|born(?:\s+on)?|birthday)"
-                  rf"([^\d\n]{{0,15}}?)({_NUMERIC_DATE}|{_TEXT_DATE}|\d{{6,8}})(?!\d)")
+                  rf"([^\d\n]{{0,30}}?)({_NUMERIC_DATE}|{_TEXT_DATE}|\d{{6,8}})(?!\d)")
 _EXPIRY = re.compile(r"(?i)\b(exp(?:iry|ires|iration|\.)?(?:\s+date)?|valid\s+(?:thru|through|until|to))(?![a-z])"
                      r"([^\d\n]{0,12}?)(\d{1,2}\s*[/\-.]\s*\d{2,4})(?!\d)")
 
-# A secret typed after its name: "cvv 123", "CVC:123", "pin1234", "my PIN is 4321", "OTP - 839201".
-_CONNECT = r"\s*(?:(?:is|was|to|now|=|:|-|#|no\.?|number|code)\s*)*"
+# A secret typed after its name: "cvv 123", "CVC:123", "pin1234", "my PIN is 4321", "OTP - 839201", or a
+# few words later in the same line ("the otp i got was 583920", "my pin, its 4829"): the first number of
+# the secret's length within 40 characters that is not part of a date, time, amount or longer number.
+_NEAR = r"([^\d\n]{0,40}?)(?<![£$€₹¥])"  # up to the first number after the name; an amount is not one
 _DIGIT_SECRETS = [
-    ("CVV", re.compile(rf"(?i)(?<![a-z])(cvv2?|cvc2?|cv2|csc|card\s+security\s+code|security\s+code)({_CONNECT})(\d{{3,4}})(?!\d)")),
+    ("CVV", re.compile(rf"(?i)(?<![a-z])(cvv2?|cvc2?|cv2|csc|card\s+security\s+code|security\s+code)(?![a-z])"
+                       rf"{_NEAR}(\d{{3,4}})(?![\d/.\-,:]?\d)")),
     ("OTP", re.compile(rf"(?i)(?<![a-z])(otp|one[\s-]?time\s+(?:pass(?:word|code)?|code|pin)|verification\s+code|"
-                       rf"auth(?:entication)?\s+code|passcode)({_CONNECT})(\d{{4,8}})(?!\d)")),
-    ("PIN", re.compile(rf"(?i)(?<![a-z])(pin)({_CONNECT})(\d{{4,6}})(?!\d)")),
+                       rf"auth(?:entication)?\s+code|passcode)(?![a-z]){_NEAR}(\d{{4,8}})(?![\d/.\-,:]?\d)")),
+    ("PIN", re.compile(rf"(?i)(?<![a-z])(pin)(?![a-z]){_NEAR}(\d{{4,6}})(?![\d/.\-,:]?\d)")),
 ]
 # A password has no shape: it is the token after its name when it looks like one — after ':' or '=',
 # or after "is"/"was" with a digit or a symbol inside, or right after the name with letters and
-# digits — so "my password is not working" and "I forgot my password." stay as they are.
+# digits — so "my password is not working" and "I forgot my password." stay as they are. A few words
+# later in the same line ("the password I set was 'Bluebird_77'"), only a token of 6+ characters
+# with letters and digits counts.
 _PASSWORD = re.compile(r"(?i)(?<![a-z])(password|passwd|pwd|pass\s*word|memorable\s+(?:word|information))"
                        r"(\s*(?:is|was)\b\s*|\s*[:=]\s*|\s+)(\S+)")
+_PASSWORD_NEAR = re.compile(r"(?i)(?<![a-z])(password|passwd|pwd|memorable\s+word)(?![a-z])([^\n]{0,40}?)"
+                            r"(?<![\w\[])([\"'`(]?)((?=[^\s\"'`)\[\]]*[a-z])(?=[^\s\"'`)\[\]]*\d)"
+                            r"[^\s\"'`)\[\]]{6,})")
 _SORT_CODE = re.compile(rf"(?i)\b(sort\s*-?\s*code)([^\d\n]{{0,15}}?)(\d{{2}}{SEP}?\d{{2}}{SEP}?\d{{2}})(?!\d)")
 _SORT_CODE_SHAPE = re.compile(r"(?<![\d\-])(\d{2})-(\d{2})-(\d{2})(?![\d\-])")
 _ACCOUNT = re.compile(rf"(?i)(?<![a-z])(account|acct|acc|a/c)(\s*(?:number|num|no\.?|#)?\s*(?:is|:|=|-)?\s*)"
@@ -148,6 +156,7 @@ class Scrubber:
         for kind, pattern in _DIGIT_SECRETS:
             text = pattern.sub(lambda m, k=kind: f"{m.group(1)}{m.group(2)}[{k}]", text)
         text = _PASSWORD.sub(self._password, text)
+        text = _PASSWORD_NEAR.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}[PASSWORD]", text)
         text = _DOB.sub(lambda m: f"{m.group(1)}{m.group(2)}[DOB]", text)
         text = _EXPIRY.sub(lambda m: f"{m.group(1)}{m.group(2)}[EXPIRY]", text)
         text = self._ibans(text)
@@ -192,7 +201,7 @@ class Scrubber:
         trailing = value[len(core):]
         core = core.lstrip("\"'([{")
         digit, letter = any(c.isdigit() for c in core), any(c.isalpha() for c in core)
-        symbol = re.search(r"[^\w\s]", core) is not None
+        symbol = re.search(r"[^\w\s'\-]", core) is not None  # a hyphen or apostrophe is a word's ("re-set")
         explicit = ":" in connector or "=" in connector
         named = connector.strip().lower() in ("is", "was")
         if len(core) >= 3 and (explicit or (named and (digit or symbol)) or (not named and digit and letter)):
