@@ -146,6 +146,36 @@ async def test_malformed_and_oversized_bodies(client):
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+HOSTILE = {
+    "nested 1000 deep": json.dumps(chat())[:-1] + ', "metadata": ' + '{"x":' * 1000 + "1" + "}" * 1000 + "}",
+    "invalid UTF-8": b'{"model": "tellerloop", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+    "seed beyond 64 bits": json.dumps(chat(seed=2**70, temperature=0.7)),
+    "a 5000-digit integer": json.dumps(chat())[:-1] + ', "max_tokens": ' + "9" * 5000 + "}",
+    "a stop string longer than any answer": json.dumps(chat(stop=["x" * 5000])),
+    "five stop strings": json.dumps(chat(stop=["a", "b", "c", "d", "e"])),
+    "NUL in a message": json.dumps(chat("a\u0000b")),
+    "NUL in a stop string": json.dumps(chat(stop=["a\u0000"])),
+    "NaN temperature": json.dumps(chat())[:-1] + ', "temperature": NaN}',
+    "a string for top_p": json.dumps(chat(top_p="high")),
+    "an object for user": json.dumps(chat(user={"a": 1})),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+async def test_hostile_bodies_get_a_400_never_a_500(client, name):
+    body = HOSTILE[name]
+    r = await client.post("/v1/chat/completions", content=body if isinstance(body, bytes) else body.encode(),
+                          headers={**CLIENT, "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["message"]
+
+
+async def test_seeds_across_the_whole_64_bit_range_work(client):
+    for seed in (-(2**63), 0, 2**63, 2**64 - 1):
+        r = await client.post("/v1/chat/completions", json=chat(seed=seed, temperature=0.7), headers=CLIENT)
+        assert r.status_code == 200, r.text
+
+
 async def test_auth_and_roles(client):
     r = await client.post("/v1/chat/completions", json=chat())
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

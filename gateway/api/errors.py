@@ -100,6 +100,13 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
     return _response(status, message, None, None, getattr(exc, "headers", None))
 
 
+def _too_deep(request: Request, exc: RecursionError) -> Response:
+    """msgspec refuses JSON nested deeper than Python's recursion limit with a RecursionError."""
+    if "deserializ" in str(exc):
+        return _response(400, "The JSON body is nested too deeply.", None, "invalid_request")
+    return _unexpected(request, exc)
+
+
 def _unexpected(_: Request, exc: Exception) -> Response:
     log.exception("http.unhandled_exception", error_type=type(exc).__name__)
     return _response(HTTP_500_INTERNAL_SERVER_ERROR, "The server had an error processing your request")
@@ -109,5 +116,6 @@ exception_handlers = {
     DomainError: _domain_error,
     ValidationException: _validation_error,
     HTTPException: _http_error,
+    RecursionError: _too_deep,
     Exception: _unexpected,
 }

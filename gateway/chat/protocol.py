@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.core.text import Text, no_nul
+
 
 def text_of(content: object) -> object:
     """A list of content parts → its text parts joined by newlines; a non-text part is refused."""
@@ -29,11 +31,14 @@ def text_of(content: object) -> object:
     return "\n".join(texts)
 
 
+MAX_STOP_CHARS = 200  # a stop string longer than any answer can never match; refusing it bounds the work
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str  # a list of text parts is accepted and joined (`text_of`)
+    content: Text  # a list of text parts is accepted and joined (`text_of`)
     name: str | None = Field(None, max_length=64)
 
     _parts = field_validator("content", mode="before")(classmethod(lambda cls, v: text_of(v)))
@@ -69,8 +74,8 @@ class ChatCompletionRequest(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = Field(None, max_length=200)
+    seed: int | None = None  # within what a torch generator takes (`_seed_fits`)
+    user: Text | None = Field(None, max_length=200)
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     n: Literal[1] = 1
@@ -84,6 +89,13 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     tools: list[dict] | None = None  # an empty list only: no tool calling
     tool_choice: Literal["none"] | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_fits(cls, value: int | None) -> int | None:
+        if value is not None and not -(2**63) <= value < 2**64:
+            raise ValueError("seed must fit in 64 bits (from -2^63 to 2^64 - 1)")
+        return value
 
     @field_validator("tools")
     @classmethod
@@ -103,6 +115,10 @@ class ChatCompletionRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop accepts at most 4 non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop string may have at most {MAX_STOP_CHARS} characters")
+        for s in stops:
+            no_nul(s)
         if not any(m.role == "user" for m in self.messages):
             raise ValueError("messages must contain at least one user message")
         return self

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.api.auth import require
 from gateway.core import metrics
 from gateway.core.errors import InvalidRequest, NotFound, Unavailable
+from gateway.core.text import Text
 from gateway.knowledge.documents import DocumentError
 from gateway.knowledge.schemas import (
     DeleteResult,
@@ -25,8 +26,8 @@ from gateway.knowledge.store import KnowledgeBase
 class IngestRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(min_length=1, max_length=200, description="file name; its extension picks the parser")
-    content: str = Field(min_length=1)
+    source: Text = Field(min_length=1, max_length=200, description="file name; its extension picks the parser")
+    content: Text = Field(min_length=1)
     format: Literal["text", "markdown", "csv", "jsonl"] | None = None
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.auth import require
 from gateway.core.errors import InvalidRequest
+from gateway.core.text import Text
 from gateway.review.schemas import (
     ClaimResult,
     FeedbackResult,
@@ -30,22 +31,22 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rating: Literal["up", "down"]
-    comment: str | None = Field(None, max_length=2000)
-    user: str | None = Field(None, max_length=200, description="the `user` sent with the chat request, if any")
+    comment: Text | None = Field(None, max_length=2000)
+    user: Text | None = Field(None, max_length=200, description="the `user` sent with the chat request, if any")
 
 
 class FlagRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: Text = Field(min_length=1, max_length=2000)
 
 
 class LabelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     verdict: Literal["approve", "correct", "reject"]
-    corrected_answer: str | None = Field(None, max_length=100_000)
-    note: str | None = Field(None, max_length=100_000)
+    corrected_answer: Text | None = Field(None, max_length=100_000)
+    note: Text | None = Field(None, max_length=100_000)
     proposed_answer_id: int | None = Field(
         None, ge=0, description="the proposal you reviewed (0 = the model's answer); 409 if it changed meanwhile")
 
