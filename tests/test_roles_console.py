@@ -116,3 +116,40 @@ async def test_console_review_flow_without_javascript(client):  # noqa: F811
     resolved_page = await client.get(f"/console/items/{item}")
     assert "2 of 2 labels" in resolved_page.text and "Resolved: <strong>correct</strong>" in resolved_page.text
     assert eid in (await client.get(f"/console/items/{item}")).text  # audit trail names the exchange
+
+
+async def test_console_pages_carry_security_headers(make_settings, tiny_model_dir):
+    from gateway.app import create_app
+    from tests.conftest import ready_client
+
+    settings = make_settings(tiny_model_dir)
+    async with ready_client(create_app(settings), settings) as c:
+        signed_out = await c.get("/console/login")
+        assert (await sign_in(c, "dev-reviewer-key")).status_code in (200, 303)
+        for r in (signed_out, await c.get("/console"), await c.get("/console/stats")):
+            assert r.status_code == 200, r.url
+            assert "frame-ancestors 'none'" in r.headers["content-security-policy"], r.url
+            assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["cache-control"] == "no-store" and r.headers["referrer-policy"] == "no-referrer"
+
+
+async def test_observability_is_protected_off_loopback(make_settings, tiny_model_dir):
+    """A public bind (or observability = "protected"): /metrics and /schema need a reviewer key, /ready
+    still answers a load balancer, with its status only; /health stays open."""
+    from gateway.app import create_app
+    from tests.conftest import ready_client
+
+    settings = make_settings(tiny_model_dir, server={"observability": "protected"})
+    async with ready_client(create_app(settings), settings) as c:
+        assert (await c.get("/metrics")).status_code == 401
+        assert (await c.get("/schema/openapi.json")).status_code == 401
+        client = {"Authorization": "Bearer dev-client-key"}
+        assert (await c.get("/metrics", headers=client)).status_code == 403
+        reviewer = {"Authorization": "Bearer dev-reviewer-key"}
+        assert (await c.get("/metrics", headers=reviewer)).status_code == 200
+        assert (await c.get("/schema/openapi.json", headers=reviewer)).status_code == 200
+        assert (await c.get("/ready")).json() == {"status": "ready"}
+        assert (await c.get("/health")).status_code == 200
+    settings = make_settings(tiny_model_dir, server={"observability": "auto", "host": "127.0.0.1"})
+    assert settings.server.observability_open
+    assert not make_settings(tiny_model_dir, server={"observability": "auto", "host": "0.0.0.0"}).server.observability_open

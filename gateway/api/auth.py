@@ -18,13 +18,15 @@ from litestar.middleware import (
 from gateway.core.security import ROLE_RANK, KeyStore, Principal
 from gateway.core.settings import Settings
 
-PUBLIC_PATHS = {"/health", "/ready", "/metrics", "/schema"}
+PUBLIC_PATHS = {"/health", "/ready"}  # load balancers and probes never hold a key
+OBSERVABILITY_PATHS = ("/metrics", "/schema")
 
 
 class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
-    def __init__(self, app, keystore: KeyStore, **kwargs) -> None:  # noqa: ANN001
+    def __init__(self, app, keystore: KeyStore, observability_role: str | None = None, **kwargs) -> None:  # noqa: ANN001
         super().__init__(app, **kwargs)
         self._keystore = keystore
+        self._observability_role = observability_role  # None: /metrics and /schema are open
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         header = connection.headers.get("authorization", "")
@@ -38,15 +40,21 @@ class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
         principal = self._keystore.lookup(token.strip())
         if principal is None:
             raise NotAuthorizedException("Incorrect API key provided.")
+        role = self._observability_role
+        if role and connection.url.path.startswith(OBSERVABILITY_PATHS) and ROLE_RANK[principal.role] < ROLE_RANK[role]:
+            raise PermissionDeniedException(f"This endpoint needs the '{role}' role on this bind "
+                                            f"(server.observability_min_role); key '{principal.name}' has '{principal.role}'.")
         return AuthenticationResult(user=principal, auth=None)
 
 
 def auth_middleware(settings: Settings) -> DefineMiddleware:
+    open_paths = PUBLIC_PATHS | (set(OBSERVABILITY_PATHS) if settings.server.observability_open else set())
     return DefineMiddleware(
         ApiKeyAuthMiddleware,
         keystore=KeyStore(settings.auth.keys),
+        observability_role=None if settings.server.observability_open else settings.server.observability_min_role,
         # The console authenticates with its own signed session cookie (gateway/console).
-        exclude=[rf"^{p}" for p in sorted(PUBLIC_PATHS | {"/console"})],
+        exclude=[rf"^{p}" for p in sorted(open_paths | {"/console"})],
     )
 
 

@@ -24,7 +24,7 @@ class ReadyChecks(BaseModel):
 class Readiness(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: str = Field(description="ready | not_ready (then the status code is 503)")
-    checks: ReadyChecks
+    checks: ReadyChecks | None = Field(None, description="left out where observability is protected (server.observability)")
 
 
 @get("/health", tags=["health"], summary="Liveness: the process answers")
@@ -45,5 +45,7 @@ async def ready(state: State) -> Response[Readiness]:
     if state.get("startup_error"):
         checks["error"] = state.startup_error
     ok = checks["model"] and checks["database"] and checks["knowledge_base"] and checks["adapters"]
-    body = Readiness(status="ready" if ok else "not_ready", checks=ReadyChecks(**checks))
+    status = "ready" if ok else "not_ready"
+    body = (Readiness(status=status, checks=ReadyChecks(**checks)) if state.settings.server.observability_open
+            else Readiness(status=status))
     return Response(body, status_code=200 if ok else 503)

@@ -34,6 +34,19 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # /metrics, /schema and /ready's details: "open" to anyone, "protected" (an API key of at least
+    # observability_min_role; /ready keeps answering load balancers with its status only), or "auto":
+    # open on a loopback bind, protected on any other
+    observability: Literal["auto", "open", "protected"] = "auto"
+    observability_min_role: Literal["client", "reviewer", "admin"] = "reviewer"
+
+    @property
+    def observability_open(self) -> bool:
+        if self.observability == "auto":
+            from gateway.core.security import is_loopback
+
+            return is_loopback(self.host)
+        return self.observability == "open"
 
 
 class StorageSettings(_Section):
