@@ -143,8 +143,9 @@ def wait_until(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600
 def start_gateway(work: Path, rag: bool, extra_toml: str = "", root: Path = ROOT) -> Server:
     port = free_port()
     config = work / "bench.toml"
+    unlimited = "[limits]\nrequests_per_minute = 0\nconcurrent_generations = 0\n" if root == ROOT else ""  # older commits lack it
     config.write_text(
-        "[retraining]\nenabled = false\n"
+        "[retraining]\nenabled = false\n" + unlimited +
         f"[rag]\nenabled_by_default = {'true' if rag else 'false'}\n"
         f'[[auth.keys]]\nname = "bench"\nrole = "admin"\nkey = "{BENCH_KEY}"\n{extra_toml}'
     )

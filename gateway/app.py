@@ -19,13 +19,13 @@ from gateway import console
 from gateway.adapters.controller import AdaptersController
 from gateway.adapters.registry import AdapterRegistry
 from gateway.adapters.service import AdapterService
-from gateway.api.auth import auth_middleware
+from gateway.api.auth import auth_middleware, rate_limit
 from gateway.api.errors import exception_handlers
 from gateway.api.health import health, ready
 from gateway.api.logging import RequestContextMiddleware, structlog_plugin
 from gateway.chat.controller import ChatController
 from gateway.chat.service import ChatService
-from gateway.console.auth import ConsoleAuthController
+from gateway.console.auth import ConsoleAuthController, LoginThrottle
 from gateway.core import metrics
 from gateway.core.runtime import build_engine, build_knowledge_base, open_database
 from gateway.core.security import CustomerIds
@@ -150,13 +150,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
                         console.static_router()],
         dependencies={name: _provider(name) for name in SERVICES},
         state=State({"settings": settings, "engine": engine, "kb": None, "startup_error": None,
-                     "serving_ready": False}),
+                     "serving_ready": False,
+                     "login_throttle": LoginThrottle(settings.console.login_max_failures,
+                                                     settings.console.login_window_s)}),
         lifespan=[lifespan],
         middleware=[
             RequestContextMiddleware,
             PrometheusConfig(app_name="tellerloop", prefix="tellerloop_http", group_path=True,
                              exclude=["/metrics"]).middleware,
             auth_middleware(settings),
+            *([limiter] if (limiter := rate_limit(settings)) else []),
             console.session_config(settings, secret).middleware,
         ],
         csrf_config=console.csrf_config(settings, secret),

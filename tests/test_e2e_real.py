@@ -48,7 +48,7 @@ def test_non_stream_completion_is_logged(real_server, sdk):
     assert 0 < extras["confidence"] <= 1 and isinstance(extras["flagged"], bool)
     assert extras["variant"] == "base" and extras["sources"] == []
     row = exchange(real_server, extras["exchange_id"])
-    assert row["answer"] == answer and row["user"] == "customer-1"
+    assert row["answer"] == answer and row["user"].startswith("u_") and "customer" not in row["user"]
     assert row["usage"]["completion_tokens"] == resp.usage.completion_tokens
     assert row["confidence"] == extras["confidence"]
 
@@ -95,11 +95,14 @@ def test_eight_concurrent_requests_get_distinct_correct_rows(real_server):
     responses = asyncio.run(main())
     ids = [r.model_extra["exchange_id"] for r in responses]
     assert len(set(ids)) == 8
+    users = set()
     for i, (q, r) in enumerate(zip(QUESTIONS, responses)):
         row = exchange(real_server, r.model_extra["exchange_id"])
         assert row["messages"][-1]["content"] == q
-        assert row["user"] == f"user-{i}"
+        users.add(row["user"])  # each customer's own keyed id
+        assert row["user"].startswith("u_") and "user-" not in row["user"]
         assert row["answer"] == r.choices[0].message.content
+    assert len(users) == 8
 
 
 def test_same_question_batched_or_alone_gives_same_answer(real_server, sdk):

@@ -58,6 +58,22 @@ def auth_middleware(settings: Settings) -> DefineMiddleware:
     )
 
 
+def rate_limit(settings: Settings) -> DefineMiddleware | None:
+    """Litestar's rate limiter, keyed on the API key (after authentication, before the handler: a
+    refused request costs no parsing, embedding or tokenising). None when switched off."""
+    from litestar.middleware.rate_limit import RateLimitConfig
+
+    if not settings.limits.requests_per_minute:
+        return None
+
+    def key_of(request) -> str:  # noqa: ANN001
+        principal = request.scope.get("user")
+        return f"key:{principal.name}" if isinstance(principal, Principal) else f"ip:{request.client.host if request.client else '-'}"
+
+    return RateLimitConfig(rate_limit=("minute", settings.limits.requests_per_minute), identifier_for_request=key_of,
+                           exclude=[r"^/health", r"^/ready", r"^/console", r"^/metrics", r"^/schema"]).middleware
+
+
 def require(role: str):
     """Guard factory: the caller's role must rank at least `role`."""
 

@@ -28,6 +28,7 @@ from gateway.core.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    TooManyRequests,
     Unavailable,
 )
 from gateway.core.pii import scrubber
@@ -39,6 +40,7 @@ STATUS: dict[type[DomainError], int] = {
     PermissionDenied: 403,
     NotFound: 404,
     Conflict: 409,
+    TooManyRequests: 429,
     GenerationFailed: 500,
     Unavailable: 503,
 }
@@ -94,10 +96,15 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
     message = exc.detail if exc.detail and exc.detail not in {"Not Found", "Method Not Allowed"} else messages.get(status, exc.detail)
     if status == 413:
         message = "Request body too large for this server (server.max_body_bytes)"
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 429:  # Litestar's rate limiter says when the window resets; clients read Retry-After
+        headers.setdefault("Retry-After", headers.get("RateLimit-Reset", "1"))
+        message = ("Too many requests for this API key (limits.requests_per_minute); retry after "
+                   f"{headers['Retry-After']} s")
     if status >= 500:
         log.error("http.server_error", status=status, detail=exc.detail)
         message = "The server had an error processing your request"
-    return _response(status, message, None, None, getattr(exc, "headers", None))
+    return _response(status, message, None, "rate_limited" if status == 429 else None, headers or None)
 
 
 def _too_deep(request: Request, exc: RecursionError) -> Response:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import AsyncIterator
@@ -38,6 +39,7 @@ from gateway.core.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    TooManyRequests,
     Unavailable,
 )
 from gateway.core.security import ROLE_RANK, CustomerIds, Principal
@@ -106,6 +108,7 @@ class ChatService:
         self.reviews = reviews  # a low-confidence answer is queued in the same transaction as its row
         self.customers = customers  # `user` and session ids are stored and routed as keyed hashes only
         self.scrubber = settings.pii.scrubber()
+        self._in_flight: Counter[str] = Counter()  # generations per API key (limits.concurrent_generations)
         self.kb = kb
         self.split = Split()  # set by gateway/adapters.py from the registry: champion, challenger, share
 
@@ -157,11 +160,36 @@ class ChatService:
         return self.customers.key(user) if user else self.customers.key(session, kind="session")
 
     async def start(self, req: ChatCompletionRequest, principal: Principal, session: str | None = None) -> _Run:
-        """`session`: the routing unit when the request names no `user` (experiment.session_header)."""
+        """`session`: the routing unit when the request names no `user` (experiment.session_header).
+        The cheap refusals (loading, the key's limit, a full queue) come before any embedding or
+        tokenising. The run holds one of its key's generation slots until `finish` gives it back."""
         if not self.engine.ready:
             metrics.REJECTED.labels("loading").inc()
             raise Unavailable("The model is still loading; retry shortly.", code="model_loading",
                            retry_after=self.settings.engine.retry_after_s)
+        limit = self.settings.limits.concurrent_generations
+        if limit and self._in_flight[principal.name] >= limit:
+            metrics.REJECTED.labels("key_limit").inc()
+            raise TooManyRequests(f"API key '{principal.name}' already has {limit} generations in flight "
+                                  "(limits.concurrent_generations); retry when one finishes.",
+                                  code="too_many_generations", retry_after=self.settings.engine.retry_after_s)
+        if self.engine.stats().get("queued", 0) >= self.settings.engine.max_queue:
+            metrics.REJECTED.labels("overloaded").inc()
+            raise Unavailable("The server is at capacity; retry shortly.", code="overloaded",
+                              retry_after=self.settings.engine.retry_after_s)
+        self._in_flight[principal.name] += 1
+        try:
+            return await self._start(req, principal, session)
+        except BaseException:
+            self.finish_slot(principal)
+            raise
+
+    def finish_slot(self, principal: Principal) -> None:
+        self._in_flight[principal.name] -= 1
+        if self._in_flight[principal.name] <= 0:
+            del self._in_flight[principal.name]
+
+    async def _start(self, req: ChatCompletionRequest, principal: Principal, session: str | None) -> _Run:
         route, messages, params = self._validate(req, principal, session)
         variant = route.variant
         exchange_id = uuid.uuid4().hex
@@ -208,6 +236,7 @@ class ChatService:
             raise GenerationFailed(str(exc), code="generation_failed") from None
         finally:
             metrics.IN_FLIGHT.dec()
+            self.finish_slot(run.principal)
         row = await self._record(run)
         message: dict = {"role": "assistant", "content": run.text}
         choice: dict = {"index": 0, "message": message, "finish_reason": run.finished.finish_reason,
@@ -260,6 +289,7 @@ class ChatService:
             yield "[DONE]"
         finally:
             metrics.IN_FLIGHT.dec()
+            self.finish_slot(run.principal)
             if not completed and run.finished is None:
                 # Client went away mid-stream: stop generating and still keep an audit row.
                 await run.stream.aclose()

@@ -5,6 +5,10 @@ renderer, and the base controller the slices' console pages (`review/console.py`
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
+from collections import deque
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -33,6 +37,36 @@ SECURITY_HEADERS = [
     ResponseHeader(name="Referrer-Policy", value="no-referrer"),
     ResponseHeader(name="Cache-Control", value="no-store"),
 ]
+
+
+class LoginThrottle:
+    """Failed console sign-ins per client address and per key tried, in a sliding window: past
+    `max_failures` within `window_s`, sign-in answers 429 until the oldest failure leaves the window
+    (a key-guessing script gets a handful of tries, a reviewer with a typo is not locked out for long)."""
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self.max_failures, self.window_s = max_failures, window_s
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, who: str, now: float) -> deque[float]:
+        times = self._failures.get(who, deque())
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return times
+
+    def wait_s(self, whos: list[str]) -> int:
+        now = time.monotonic()
+        waits = [self.window_s - (now - times[0]) for who in whos
+                 if len(times := self._recent(who, now)) >= self.max_failures]
+        return max(1, math.ceil(max(waits))) if waits else 0
+
+    def failed(self, whos: list[str]) -> None:
+        now = time.monotonic()
+        for who in whos:
+            self._failures[who] = self._recent(who, now)
+            self._failures[who].append(now)
+        if len(self._failures) > 100_000:  # bounded memory under a spray of addresses
+            self._failures = {k: v for k, v in self._failures.items() if self._recent(k, now)}
 
 
 class LoginForm(BaseModel):
@@ -84,6 +118,15 @@ class ConsoleAuthController(Controller):
 
     @post("/login", status_code=303)
     async def login(self, request: Request, data: Annotated[LoginForm, FORM]) -> Response:
+        throttle: LoginThrottle = request.app.state.login_throttle
+        who = [f"ip:{request.client.host if request.client else '-'}",
+               "key:" + hashlib.sha256(data.key.strip().encode()).hexdigest()[:16]]
+        wait = throttle.wait_s(who)
+        if wait:
+            response = page("login.html", request, status_code=429, next=_safe_next(data.next),
+                            error=f"Too many failed sign-ins; try again in {wait} seconds.")
+            response.headers["Retry-After"] = str(wait)
+            return response
         principal = KeyStore(request.app.state.settings.auth.keys).lookup(data.key.strip()) if data.key else None
         error = None
         if principal is None:
@@ -91,6 +134,7 @@ class ConsoleAuthController(Controller):
         elif ROLE_RANK[principal.role] < ROLE_RANK["reviewer"]:
             error = f"Key '{principal.name}' has the '{principal.role}' role; the console needs a reviewer key."
         if error:
+            throttle.failed(who)
             return page("login.html", request, status_code=401, next=_safe_next(data.next), error=error)
         request.set_session({"name": principal.name, "role": principal.role})
         return Redirect(_safe_next(data.next), status_code=303)

@@ -34,6 +34,10 @@ class Conflict(DomainError):
     """The current state forbids it (already labelled, busy, illegal transition, ...)."""
 
 
+class TooManyRequests(DomainError):
+    """A per-key limit: retry after `retry_after`."""
+
+
 class Unavailable(DomainError):
     """Temporarily refused (loading, overloaded, a dependency down): retry after `retry_after`."""
 

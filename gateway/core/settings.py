@@ -147,6 +147,15 @@ class ConsoleSettings(_Section):
     session_max_age_s: int = Field(8 * 3600, ge=60)
     secure_cookies: bool = False  # set true behind HTTPS
     page_size: int = Field(50, ge=1, le=500)
+    login_max_failures: int = Field(5, ge=1)  # failed sign-ins per client address (and per key tried) ...
+    login_window_s: int = Field(300, ge=1)    # ... within this window, before sign-in answers 429
+
+
+class LimitsSettings(_Section):
+    """Per API key, per gateway process (replicas each count their own)."""
+
+    requests_per_minute: int = Field(600, ge=0)  # every /v1 request; 0 = unlimited
+    concurrent_generations: int = Field(64, ge=0)  # chats (streamed or not) in flight at once; 0 = unlimited
 
 
 class TrainingSettings(_Section):
@@ -290,6 +299,7 @@ class Settings(BaseSettings):
     confidence: ConfidenceSettings = ConfidenceSettings()
     review: ReviewSettings = ReviewSettings()
     console: ConsoleSettings = ConsoleSettings()
+    limits: LimitsSettings = LimitsSettings()
     training: TrainingSettings = TrainingSettings()
     retraining: RetrainingSettings = RetrainingSettings()
     pii: PiiSettings = PiiSettings()
