@@ -85,6 +85,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
                 customers=customers)
             await app.state.review_service.refresh_queue_gauge()
             chat = app.state.chat_service = ChatService(settings, engine, repo, reviews, customers)
+            interrupted_streams = await repo.settle_interrupted(chat.served_by)  # a killed predecessor's
+            if interrupted_streams:
+                log.warning("exchange.interrupted_streams", count=interrupted_streams, served_by=chat.served_by)
             retrainer = Retrainer(settings, sessions, kb=lambda: app.state.kb,
                                   on_adapter_ready=lambda: app.state.adapter_service.reconcile())
             registry = AdapterRegistry(sessions, settings.storage.data_dir)

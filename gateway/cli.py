@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -48,8 +50,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(settings.logging)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=settings.server.shutdown_grace_s)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM uvicorn stops accepting, lets in-flight streams finish (server.shutdown_grace_s),
+        then re-raises the signal, which a supervisor reads as a crash: a drained SIGTERM exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # noqa: ANN202
+            with super().capture_signals():
+                yield
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    DrainingServer(config).run()
     return 0
 
 

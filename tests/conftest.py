@@ -176,11 +176,11 @@ class Server:
                 self.proc.kill()
 
 
-def start_server(tmp: Path, config_toml: str, extra_env: dict | None = None) -> Server:
-    port = free_port()
+def start_server(tmp: Path, config_toml: str, extra_env: dict | None = None, port: int | None = None) -> Server:
+    port = port or free_port()
     cfg = tmp / "test.toml"
     cfg.write_text(config_toml)
-    log_path = tmp / "server.log"
+    log_path = tmp / f"server-{port}-{time.monotonic_ns()}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections import Counter
@@ -56,7 +57,7 @@ from gateway.engine.base import (
     TokenStream,
     UnknownAdapter,
 )
-from gateway.exchanges.models import Exchange
+from gateway.exchanges.models import STREAMING, Exchange
 from gateway.exchanges.repository import ExchangeRepository
 from gateway.knowledge.store import KnowledgeBase
 from gateway.review.repository import ReviewRepository
@@ -85,6 +86,8 @@ class _Run:
     logprobs: list[float] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)
     finished: Finished | None = None
+    error: str | None = None  # why generation failed (finish_reason "error")
+    opened: bool = False  # a streaming row exists (finalise it rather than insert)
 
     def add(self, event: TokenEvent | Finished) -> None:
         if isinstance(event, Finished):
@@ -109,6 +112,7 @@ class ChatService:
         self.customers = customers  # `user` and session ids are stored and routed as keyed hashes only
         self.scrubber = settings.pii.scrubber()
         self._in_flight: Counter[str] = Counter()  # generations per API key (limits.concurrent_generations)
+        self.served_by = f"{socket.gethostname()}:{settings.server.port}"  # whose unfinished streams are whose
         self.kb = kb
         self.split = Split()  # set by gateway/adapters.py from the registry: champion, challenger, share
 
@@ -233,6 +237,8 @@ class ChatService:
             async for event in run.stream:
                 run.add(event)
         except EngineFailure as exc:
+            self._failed(run, exc)
+            await self._record_quietly(run)  # the failure is on the record, then the client hears of it
             raise GenerationFailed(str(exc), code="generation_failed") from None
         finally:
             metrics.IN_FLIGHT.dec()
@@ -261,6 +267,15 @@ class ChatService:
         metrics.IN_FLIGHT.inc()
         completed = False
         try:
+            try:  # the row exists before the first token: a stream the client saw is never missing
+                await self.exchanges.open(self._row(run, streaming=True))
+                run.opened = True
+            except Exception:  # noqa: BLE001 - nothing was sent yet: say so and stop
+                log.exception("exchange.open_failed")
+                await run.stream.aclose()
+                run.finished = Finished("cancelled", 0, 0)
+                yield json.dumps(error_body(503, "The exchange could not be recorded; please retry."))
+                return
             yield json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                     "logprobs": None, "finish_reason": None}]})
             try:
@@ -274,6 +289,8 @@ class ChatService:
                         choice["logprobs"] = {"content": [self._logprob_item(event)]}
                     yield json.dumps({**base, "choices": [choice]})
             except EngineFailure as exc:
+                self._failed(run, exc)
+                await self._record_quietly(run)
                 yield json.dumps(error_body(500, str(exc), code="generation_failed"))
                 return
             try:
@@ -297,6 +314,48 @@ class ChatService:
                 await asyncio.shield(self._record_quietly(run))
 
     # ---- logging ------------------------------------------------------------------------------
+    @staticmethod
+    def _failed(run: _Run, exc: Exception) -> None:
+        run.error = str(exc)[:2000]
+        run.finished = Finished("error", 0, len(run.logprobs))
+
+    def _row(self, run: _Run, streaming: bool = False) -> Exchange:
+        """The exchange as stored: PII-scrubbed, the customer id keyed; while streaming, the answer
+        and its scores are placeholders that `_record` overwrites."""
+        fin = run.finished if not streaming else Finished(STREAMING, 0, 0)
+        now = datetime.now(timezone.utc)
+        p = run.params
+        return Exchange(
+            id=run.exchange_id,
+            created_at=datetime.fromtimestamp(run.created, timezone.utc),
+            completed_at=now,
+            api_key_name=run.principal.name,
+            user=self.customers.key(run.request.user),
+            model_requested=run.request.model,
+            variant=run.route.variant,
+            messages=self.scrubber.scrub_messages(run.messages),
+            answer="" if streaming else self.scrubber.scrub(run.text),
+            finish_reason=fin.finish_reason,
+            error=run.error,
+            served_by=self.served_by,
+            stream=run.request.stream,
+            rag=run.sources is not None,
+            sources=run.sources or [],
+            retrieval_ms=run.retrieval_ms,
+            params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                    "stop": [self.scrubber.scrub(s) for s in p.stop], "seed": p.seed,
+                    "repetition_penalty": p.repetition_penalty, "no_repeat_ngram_size": p.no_repeat_ngram_size},
+            prompt_tokens=fin.prompt_tokens,
+            completion_tokens=fin.completion_tokens,
+            ttft_ms=None,
+            latency_ms=0.0,
+            confidence=0.0,
+            confidence_parts={},
+            flagged=False,
+            experiment_id=run.route.experiment_id,
+            routing_unit=run.route.unit,
+        )
+
     async def _record(self, run: _Run) -> Exchange:
         done = time.perf_counter()
         fin = run.finished
@@ -304,37 +363,13 @@ class ChatService:
                                  top_similarity=run.top_similarity)
         flagged = conf.score < self.settings.review.confidence_threshold
         ttft_ms = None if run.first_token_at is None else (run.first_token_at - run.started) * 1000
-        p = run.params
-        row = Exchange(
-            id=run.exchange_id,
-            created_at=datetime.fromtimestamp(run.created, timezone.utc),
-            completed_at=datetime.now(timezone.utc),
-            api_key_name=run.principal.name,
-            user=self.customers.key(run.request.user),
-            model_requested=run.request.model,
-            variant=run.route.variant,
-            messages=self.scrubber.scrub_messages(run.messages),
-            answer=self.scrubber.scrub(run.text),
-            finish_reason=fin.finish_reason,
-            stream=run.request.stream,
-            rag=run.sources is not None,
-            sources=run.sources or [],
-            retrieval_ms=run.retrieval_ms,
-            params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                    "stop": [self.scrubber.scrub(s) for s in p.stop], "seed": p.seed, "repetition_penalty": p.repetition_penalty,
-                    "no_repeat_ngram_size": p.no_repeat_ngram_size},
-            prompt_tokens=fin.prompt_tokens,
-            completion_tokens=fin.completion_tokens,
-            ttft_ms=ttft_ms,
-            latency_ms=(done - run.started) * 1000,
-            confidence=conf.score,
-            confidence_parts=conf.parts(),
-            flagged=flagged,
-            experiment_id=run.route.experiment_id,
-            routing_unit=run.route.unit,
-        )
-        enqueue = flagged and fin.finish_reason != "cancelled"  # a cancelled answer is not an answer to review
-        await self.exchanges.add(row, self.reviews.enqueue_in if enqueue else None)
+        row = self._row(run)
+        row.ttft_ms, row.latency_ms = ttft_ms, (done - run.started) * 1000
+        row.confidence, row.confidence_parts, row.flagged = conf.score, conf.parts(), flagged
+        # a cancelled or failed answer is not an answer to review
+        enqueue = flagged and fin.finish_reason not in ("cancelled", "error")
+        write = self.exchanges.finalise if run.opened else self.exchanges.add
+        await write(row, self.reviews.enqueue_in if enqueue else None)
         if enqueue:
             metrics.ENQUEUED.labels("low_confidence").inc()
         stream_label = str(run.request.stream).lower()
@@ -354,7 +389,7 @@ class ChatService:
         try:
             await self._record(run)
         except Exception:  # noqa: BLE001
-            log.exception("exchange.write_failed", finish_reason="cancelled")
+            log.exception("exchange.write_failed", finish_reason=run.finished.finish_reason)
 
     # ---- response pieces ----------------------------------------------------------------------
     @staticmethod

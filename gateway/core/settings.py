@@ -34,6 +34,8 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # SIGTERM: stop accepting, let in-flight requests and streams finish for up to this long, exit 0
+    shutdown_grace_s: int = Field(30, ge=0)
     # /metrics, /schema and /ready's details: "open" to anyone, "protected" (an API key of at least
     # observability_min_role; /ready keeps answering load balancers with its status only), or "auto":
     # open on a loopback bind, protected on any other

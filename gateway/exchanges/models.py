@@ -27,7 +27,10 @@ class Exchange(Base):
     variant: Mapped[str] = mapped_column(String(100), index=True)
     messages: Mapped[list] = mapped_column(JSON)
     answer: Mapped[str] = mapped_column(Text)
+    # streaming (the row exists, the answer is coming) → stop | length | cancelled | error
     finish_reason: Mapped[str] = mapped_column(String(20))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why an `error` exchange failed
+    served_by: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:port of the gateway
     stream: Mapped[bool] = mapped_column(Boolean)
     rag: Mapped[bool] = mapped_column(Boolean, default=False)
     sources: Mapped[list] = mapped_column(JSON, default=list)
@@ -44,4 +47,8 @@ class Exchange(Base):
     # the routing unit (customer or session) as a digest salted by the experiment: the A/B rule counts customers
     routing_unit: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
-    __table_args__ = (Index("ix_exchanges_variant_created", "variant", "created_at"),)
+    __table_args__ = (Index("ix_exchanges_variant_created", "variant", "created_at"),
+                      Index("ix_exchanges_finish_served", "finish_reason", "served_by"))
+
+STREAMING = "streaming"  # the finish_reason of a row whose answer is still being generated
+UNANSWERED = ("streaming", "cancelled", "error")  # rows that are no answer to judge (A/B arms, confidence stats)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.exchanges.models import Exchange
+from gateway.exchanges.models import STREAMING, Exchange
 from gateway.store.base import iso_utc
 
 SameTransaction = Callable[[AsyncSession, Exchange], Awaitable[None]]
@@ -26,6 +26,7 @@ def exchange_record(row: Exchange) -> dict:
         "messages": row.messages,
         "answer": row.answer,
         "finish_reason": row.finish_reason,
+        "error": row.error,
         "stream": row.stream,
         "rag": row.rag,
         "retrieval_ms": row.retrieval_ms,
@@ -53,6 +54,27 @@ class ExchangeRepository:
             if also is not None:
                 await session.flush()
                 await also(session, exchange)
+
+    async def open(self, exchange: Exchange) -> None:
+        """Insert a streaming exchange before its first token; `finalise` completes it."""
+        async with self._sessions() as session, session.begin():
+            session.add(exchange)
+
+    async def finalise(self, exchange: Exchange, also: SameTransaction | None = None) -> None:
+        """Write the finished exchange over its streaming row (and `also`'s rows), in one transaction."""
+        async with self._sessions() as session, session.begin():
+            merged = await session.merge(exchange)
+            if also is not None:
+                await session.flush()
+                await also(session, merged)
+
+    async def settle_interrupted(self, served_by: str) -> int:
+        """Streams a stopped gateway on this slot left unfinished become `error` rows; returns how many."""
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(
+                update(Exchange).where(Exchange.finish_reason == STREAMING, Exchange.served_by == served_by)
+                .values(finish_reason="error", error="interrupted: the gateway stopped before the answer finished"))
+            return result.rowcount or 0
 
     async def get(self, exchange_id: str) -> Exchange | None:
         async with self._sessions() as session:

@@ -17,7 +17,7 @@ from gateway.adapters.models import Adapter
 from gateway.adapters.registry import AdapterRegistry, RegistryError
 from gateway.core import metrics
 from gateway.core.settings import Settings
-from gateway.exchanges.models import Exchange
+from gateway.exchanges.models import UNANSWERED, Exchange
 from gateway.experiments.models import Decision, Experiment
 from gateway.experiments.statistics import (
     Arm,
@@ -86,7 +86,7 @@ class Experiments:
                    func.sum(Exchange.latency_ms))
             .outerjoin(Feedback, Feedback.exchange_id == Exchange.id)
             .outerjoin(staff, staff.c.exchange_id == Exchange.id)
-            .where(Exchange.experiment_id == exp.id, Exchange.finish_reason != "cancelled")
+            .where(Exchange.experiment_id == exp.id, Exchange.finish_reason.not_in(UNANSWERED))
             .group_by(Exchange.variant, unit))
         units: dict[str, list[tuple]] = {}
         async with self._sessions() as session:

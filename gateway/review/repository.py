@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.core.errors import Conflict
 from gateway.core.settings import ReviewSettings
-from gateway.exchanges.models import Exchange
+from gateway.exchanges.models import UNANSWERED, Exchange
 from gateway.review.models import (
     Feedback,
     Flag,
@@ -225,7 +225,7 @@ class ReviewRepository:
     async def recent_confidences(self, limit: int) -> list[tuple[float, bool]]:
         async with self._sessions() as session:
             rows = await session.execute(
-                select(Exchange.confidence, Exchange.flagged).where(Exchange.finish_reason != "cancelled")
+                select(Exchange.confidence, Exchange.flagged).where(Exchange.finish_reason.not_in(UNANSWERED))
                 .order_by(Exchange.created_at.desc()).limit(limit))
             return [(c, f) for c, f in rows]
 

@@ -151,7 +151,8 @@ class ExchangeLog(BaseModel):
     messages: list[ExchangeMessage] = Field(description="the prompt as sent to the model (system prompt and "
                                                         "retrieved context included)")
     answer: str
-    finish_reason: str = Field(description="stop, length or cancelled")
+    finish_reason: str = Field(description="streaming (still answering), stop, length, cancelled or error")
+    error: str | None = Field(description="why an `error` exchange failed")
     stream: bool
     rag: bool = Field(description="whether retrieval ran")
     retrieval_ms: float | None
