@@ -225,6 +225,8 @@ class ExchangeExtras(BaseModel):
     flagged: bool
     variant: str = Field(description="the adapter version (or 'base') that answered")
     sources: list[Source]
+    retrieval: Literal["ok", "unavailable"] | None = Field(
+        None, description="unavailable: the knowledge base could not be searched and the answer is ungrounded")
 
 
 class ChatCompletion(ExchangeExtras):

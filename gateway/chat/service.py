@@ -79,6 +79,7 @@ class _Run:
     started: float
     created: int
     sources: list[dict] | None = None  # None: retrieval did not run
+    retrieval: str | None = None  # ok | unavailable (asked for, the knowledge base failed) | None (not asked)
     top_similarity: float | None = None
     retrieval_ms: float | None = None
     first_token_at: float | None = None
@@ -199,16 +200,21 @@ class ChatService:
         exchange_id = uuid.uuid4().hex
         started = time.perf_counter()
         use_rag = self.settings.rag.enabled_by_default if req.rag is None else req.rag
-        hits, top, retrieval_ms = None, None, None
+        hits, top, retrieval_ms, retrieval_failed = None, None, None, False
         if use_rag:
             if self.kb is None:
                 raise Unavailable("The knowledge base is not available yet; retry shortly or send \"rag\": false.",
                                code="knowledge_base_unavailable",
                                retry_after=self.settings.engine.retry_after_s)
-            hits, top, retrieval_ms = await retrieve(
-                self.settings, self.kb, last_user_message(messages), req.rag_top_k or self.settings.rag.top_k
-            )
-            metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
+            try:
+                hits, top, retrieval_ms = await retrieve(
+                    self.settings, self.kb, last_user_message(messages), req.rag_top_k or self.settings.rag.top_k
+                )
+                metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
+            except Exception as exc:  # noqa: BLE001 - a knowledge base that is down degrades the answer, not the chat
+                log.warning("retrieval.unavailable", error_type=type(exc).__name__)
+                metrics.RETRIEVAL_FAILURES.inc()
+                retrieval_failed = True
         messages = build_messages(self.settings, messages, hits)
         try:
             stream = await self.engine.submit(
@@ -228,7 +234,8 @@ class ChatService:
             metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
         return _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
                     sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
-                    retrieval_ms=retrieval_ms)
+                    retrieval_ms=retrieval_ms,
+                    retrieval=None if not use_rag else "unavailable" if retrieval_failed else "ok")
 
     # ---- non-streaming ------------------------------------------------------------------------
     async def complete(self, run: _Run) -> ChatCompletion:
@@ -339,7 +346,8 @@ class ChatService:
             error=run.error,
             served_by=self.served_by,
             stream=run.request.stream,
-            rag=run.sources is not None,
+            rag=run.retrieval is not None,
+            retrieval=run.retrieval,
             sources=run.sources or [],
             retrieval_ms=run.retrieval_ms,
             params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
@@ -400,8 +408,11 @@ class ChatService:
 
     @staticmethod
     def _extras(row: Exchange) -> dict:
-        return {"exchange_id": row.id, "confidence": row.confidence, "flagged": row.flagged,
-                "variant": row.variant, "sources": row.sources}
+        extras = {"exchange_id": row.id, "confidence": row.confidence, "flagged": row.flagged,
+                  "variant": row.variant, "sources": row.sources}
+        if row.retrieval is not None:
+            extras["retrieval"] = row.retrieval
+        return extras
 
     @staticmethod
     def _logprob_item(event: TokenEvent) -> dict:

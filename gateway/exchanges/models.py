@@ -33,6 +33,7 @@ class Exchange(Base):
     served_by: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:port of the gateway
     stream: Mapped[bool] = mapped_column(Boolean)
     rag: Mapped[bool] = mapped_column(Boolean, default=False)
+    retrieval: Mapped[str | None] = mapped_column(String(20), nullable=True)  # ok | unavailable (answered without)
     sources: Mapped[list] = mapped_column(JSON, default=list)
     retrieval_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)

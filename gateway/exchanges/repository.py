@@ -29,6 +29,7 @@ def exchange_record(row: Exchange) -> dict:
         "error": row.error,
         "stream": row.stream,
         "rag": row.rag,
+        "retrieval": row.retrieval,
         "retrieval_ms": row.retrieval_ms,
         "sources": row.sources,
         "params": row.params,

@@ -154,7 +154,8 @@ class ExchangeLog(BaseModel):
     finish_reason: str = Field(description="streaming (still answering), stop, length, cancelled or error")
     error: str | None = Field(description="why an `error` exchange failed")
     stream: bool
-    rag: bool = Field(description="whether retrieval ran")
+    rag: bool = Field(description="whether retrieval was asked for")
+    retrieval: str | None = Field(description="ok, unavailable (answered without the knowledge base), or null (not asked)")
     retrieval_ms: float | None
     sources: list[dict[str, Any]] = Field(
         description="retrieved knowledge-base entries: id, text, score, plus whichever of source, title, "
