@@ -178,6 +178,7 @@ class ChatService:
             raise TooManyRequests(f"API key '{principal.name}' already has {limit} generations in flight "
                                   "(limits.concurrent_generations); retry when one finishes.",
                                   code="too_many_generations", retry_after=self.settings.engine.retry_after_s)
+        await self.exchanges.check()  # after a database failure: refuse at once rather than answer unrecorded
         if self.engine.stats().get("queued", 0) >= self.settings.engine.max_queue:
             metrics.REJECTED.labels("overloaded").inc()
             raise Unavailable("The server is at capacity; retry shortly.", code="overloaded",
@@ -232,10 +233,18 @@ class ChatService:
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
         if route.experiment_id is not None:
             metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
-        return _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
-                    sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
-                    retrieval_ms=retrieval_ms,
-                    retrieval=None if not use_rag else "unavailable" if retrieval_failed else "ok")
+        run = _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
+                   sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
+                   retrieval_ms=retrieval_ms,
+                   retrieval=None if not use_rag else "unavailable" if retrieval_failed else "ok")
+        if req.stream:  # the row exists before the first token: a stream the client saw is never missing
+            try:
+                await self.exchanges.open(self._row(run, streaming=True))
+            except BaseException:  # StorageUnavailable → 503 before anything was sent
+                await stream.aclose()
+                raise
+            run.opened = True
+        return run
 
     # ---- non-streaming ------------------------------------------------------------------------
     async def complete(self, run: _Run) -> ChatCompletion:
@@ -274,15 +283,6 @@ class ChatService:
         metrics.IN_FLIGHT.inc()
         completed = False
         try:
-            try:  # the row exists before the first token: a stream the client saw is never missing
-                await self.exchanges.open(self._row(run, streaming=True))
-                run.opened = True
-            except Exception:  # noqa: BLE001 - nothing was sent yet: say so and stop
-                log.exception("exchange.open_failed")
-                await run.stream.aclose()
-                run.finished = Finished("cancelled", 0, 0)
-                yield json.dumps(error_body(503, "The exchange could not be recorded; please retry."))
-                return
             yield json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                     "logprobs": None, "finish_reason": None}]})
             try:

@@ -27,7 +27,8 @@ async def open_database(settings: Settings, *, migrate_schema: bool = True) -> A
     """Sessions on the configured database, migrated to the head revision (unless the caller is a
     process that must not migrate, such as the trainer); the engine is disposed on exit."""
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-    db = create_engine(settings.storage.resolved_database_url)
+    db = create_engine(settings.storage.resolved_database_url, settings.storage.connect_timeout_s,
+                       settings.storage.statement_timeout_s)
     try:
         if migrate_schema:
             await migrate(db)

@@ -54,6 +54,8 @@ class ServerSettings(_Section):
 class StorageSettings(_Section):
     data_dir: Path = Path("./var")
     database_url: str = ""
+    connect_timeout_s: float = Field(10, gt=0)    # PostgreSQL: a database that does not answer fails fast ...
+    statement_timeout_s: float = Field(30, gt=0)  # ... and so does a statement that hangs
 
     @property
     def resolved_database_url(self) -> str:

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Awaitable, Callable
 
 from sqlalchemy import select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.core.errors import Unavailable
 from gateway.exchanges.models import STREAMING, Exchange
 from gateway.store.base import iso_utc
 
 SameTransaction = Callable[[AsyncSession, Exchange], Awaitable[None]]
+STORAGE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+
+
+class StorageUnavailable(Unavailable):
+    """The exchange log cannot be written: the chat is refused (503), never answered unrecorded."""
+
+    def __init__(self) -> None:
+        super().__init__("The exchange log is unavailable (database); retry shortly.", code="storage_unavailable",
+                         retry_after=5)
 
 
 def exchange_record(row: Exchange) -> dict:
@@ -43,31 +56,59 @@ def exchange_record(row: Exchange) -> dict:
 
 
 class ExchangeRepository:
-    def __init__(self, sessions: async_sessionmaker) -> None:
+    """Writes raise `StorageUnavailable` when the database fails; after a failure, `check()` pings it
+    before the next chat is admitted, so chats are refused at once instead of generated and lost."""
+
+    def __init__(self, sessions: async_sessionmaker, recheck_s: float = 30) -> None:
         self._sessions = sessions
+        self._failed_at: float | None = None
+        self._recheck_s = recheck_s
+
+    async def _write(self, work) -> None:  # noqa: ANN001
+        try:
+            async with self._sessions() as session, session.begin():
+                await work(session)
+        except STORAGE_ERRORS as exc:
+            self._failed_at = time.monotonic()
+            raise StorageUnavailable() from exc
+        self._failed_at = None
+
+    async def check(self) -> None:
+        """Cheap while healthy (no query); after a failure, one ping decides."""
+        if self._failed_at is None or time.monotonic() - self._failed_at > self._recheck_s:
+            return
+        try:
+            await self.ping()
+        except STORAGE_ERRORS:
+            self._failed_at = time.monotonic()
+            raise StorageUnavailable() from None
+        self._failed_at = None
 
     async def add(self, exchange: Exchange, also: SameTransaction | None = None) -> None:
         """Insert and commit; `also` writes its own rows in the same transaction (the review queue's
         item for an answer flagged at serving time), so both are durable or neither is. Returns only
         once the commit is done."""
-        async with self._sessions() as session, session.begin():
+        async def work(session: AsyncSession) -> None:
             session.add(exchange)
             if also is not None:
                 await session.flush()
                 await also(session, exchange)
+        await self._write(work)
 
     async def open(self, exchange: Exchange) -> None:
         """Insert a streaming exchange before its first token; `finalise` completes it."""
-        async with self._sessions() as session, session.begin():
+        async def work(session: AsyncSession) -> None:
             session.add(exchange)
+        await self._write(work)
 
     async def finalise(self, exchange: Exchange, also: SameTransaction | None = None) -> None:
         """Write the finished exchange over its streaming row (and `also`'s rows), in one transaction."""
-        async with self._sessions() as session, session.begin():
+        async def work(session: AsyncSession) -> None:
             merged = await session.merge(exchange)
             if also is not None:
                 await session.flush()
                 await also(session, merged)
+        await self._write(work)
 
     async def settle_interrupted(self, served_by: str) -> int:
         """Streams a stopped gateway on this slot left unfinished become `error` rows; returns how many."""

@@ -19,7 +19,8 @@ def is_row_id(value: int) -> bool:
     return 0 < value < MAX_ROW_ID
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, connect_timeout_s: float = 10, statement_timeout_s: float = 30) -> AsyncEngine:
+    """A database that stops answering fails requests within the timeouts instead of hanging them."""
     if url.startswith("sqlite"):
         # hide_parameters: a failed statement's error (and so the log) never carries the conversation it wrote
         engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
@@ -34,7 +35,9 @@ def create_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
+    connect_args = {"timeout": connect_timeout_s, "command_timeout": statement_timeout_s} if "asyncpg" in url else {}
+    return create_async_engine(url, pool_pre_ping=True, hide_parameters=True, connect_args=connect_args,
+                               pool_timeout=connect_timeout_s)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker:
