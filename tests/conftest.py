@@ -228,8 +228,8 @@ async def make_adapter(settings, model_dir: Path, state: str, seed: int) -> str:
     from transformers import AutoModelForCausalLM
 
     from gateway.adapters.registry import AdapterRegistry
-    from gateway.experiments.repository import Experiments
     from gateway.core.runtime import open_database
+    from gateway.experiments.repository import Experiments
 
     async with open_database(settings) as sessions:
         registry = AdapterRegistry(sessions, settings.storage.data_dir)
@@ -276,3 +276,32 @@ async def fresh_postgres_database(prefix: str):
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         await admin.dispose()
+
+
+class ChromaServer:
+    """A real `chroma run` server on a free port, started and stopped by the test."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.port, self.proc = path, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        chroma = Path(sys.executable).parent / "chroma"
+        self.proc = subprocess.Popen([str(chroma), "run", "--path", str(self.path), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/v2/heartbeat", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("chroma server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(20)

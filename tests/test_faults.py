@@ -5,52 +5,22 @@ response and the row; when Chroma is back, retrieval is back."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from gateway.app import create_app
-from tests.conftest import free_port, ready_client
+from tests.conftest import ChromaServer, free_port, ready_client
 
 CLIENT = {"Authorization": "Bearer dev-client-key"}
 REVIEWER = {"Authorization": "Bearer dev-reviewer-key"}
 ADMIN = {"Authorization": "Bearer dev-admin-key"}
 
 
-class Chroma:
-    def __init__(self, path: Path) -> None:
-        self.path, self.port, self.proc = path, free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        chroma = Path(sys.executable).parent / "chroma"
-        self.proc = subprocess.Popen([str(chroma), "run", "--path", str(self.path), "--host", "127.0.0.1",
-                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/api/v2/heartbeat", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError("chroma server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(20)
-
-
 @pytest.fixture
 def chroma(tmp_path):
-    server = Chroma(tmp_path / "chroma-srv")
+    server = ChromaServer(tmp_path / "chroma-srv")
     server.start()
     yield server
     server.stop()

@@ -1,12 +1,7 @@
 """Knowledge base on real Chroma (embedded and a real `chroma run` server) with the real MiniLM embedder."""
 
 import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 from gateway.core.settings import load_settings
@@ -14,7 +9,7 @@ from gateway.knowledge.documents import DocumentError, parse
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import KnowledgeBase
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, ChromaServer
 
 FAQ = (ROOT / "data" / "bank_faq" / "faq.csv").read_bytes()
 
@@ -120,25 +115,10 @@ def test_min_score_filters(faq_kb):
 # ---- a real Chroma server -------------------------------------------------------------------------
 @pytest.fixture
 def chroma_server(tmp_path):
-    chroma = Path(sys.executable).parent / "chroma"
-    port = free_port()
-    proc = subprocess.Popen([str(chroma), "run", "--path", str(tmp_path / "srv"), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            raise RuntimeError("chroma server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    server = ChromaServer(tmp_path / "srv")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def test_chroma_server_backend(tmp_path, chroma_server, embedder):

@@ -15,6 +15,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.core.text import Text, no_nul
+from gateway.knowledge.schemas import (
+    SearchHit as Source,  # a knowledge-base entry the model was shown
+)
 
 
 def text_of(content: object) -> object:
@@ -165,20 +168,6 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 # The OpenAI chat.completion / chat.completion.chunk / model list objects, plus tellerloop's extras.
 # Responses are serialised without unset fields (`PydanticPlugin(exclude_unset=True)` in the app), so
 # optional source metadata that an entry does not have is left out, as before.
-class Source(BaseModel):
-    """A knowledge-base entry the model was shown."""
-
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    text: str
-    score: float = Field(description="cosine similarity of the entry to the retrieval query")
-    source: str | None = Field(None, description="the document it came from")
-    title: str | None = None
-    category: str | None = None
-    question: str | None = None
-    answer: str | None = None
-
-
 class TopLogprob(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token: str

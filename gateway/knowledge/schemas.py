@@ -30,7 +30,8 @@ class DeleteResult(BaseModel):
 
 
 class SearchHit(BaseModel):
-    """One chunk; metadata it does not have (or has empty) is left out."""
+    """One chunk (a search result, or a source a chat answer was shown); metadata it does not have
+    (or has empty) is left out."""
 
     model_config = ConfigDict(extra="forbid")
 
