@@ -4,6 +4,8 @@ A real `tellerloop serve` process on the tiny model; bounded examples so it fits
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,9 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from tests.conftest import start_server
 
 ROLES = ("client", "reviewer", "admin")
+# The same cases every run in CI (a red build means a regression, not a lucky draw); set
+# TELLERLOOP_FUZZ_RANDOM=1 to explore new ones (it found an offset beyond SQLite's integers this way).
+DERANDOMIZE = os.environ.get("TELLERLOOP_FUZZ_RANDOM") != "1"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,8 @@ def test_no_server_errors_and_successes_match_the_schema(fuzz_server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                  derandomize=DERANDOMIZE)
         def run(case):  # noqa: ANN001, ANN202
             for role in ROLES:
                 try:

@@ -82,7 +82,7 @@ class ReviewController(Controller):
     @get("/queue", summary="Open items, highest priority first, without those you already labelled")
     async def queue(
         self, request: Request, review_service: NamedDependency[ReviewService],
-        limit: Annotated[int, QueryParameter(ge=1)] = 20, offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=1_000_000)] = 20, offset: Annotated[int, QueryParameter(ge=0, le=1_000_000)] = 0,
     ) -> QueueList:
         cap = review_service.cfg.max_queue_limit
         if limit > cap:
