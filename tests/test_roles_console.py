@@ -153,3 +153,38 @@ async def test_observability_is_protected_off_loopback(make_settings, tiny_model
     settings = make_settings(tiny_model_dir, server={"observability": "auto", "host": "127.0.0.1"})
     assert settings.server.observability_open
     assert not make_settings(tiny_model_dir, server={"observability": "auto", "host": "0.0.0.0"}).server.observability_open
+
+
+async def test_every_route_in_the_route_table_enforces_its_role(client):  # noqa: F811
+    """Generated from the app's route table, so a new endpoint cannot skip it: each /v1 handler's
+    role comes from its guards; no key → 401, a lower role → 403, its role and above → neither.
+    Bodies are deliberately invalid, so allowed calls stop at validation (nothing is trained)."""
+    from litestar.routes import HTTPRoute
+
+    rank = {"client": 1, "reviewer": 2, "admin": 3}
+    keys = {"client": H["app"], "reviewer": H["r1"], "admin": H["boss"]}
+    checked, failures = 0, []
+    for route in client.app.routes:
+        if not isinstance(route, HTTPRoute) or not route.path.startswith("/v1/"):
+            continue
+        path = re.sub(r"\{[^}:]+:int\}", "987654", re.sub(r"\{[^}:]+:str\}", "no-such-thing", route.path))
+        for handler in route.route_handlers:
+            if set(handler.http_methods) == {"OPTIONS"}:  # Litestar's own CORS preflight handler
+                continue
+            names = [getattr(g, "func", g).__name__ for g in handler.resolve_guards()]
+            roles = [n.removeprefix("require_") for n in names if n.startswith("require_")]
+            assert roles, f"{route.path}: no role guard"
+            needed = max(rank[r] for r in roles)  # a controller's guard and a stricter handler guard: both apply
+            roles = [max(roles, key=rank.get)]
+            for method in handler.http_methods:
+                body = {"__not_a_field__": 1} if method in ("POST", "PUT", "PATCH") else None
+                r = await client.request(method, path, json=body)
+                if r.status_code != 401:
+                    failures.append(f"{method} {route.path} without a key: {r.status_code}")
+                for role, key in keys.items():
+                    r = await client.request(method, path, json=body, headers=key)
+                    denied = r.status_code == 403
+                    if (rank[role] < needed) != denied or r.status_code == 401 or r.status_code >= 500:
+                        failures.append(f"{method} {route.path} as {role} (needs {roles[0]}): {r.status_code}")
+                checked += 1
+    assert checked >= 30 and failures == []
