@@ -517,6 +517,19 @@ async def test_api_run_then_promote_and_corrupt_adapter_refused(gateway):
             await AdapterRegistry(session_factory(db), c.settings.storage.data_dir).verify("v0001")
     finally:
         await db.dispose()
+    refusals = metric(await c.get("/metrics"), "tellerloop_adapter_refusals_total")
+    refused = await c.post("/v1/adapters/v0001/load", headers=ADMIN)  # asked to load it again: refused, visibly
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapter_corrupt"
+    assert metric(await c.get("/metrics"), "tellerloop_adapter_refusals_total") == refusals + 1
+    assert metric(await c.get("/metrics"), 'tellerloop_retraining_runs_total{status="succeeded"}') >= 1
+    chat = await c.post("/v1/chat/completions", headers=CLIENT, json={  # and serving goes on
+        "model": "tellerloop", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "rag": False})
+    assert chat.status_code == 200
+
+
+def metric(response, name: str) -> float:
+    line = next((x for x in response.text.splitlines() if x.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else 0.0
 
 
 async def test_killed_trainer_fails_the_run_and_serving_continues(gateway):
@@ -536,6 +549,7 @@ async def test_killed_trainer_fails_the_run_and_serving_continues(gateway):
         pid = (await RunStore(session_factory(db)).get(run_id)).pid
     finally:
         await db.dispose()
+    failed_before = metric(await c.get("/metrics"), 'tellerloop_retraining_runs_total{status="failed"}')
     os.kill(pid, signal.SIGKILL)
     run = await _wait_run(c, run_id, ("failed", "succeeded"), timeout=60)
     assert run["status"] == "failed" and "signal 9" in run["error"]
@@ -544,6 +558,7 @@ async def test_killed_trainer_fails_the_run_and_serving_continues(gateway):
     chat = await c.post("/v1/chat/completions", headers=CLIENT, json={
         "model": "tellerloop", "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 3, "rag": False})
     assert chat.status_code == 200 and chat.json()["variant"] == "base"
+    assert metric(await c.get("/metrics"), 'tellerloop_retraining_runs_total{status="failed"}') == failed_before + 1
 
 
 async def _resolve_items(settings, n: int) -> None:

@@ -63,6 +63,7 @@ class AdapterService:
                 log.info("adapter.serving", version=version, state=adapters[version].state)
             except (AdapterCorrupt, RegistryError, OSError, ValueError) as exc:
                 log.error("adapter.refused", version=version, reason=str(exc))
+                metrics.ADAPTER_REFUSALS.inc()
                 if version in self.pinned:
                     self.pinned.discard(version)
                     continue
@@ -136,6 +137,7 @@ class AdapterService:
             try:
                 await self.registry.verify(version)
             except AdapterCorrupt as exc:
+                metrics.ADAPTER_REFUSALS.inc()
                 raise Conflict(str(exc), code="adapter_corrupt") from None
             self.pinned.add(version)
         else:

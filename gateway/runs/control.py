@@ -26,6 +26,7 @@ import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway.adapters.registry import AdapterRegistry
+from gateway.core import metrics
 from gateway.core.errors import Conflict
 from gateway.core.settings import Settings
 from gateway.knowledge.store import KnowledgeBase
@@ -266,6 +267,8 @@ class Retrainer:
         end the run succeeded, or fail it with the reason."""
         run = await self.runs.get(run_id)
         if run is None or run.status in ("succeeded", "failed"):
+            if run is not None and run.status == "failed":  # the trainer recorded its own failure
+                metrics.RUNS.labels("failed").inc()
             return
         if run.status != "trained" or (code is not None and code != 0):
             how = ("exited" if code is None else f"killed by signal {-code}" if code < 0
@@ -280,10 +283,12 @@ class Retrainer:
             await self._fail(run_id, version, f"trained, but loading {version} failed: {type(exc).__name__}: {exc}")
             return
         await self.runs.update(run_id, status="succeeded", finished_at=utcnow())
+        metrics.RUNS.labels("succeeded").inc()
         log.info("retrain.finished", run_id=run_id, adapter=version, state=adapter.state if adapter else None)
 
     async def _fail(self, run_id: int, version: str | None, reason: str) -> None:
         await fail_run(self.runs, self.registry, run_id, version, reason)
+        metrics.RUNS.labels("failed").inc()
 
     async def wait(self) -> None:
         while self.tasks:
