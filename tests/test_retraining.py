@@ -640,3 +640,37 @@ def test_retrain_cli(make_settings, tiny_model_dir, seed_csv, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
     assert out["status"] == "succeeded" and out["adapter"] == "v0001" and out["state"] in ("challenger", "candidate")
+
+
+async def test_a_full_disk_while_saving_the_adapter_fails_the_run_and_serving_continues(gateway):
+    """The adapters folder is a 16 KB tmpfs (root only: skipped loudly elsewhere): the save hits
+    ENOSPC, the run and its adapter fail with the OS error, no half-written version folder is left,
+    the failure is counted, and the gateway keeps answering on what it served before."""
+    c = gateway
+    adapters = c.settings.storage.data_dir / "adapters"
+    adapters.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(adapters)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"FULL DISK test SKIPPED: cannot mount a tmpfs here ({mounted.stderr.strip()[:80]})")
+    try:
+        await _resolve_items(c.settings, 3)
+        failed_before = metric(await c.get("/metrics"), 'tellerloop_retraining_runs_total{status="failed"}')
+        r = await c.post("/v1/retraining/runs", json={"force": True, "max_steps": 1}, headers=ADMIN)
+        assert r.status_code == 202, r.text
+        run = await _wait_run(c, r.json()["id"], ("failed", "succeeded"))
+        assert run["status"] == "failed" and "No space left on device" in run["error"], run["error"]
+        adapter = (await c.get(f"/v1/adapters/{run['adapter_version']}", headers=ADMIN)).json()
+        assert adapter["state"] == "failed" and not adapter["loaded"]
+        assert [p.name for p in adapters.iterdir()] == []  # no half-written version, no temp folder
+        for _ in range(50):  # counted when the gateway sees its trainer exit (the row says failed first)
+            if metric(await c.get("/metrics"), 'tellerloop_retraining_runs_total{status="failed"}') > failed_before:
+                break
+            await asyncio.sleep(0.2)
+        assert metric(await c.get("/metrics"), 'tellerloop_retraining_runs_total{status="failed"}') == failed_before + 1
+        chat = await c.post("/v1/chat/completions", headers=CLIENT, json={
+            "model": "tellerloop", "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 3,
+            "rag": False})
+        assert chat.status_code == 200 and chat.json()["variant"] == "base"
+    finally:
+        subprocess.run(["umount", "-l", str(adapters)], capture_output=True)
