@@ -89,6 +89,8 @@ class _Run:
     finished: Finished | None = None
     error: str | None = None  # why generation failed (finish_reason "error")
     opened: bool = False  # a streaming row exists (finalise it rather than insert)
+    stored_messages: list[dict[str, str]] = field(default_factory=list)  # scrubbed once, for every write
+    stored_stop: list[str] = field(default_factory=list)
 
     def add(self, event: TokenEvent | Finished) -> None:
         if isinstance(event, Finished):
@@ -115,7 +117,7 @@ class ChatService:
         self._in_flight: Counter[str] = Counter()  # generations per API key (limits.concurrent_generations)
         self.served_by = f"{socket.gethostname()}:{settings.server.port}"  # whose unfinished streams are whose
         self.kb = kb
-        self.split = Split()  # set by gateway/adapters.py from the registry: champion, challenger, share
+        self.split = Split()  # set by AdapterService.reconcile from the registry: champion, challenger, share
 
     @property
     def default_variant(self) -> str:
@@ -130,14 +132,11 @@ class ChatService:
         for i, m in enumerate(req.messages):
             if len(m.content) > cfg.max_message_chars:
                 raise InvalidRequest(f"Message {i} is {len(m.content)} characters; the limit is {cfg.max_message_chars}",
-                    param=f"messages.{i}.content",
-                    code="context_length_exceeded",
-                )
+                                     param=f"messages.{i}.content", code="context_length_exceeded")
         max_tokens = req.requested_max_tokens or cfg.default_max_tokens
         if max_tokens > cfg.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens is too large: {max_tokens}. This server allows at most {cfg.max_tokens_limit}.",
-                param="max_tokens",
-            )
+            raise InvalidRequest(f"max_tokens is too large: {max_tokens}. This server allows at most "
+                                 f"{cfg.max_tokens_limit}.", param="max_tokens")
         may_pin = ROLE_RANK[principal.role] >= ROLE_RANK[self.settings.experiment.pin_min_role]
         try:
             route = resolve_variant(req.model, cfg.name, self.engine.variants(), self.split,
@@ -236,7 +235,9 @@ class ChatService:
         run = _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
                    sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
                    retrieval_ms=retrieval_ms,
-                   retrieval=None if not use_rag else "unavailable" if retrieval_failed else "ok")
+                   retrieval=None if not use_rag else "unavailable" if retrieval_failed else "ok",
+                   stored_messages=self.scrubber.scrub_messages(messages),
+                   stored_stop=[self.scrubber.scrub(s) for s in params.stop])
         if req.stream:  # the row exists before the first token: a stream the client saw is never missing
             try:
                 await self.exchanges.open(self._row(run, streaming=True))
@@ -340,7 +341,7 @@ class ChatService:
             user=self.customers.key(run.request.user),
             model_requested=run.request.model,
             variant=run.route.variant,
-            messages=self.scrubber.scrub_messages(run.messages),
+            messages=run.stored_messages,
             answer="" if streaming else self.scrubber.scrub(run.text),
             finish_reason=fin.finish_reason,
             error=run.error,
@@ -351,7 +352,7 @@ class ChatService:
             sources=run.sources or [],
             retrieval_ms=run.retrieval_ms,
             params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                    "stop": [self.scrubber.scrub(s) for s in p.stop], "seed": p.seed,
+                    "stop": run.stored_stop, "seed": p.seed,
                     "repetition_penalty": p.repetition_penalty, "no_repeat_ngram_size": p.no_repeat_ngram_size},
             prompt_tokens=fin.prompt_tokens,
             completion_tokens=fin.completion_tokens,

@@ -15,6 +15,9 @@ from gateway.core.pii import scrubber as default_scrubber
 from gateway.core.settings import LoggingSettings
 
 
+_NOT_TEXT = {"timestamp", "level", "request_id", "exchange_id", "variant", "logger"}
+
+
 def scrub_event(_logger: object, _method: str, event: dict) -> dict:
     """Last line of defence: no log line carries customer data, whatever a caller put in it
     (string values are scrubbed; ids, counts and scores pass unchanged)."""
@@ -25,17 +28,13 @@ def scrub_event(_logger: object, _method: str, event: dict) -> dict:
     return event
 
 
-_NOT_TEXT = {"timestamp", "level", "request_id", "exchange_id", "variant", "logger"}
-
-
 def processors(json_lines: bool) -> list:
     return [
         structlog.contextvars.merge_contextvars,
-        scrub_event,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info if json_lines else structlog.dev.set_exc_info,
-        scrub_event,  # again: a formatted traceback can quote a value
+        scrub_event,  # after the traceback is formatted: it can quote a value
         structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(),
     ]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
 from functools import lru_cache
 
 import phonenumbers
@@ -94,13 +93,8 @@ _CARD_WORD = re.compile(r"(?i)(card|visa|mastercard|amex|debit|credit)")
 _REFERENCE = re.compile(rf"(?i)(?<![a-z])(?:ref(?:erence)?|case|ticket|order|invoice|transaction|txn|trn|claim|"
                         rf"complaint)(?:\s*(?:id|no\.?|number|#))?\s*[:#-]?\s*([A-Za-z0-9](?:[A-Za-z0-9]|{SEP}(?=\w))*)")
 _LETTER_PREFIXED = re.compile(r"[A-Za-z]{2,}[.\-_/#]?$")
-
-
-@dataclass(frozen=True)
-class Finding:
-    kind: str
-    start: int
-    end: int
+_CURRENCY_BEFORE = re.compile(r"[£$€¥₹]\s*$")
+_CURRENCY_AFTER = re.compile(r"\s*(?:gbp|usd|eur|inr|pounds?|dollars?|euros?)\b", re.I)
 
 
 def digits_of(text: str) -> str:
@@ -240,12 +234,12 @@ class Scrubber:
             i = 0
             while i < len(groups):
                 digits, found = "", None
-                for j in range(i, len(groups)):
+                starts_like_a_phone = groups[i].group()[0] == "0" or \
+                    text[max(0, run.start() + groups[i].start() - 1)] == "+"  # no card starts with 0 or +
+                for j in range(i, len(groups) if not starts_like_a_phone else i):
                     digits += groups[j].group()
                     if len(digits) > 19:
                         break
-                    if digits[0] == "0" or text[max(0, run.start() + groups[i].start() - 1)] == "+":
-                        break  # no card number starts with 0; "+44 ..." / "0044 ..." is a phone number
                     if 13 <= len(digits) and (luhn.is_valid(digits) or (
                             len(digits) == 16 and _CARD_WORD.search(text[max(0, run.start() - 40):run.start()]))):
                         found = j  # keep extending: the longest valid stretch wins
@@ -261,22 +255,20 @@ class Scrubber:
     def _phones(self, text: str) -> str:
         out, pos = [], 0
         for match in phonenumbers.PhoneNumberMatcher(text, self.region, leniency=phonenumbers.Leniency.VALID):
-            e164 = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
-            if digits_of(match.raw_string) in self.keep or e164 in self._keep_e164:
+            # the kept numbers as written are protected already; this catches them in another format (+44 ...)
+            if phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164) in self._keep_e164:
                 continue
             out.append(text[pos:match.start] + "[PHONE]")
             pos = match.end
         return "".join(out) + text[pos:]
 
     def _long_number(self, m: re.Match[str], text: str) -> str:
-        digits = digits_of(m.group())
-        if len(digits) < 8 or digits in self.keep:
+        if len(digits_of(m.group())) < 8:  # (the bank's kept numbers were protected by the first pass)
             return m.group()
-        before = text[max(0, m.start() - 12):m.start()]
+        before, after = text[max(0, m.start() - 12):m.start()], text[m.end():m.end() + 8]
         if _LETTER_PREFIXED.search(before) and not before.endswith(" "):  # FT2314567890, TRN-88120041
             return m.group()
-        if before.endswith(",") or re.search(r"[£$€¥₹]\s*$", before) or re.match(r"\s*(?:gbp|usd|eur|inr|pounds?|dollars?|euros?)\b",
-                                                      text[m.end():m.end() + 8], re.I):
+        if before.endswith(",") or _CURRENCY_BEFORE.search(before) or _CURRENCY_AFTER.match(after):
             return m.group()  # an amount, or the tail of one ("800,000 0 0 200,000" in a table)
         return "[NUMBER]"
 
