@@ -53,7 +53,7 @@ bench: bench-deps
 
 # ~40 min on 2 cores: the full bootstrap cycle, with and without context in the training prompts
 bench-bootstrap: install
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bootstrap.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bootstrap.py --ship
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bootstrap.py --no-context
 
 # Does the loop compound? A bootstrapped install, then three retraining cycles per training mode

@@ -3,9 +3,12 @@ the base model (the baseline, measured in the same run) on the frozen split, wit
 retrieval. `--no-context` trains on bare questions instead of serving's prompts with the retrieved
 entry, which is how `retraining.context_in_prompts` was decided.
 
-    .venv/bin/python bench/bootstrap.py [--no-context] [--data-dir .cache/bootstrap]
+    .venv/bin/python bench/bootstrap.py [--no-context] [--data-dir .cache/bootstrap] [--ship | --ship-only]
 
 Takes ~40 minutes on 2 cores. Writes bench/results/bootstrap-<context|no-context>.{md,json}.
+`--ship` then writes the trained adapter, its calibrator and manifest to data/adapters/bootstrap —
+the adapter tellerloop ships and registers as the first champion (gateway/adapters/shipped.py);
+`--ship-only` does that from an earlier run's data dir.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def table(result: dict) -> str:
 async def run(context: bool, data_dir: Path) -> dict:
     from gateway.core.runtime import build_knowledge_base
     from gateway.core.settings import load_settings
-    from gateway.store.db import create_engine, migrate, session_factory
     from gateway.runs.control import Retrainer
+    from gateway.store.db import create_engine, migrate, session_factory
 
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
@@ -71,6 +74,48 @@ async def run(context: bool, data_dir: Path) -> dict:
             "gate": adapter.reason, "metrics": run.metrics}
 
 
+async def ship(data_dir: Path, out: Path) -> dict:
+    """Export the data dir's bootstrap adapter (v0001) as the shipped one, calibrating it first if
+    its run predates calibration."""
+    from gateway.adapters import shipped
+    from gateway.adapters.registry import AdapterRegistry
+    from gateway.calibration.repository import Calibrators
+    from gateway.core.settings import load_settings
+    from gateway.store.db import create_engine, migrate, session_factory
+    from retraining.train import evaluate_version
+
+    settings = load_settings(None, storage={"data_dir": str(data_dir)}, training={"nice": 0})
+    db = create_engine(settings.storage.resolved_database_url)
+    await migrate(db)
+    sessions = session_factory(db)
+    registry = AdapterRegistry(sessions, settings.storage.data_dir)
+    adapter = await registry.get("v0001")
+    calibrators = Calibrators(sessions)
+    if "v0001" not in await calibrators.active() or "gate" not in (adapter.metrics or {}):
+        # a run from before calibration (or one stopped after training): evaluate and calibrate it now
+        fresh = await evaluate_version(settings, registry, "v0001")
+        await registry.update("v0001", reason=fresh["gate"]["reason"], metrics={**(adapter.metrics or {}), **fresh})
+        adapter = await registry.get("v0001")
+    row = next(r for r in await calibrators.list("v0001") if r.active)
+    metrics = adapter.metrics or {}
+    evaluation = metrics.get("evaluation", {})
+    slim_eval = {who: evaluation[who] for who in ("candidate", "baseline") if who in evaluation}
+    dataset = {k: v for k, v in (await _dataset_manifest(settings, adapter.dataset_hash)).items()
+               if k not in ("known_reviews", "new_review_questions")}
+    manifest = shipped.export(settings, registry.path("v0001"), out, training=adapter.config, dataset=dataset,
+                              metrics={"training": metrics.get("training"), "evaluation": slim_eval,
+                                       "gate": metrics.get("gate")},
+                              gate_reason=adapter.reason or "", calibrator={
+                                  "params": row.params, "metrics": row.metrics, "labels": row.labels, "good": row.good})
+    await db.dispose()
+    return manifest
+
+
+async def _dataset_manifest(settings, dataset_hash: str) -> dict:  # noqa: ANN001
+    from retraining.dataset import load_manifest
+    return load_manifest(settings.storage.data_dir, dataset_hash) or {}
+
+
 def write(result: dict) -> str:
     name = "context" if result["context_in_prompts"] else "no-context"
     text = table(result)
@@ -91,12 +136,21 @@ def main() -> None:
     parser.add_argument("--no-context", action="store_true")
     parser.add_argument("--data-dir", default=str(ROOT / ".cache" / "bootstrap"))
     parser.add_argument("--from-json", help="re-render a saved result instead of running")
+    parser.add_argument("--ship", action="store_true", help="then export v0001 as data/adapters/bootstrap")
+    parser.add_argument("--ship-only", action="store_true", help="only export an earlier run's v0001")
     args = parser.parse_args()
+    out = ROOT / "data" / "adapters" / "bootstrap"
+    if args.ship_only:
+        manifest = asyncio.run(ship(Path(args.data_dir), out))
+        print(json.dumps({k: manifest[k] for k in ("base_model", "seed_data", "files")}, indent=1))
+        return
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
     else:
         result = asyncio.run(run(not args.no_context, Path(args.data_dir)))
     print(write(result))
+    if args.ship:
+        asyncio.run(ship(Path(args.data_dir), out))
 
 
 if __name__ == "__main__":

@@ -67,9 +67,9 @@ async def open_all(settings):  # noqa: ANN001
 
 async def bootstrap(args) -> None:  # noqa: ANN001
     from gateway.core.settings import PROJECT_ROOT
-    from retraining.dataset import FrozenSplit, usable_seeds
     from gateway.experiments.repository import Experiments
     from gateway.runs.control import Retrainer
+    from retraining.dataset import FrozenSplit, usable_seeds
 
     data_dir = Path(args.root) / "bootstrap"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -111,8 +111,7 @@ async def bootstrap(args) -> None:  # noqa: ANN001
 async def add_reviews(settings, sessions, kb, pool: list[dict], cycle: int) -> None:  # noqa: ANN001
     """Resolved review items as the review loop leaves them: the exchange as the model saw it, the
     reviewers' consensus answer = the bank's reference answer."""
-    from gateway.chat.prompting import retrieve
-    from gateway.chat.prompting import build_messages
+    from gateway.chat.prompting import build_messages, retrieve
     from gateway.exchanges.models import Exchange
     from gateway.review.models import ReviewItem
     now = datetime.now(timezone.utc) + timedelta(seconds=cycle)

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from gateway.core.settings import load_settings  # noqa: E402
 from gateway.knowledge.documents import parse  # noqa: E402
 from gateway.knowledge.embeddings import Embedder  # noqa: E402
 from gateway.knowledge.store import KnowledgeBase  # noqa: E402
-from gateway.core.settings import load_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAQ = ROOT / "data" / "bank_faq" / "faq.csv"

@@ -421,8 +421,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "serve"))
     args = parser.parse_args()
 
-    from gateway.engine.model_files import convert_embedded
     from gateway.core.settings import load_settings
+    from gateway.engine.model_files import convert_embedded
 
     systems = args.systems.split(",")
     levels = [int(x) for x in args.levels.split(",")]

@@ -26,8 +26,8 @@ def one(quantization: str, steps: int, context: bool, bf16: bool = False) -> dic
     import resource
 
     from gateway.chat.prompting import build_messages
-    from gateway.knowledge.store import Hit
     from gateway.core.settings import load_settings
+    from gateway.knowledge.store import Hit
     from retraining.evaluate import load_qa
     from retraining.finetune import train_adapter
 

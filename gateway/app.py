@@ -16,6 +16,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.plugins.pydantic import PydanticPlugin
 
 from gateway import console
+from gateway.adapters import shipped
 from gateway.adapters.controller import AdaptersController
 from gateway.adapters.registry import AdapterRegistry
 from gateway.adapters.service import AdapterService
@@ -23,6 +24,9 @@ from gateway.api.auth import auth_middleware, rate_limit
 from gateway.api.errors import exception_handlers
 from gateway.api.health import health, ready
 from gateway.api.logging import RequestContextMiddleware, structlog_plugin
+from gateway.calibration.controller import CalibrationController
+from gateway.calibration.repository import Calibrators
+from gateway.calibration.service import CalibrationService
 from gateway.chat.controller import ChatController
 from gateway.chat.service import ChatService
 from gateway.console.auth import ConsoleAuthController, LoginThrottle
@@ -56,7 +60,7 @@ log = structlog.get_logger(__name__)
 
 
 SERVICES = ("chat_service", "exchange_repository", "review_service", "adapter_service", "experiment_service",
-            "run_service")
+            "run_service", "calibration_service")
 
 
 def _provider(name: str):  # noqa: ANN202 - a Litestar dependency provider reading one service off app.state
@@ -82,7 +86,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             customers = CustomerIds.from_settings(settings)
             app.state.review_service = ReviewService(
                 settings, reviews, embedder=lambda: app.state.kb.embedder if app.state.kb is not None else None,
-                customers=customers)
+                customers=customers, kb=lambda: app.state.kb)
             await app.state.review_service.refresh_queue_gauge()
             chat = app.state.chat_service = ChatService(settings, engine, repo, reviews, customers)
             interrupted_streams = await repo.settle_interrupted(chat.served_by)  # a killed predecessor's
@@ -91,11 +95,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             retrainer = Retrainer(settings, sessions, kb=lambda: app.state.kb,
                                   on_adapter_ready=lambda: app.state.adapter_service.reconcile())
             registry = AdapterRegistry(sessions, settings.storage.data_dir)
+            await shipped.install(settings, registry, Calibrators(sessions))  # a fresh install's first champion
             experiments = Experiments(settings, sessions, registry)
             serving = app.state.adapter_service = AdapterService(settings, engine, chat, registry, experiments)
             app.state.experiment_service = ExperimentService(settings, experiments, serving)
             app.state.run_service = RunService(retrainer)
-            scheduler = make_scheduler(settings, ScheduledJobs(retrainer, serving), anchor=await retrain_anchor(retrainer))
+            calibration = app.state.calibration_service = CalibrationService(settings, Calibrators(sessions))
+            scheduler = make_scheduler(settings, ScheduledJobs(retrainer, serving, calibration),
+                                       anchor=await retrain_anchor(retrainer))
             scheduler.start(paused=True)  # the jobs need the model: resumed once it is loaded
             if settings.retraining.enabled and await retrainer.bootstrap_due():
                 schedule_bootstrap(scheduler, settings)
@@ -147,7 +154,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[ChatController, ExchangesController, ExchangeSignalsController, ReviewController,
-                        AdaptersController, ExperimentsController, RetrainingController,
+                        AdaptersController, ExperimentsController, RetrainingController, CalibrationController,
                         KnowledgeController, health, ready, _MetricsController,
                         ConsoleAuthController, ReviewConsoleController, ExperimentsConsoleController,
                         console.static_router()],

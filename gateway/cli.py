@@ -127,6 +127,17 @@ def _kb_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _active_calibrator(settings, variant: str):  # noqa: ANN001, ANN202
+    """The variant's active calibrator in this install's database, if there is one."""
+    from gateway.calibration.repository import Calibrators
+    from gateway.core.runtime import open_database
+
+    if not settings.calibration.enabled:
+        return None
+    async with open_database(settings) as sessions:
+        return (await Calibrators(sessions).active()).get(variant)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from gateway.core.logging import configure_logging
     from gateway.core.runtime import build_engine, build_knowledge_base
@@ -147,6 +158,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     async def run() -> dict:
         engine = build_engine(settings)
+        calibrator = await _active_calibrator(settings, args.adapter or "base")
         kb = await asyncio.to_thread(build_knowledge_base, settings) if args.rag else None
         embedder = kb.embedder if kb else Embedder(settings.rag.embedding_model)
         await engine.start()
@@ -154,7 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
         bar.unit = "question"
         try:
             return await evaluate(settings, engine, embedder, rows, kb=kb, rag=args.rag, adapter=args.adapter,
-                                  max_tokens=args.max_tokens, concurrency=args.concurrency, progress=update)
+                                  max_tokens=args.max_tokens, concurrency=args.concurrency, progress=update,
+                                  calibrator=calibrator)
         finally:
             bar.close()
             await engine.stop()
@@ -169,6 +182,16 @@ def _eval(args: argparse.Namespace) -> int:
     report["config"]["seed"] = args.seed
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    from gateway.calibration.calibrator import reliability
+    from gateway.calibration.diagram import reliability_svg
+
+    labels = [i["good"] for i in report["items"]]
+    curves = {"confidence": report["summary"]["reliability"]}
+    if report["config"]["calibrator"] is not None:  # the formula beside the calibrated score
+        curves["formula (v2)"] = reliability([i["confidence"]["formula"] for i in report["items"]], labels)
+    svg = Path(args.out).with_suffix(".reliability.svg")
+    svg.write_text(reliability_svg(curves, title=f"{report['config']['adapter']}: reliability"))
+    report["config"]["reliability_svg"] = str(svg)
     print(json.dumps({"config": report["config"], "summary": report["summary"], "seconds": report["seconds"]}, indent=1))
     return 0
 

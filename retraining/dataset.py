@@ -42,6 +42,7 @@ from gateway.knowledge.store import KnowledgeBase
 from retraining.evaluate import QA, load_qa
 
 SPLIT_SEED = 20261121  # fixed forever: the frozen split must not move between runs
+CALIBRATION_SEED = 20261201  # fixed forever: the calibration split's seed questions
 PROBE_SEED = 20261122  # fixed forever: the forgetting probe's seed questions
 
 
@@ -90,6 +91,7 @@ class Snapshot:
     seed_count: int
     manifest: dict = field(default_factory=dict)
     probe: list[QA] = field(default_factory=list)  # the forgetting probe (also probe.jsonl in the folder)
+    calibration: list[QA] = field(default_factory=list)  # the calibration split (calibration.jsonl)
 
 
 def question_key(text: str) -> str:
@@ -176,6 +178,22 @@ class FrozenSplit:
             split.save()
         return split
 
+    @classmethod
+    def calibration(cls, settings: Settings, frozen: "FrozenSplit") -> "FrozenSplit":
+        """The calibration split: `calibration_seed_size` seed questions, apart from the frozen
+        split and never trained on, on which every candidate's answers are scored against the
+        references to fit its confidence calibrator (`retraining/calibration.py`). Created once."""
+        split = cls(settings.storage.data_dir / "datasets" / "calibration_split.jsonl",
+                    settings.retraining.near_duplicate_similarity)
+        if not split.path.is_file():
+            seeds = seed_path(settings)
+            pool = [qa for qa in (load_qa(seeds) if seeds else []) if frozen.covers(qa.question) is None]
+            size = min(settings.retraining.calibration_seed_size, len(pool))
+            for qa in random.Random(CALIBRATION_SEED).sample(pool, size):
+                split.add({"question": qa.question, "answer": qa.answer, "source": "seed", "item_id": None})
+            split.save()
+        return split
+
     def covers(self, question: str) -> str | None:
         """The split question this one repeats or nearly repeats, if any."""
         return self.index.match(question_key(question))
@@ -209,9 +227,9 @@ def seed_messages(settings: Settings, question: str, answer: str, kb: KnowledgeB
         {"role": "assistant", "content": answer}]
 
 
-def usable_seeds(settings: Settings, split: FrozenSplit) -> tuple[list[QA], int]:
-    """Seed rows that may be trained on (deduplicated, no near-duplicate of the split) and how many
-    were dropped as near-duplicates of split questions."""
+def usable_seeds(settings: Settings, split: FrozenSplit, *held_out: FrozenSplit) -> tuple[list[QA], int]:
+    """Seed rows that may be trained on (deduplicated, no near-duplicate of the frozen split or of
+    another held-out split) and how many were dropped as near-duplicates of split questions."""
     seeds = seed_path(settings)
     rows, seen, near = [], set(), 0
     for qa in load_qa(seeds) if seeds else []:
@@ -219,7 +237,7 @@ def usable_seeds(settings: Settings, split: FrozenSplit) -> tuple[list[QA], int]
         if key in seen:
             continue
         seen.add(key)
-        if split.covers(qa.question) is not None:
+        if any(s.covers(qa.question) is not None for s in (split, *held_out)):
             near += 1
             continue
         rows.append(qa)
@@ -232,11 +250,11 @@ def forgetting_probe(settings: Settings, rows: list[QA]) -> list[QA]:
     return random.Random(PROBE_SEED).sample(rows, size) if size else []
 
 
-def check_leakage(train: list[Example], split: FrozenSplit) -> None:
-    """The backstop: no training question may repeat or nearly repeat a frozen split question."""
+def check_leakage(train: list[Example], *splits: FrozenSplit) -> None:
+    """The backstop: no training question may repeat or nearly repeat a held-out question."""
     leaked = [(e.question, hit) for e in train
               if not conversation_key(e.messages[:-1]).startswith("conversation:")  # follow-ups: never in the split
-              and (hit := split.covers(e.question)) is not None]
+              for split in splits if (hit := split.covers(e.question)) is not None]
     if leaked:
         q, hit = leaked[0]
         raise LeakageError(f"{len(leaked)} training question(s) repeat frozen evaluation questions, "
@@ -250,6 +268,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     cfg = settings.retraining
     scrubber = settings.pii.scrubber()
     split = FrozenSplit.load_or_create(settings)
+    calibration = FrozenSplit.calibration(settings, split)
     warm = cfg.mode == "warm" and not bootstrap and parent_manifest is not None
     known = set(parent_manifest.get("known_reviews", [])) if warm else set()
 
@@ -266,7 +285,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     for row, question, key in zip(rows, questions, keys):  # ...then nothing it covers is trained on
         if not question.strip():
             continue
-        if not key.startswith("conversation:") and split.covers(question) is not None:
+        if not key.startswith("conversation:") and (split.covers(question) or calibration.covers(question)):
             by_key.pop(key, None)
             near_review += 1
             continue
@@ -281,7 +300,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
                               "(a first adapter from the seed data alone is a bootstrap run)")
     reviewed_index = NearDuplicates(cfg.near_duplicate_similarity,
                                     {question_key(ex.question) for ex in new + old})
-    seeds, near_seed = usable_seeds(settings, split)
+    seeds, near_seed = usable_seeds(settings, split, calibration)
     probe = forgetting_probe(settings, seeds)
     seeds = [qa for qa in seeds if reviewed_index.match(question_key(qa.question)) is None]  # the review wins
     rng = random.Random(settings.training.seed)
@@ -298,7 +317,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
                              scrubber.scrub_messages(seed_messages(settings, qa.question, qa.answer, kb)))
                      for qa in chosen]
     train = reviewed + seed_examples
-    check_leakage(train, split)
+    check_leakage(train, split, calibration)
     if len(train) < cfg.min_examples:
         raise DatasetTooSmall(f"{len(train)} training examples; at least retraining.min_examples={cfg.min_examples} needed")
 
@@ -312,17 +331,20 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     (folder / "eval.jsonl").write_text("".join(eval_lines), encoding="utf-8")
     (folder / "probe.jsonl").write_text("".join(json.dumps({"question": qa.question, "answer": qa.answer},
                                                            ensure_ascii=False) + "\n" for qa in probe), encoding="utf-8")
+    (folder / "calibration.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
+                                                      for r in calibration.rows), encoding="utf-8")
     known_after = sorted(known | {row.review_key for row, _ in by_key.values()})
     manifest = {"hash": digest, "mode": "warm" if warm else ("bootstrap" if bootstrap else "cumulative"),
                 "train_examples": len(train), "new_reviewed_examples": len(new),
                 "replayed_reviewed_examples": len(reviewed) - len(new), "seed_examples": len(seed_examples),
-                "eval_rows": len(eval_rows), "bootstrap": bootstrap,
+                "eval_rows": len(eval_rows), "calibration_rows": len(calibration.rows), "bootstrap": bootstrap,
                 "dropped_near_duplicates": {"seed": near_seed, "review": near_review},
                 "context_in_prompts": cfg.context_in_prompts, "replay_ratio": cfg.replay_ratio,
                 "known_reviews": known_after,
                 "new_review_questions": [ex.question for ex in new]}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return Snapshot(digest, folder, train, eval_rows, len(reviewed), len(seed_examples), manifest, probe)
+    return Snapshot(digest, folder, train, eval_rows, len(reviewed), len(seed_examples), manifest, probe,
+                    calibration.qa_rows())
 
 
 def load_manifest(data_dir: Path, dataset_hash: str | None) -> dict | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gateway.calibration.calibrator import Calibrator, brier, reliability
 from gateway.chat.confidence import is_looping
 from gateway.chat.confidence import score as score_confidence
 from gateway.chat.prompting import build_messages, retrieve, sampling_params
@@ -84,21 +85,24 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 
 
 async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, qa: QA, rag: bool,
-                  adapter: str | None, max_tokens: int) -> dict:
+                  adapter: str | None, max_tokens: int, calibrator: Calibrator | None = None) -> dict:
     hits, top = None, None
     if rag:
         hits, top, _ = await retrieve(settings, kb, qa.question, settings.rag.top_k)
     messages = build_messages(settings, [{"role": "user", "content": qa.question}], hits)
     stream = await engine.submit(GenerationRequest("eval", messages, sampling_params(settings, max_tokens),
                                                    adapter=adapter))
-    text, logprobs, fin = "", [], None
+    text, logprobs, entropies, fin = "", [], [], None
     async for ev in stream:
         text += ev.text
         if isinstance(ev, TokenEvent):
             logprobs.append(ev.logprob)
+            entropies.append(ev.entropy)
         elif isinstance(ev, Finished):
             fin = ev
-    conf = score_confidence(logprobs, text, fin.finish_reason, settings.confidence, top_similarity=top)
+    conf = score_confidence(logprobs, text, fin.finish_reason, settings.confidence, top_similarity=top,
+                            sources=None if hits is None else [h.as_source() for h in hits], entropies=entropies,
+                            calibrator=calibrator)
     target = normalise_question(qa.question)
     hit = None if hits is None else any(normalise_question(h.metadata.get("question", "")) == target for h in hits)
     return {"question": qa.question, "reference": qa.answer, "answer": text, "finish_reason": fin.finish_reason,
@@ -109,8 +113,9 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
 async def evaluate(settings: Settings, engine: Engine, embedder: Embedder, rows: list[QA], *,
                    kb: KnowledgeBase | None = None, rag: bool = True, adapter: str | None = None,
                    max_tokens: int | None = None, concurrency: int = 8,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run the questions through the engine (`concurrency` at a time) and score the answers."""
+                   progress: Callable[[int, int], None] | None = None, calibrator: Calibrator | None = None) -> dict:
+    """Run the questions through the engine (`concurrency` at a time) and score the answers; the
+    confidence is the `calibrator`'s where one is given (the served variant's), else the formula."""
     if rag and kb is None:
         raise ValueError("rag=True needs a knowledge base")
     max_tokens = max_tokens or settings.model.default_max_tokens
@@ -121,7 +126,7 @@ async def evaluate(settings: Settings, engine: Engine, embedder: Embedder, rows:
     async def one(qa: QA) -> dict:
         nonlocal done
         async with semaphore:
-            result = await _answer(settings, engine, kb, qa, rag, adapter, max_tokens)
+            result = await _answer(settings, engine, kb, qa, rag, adapter, max_tokens, calibrator)
         done += 1
         if progress:
             progress(done, len(rows))
@@ -134,7 +139,7 @@ async def evaluate(settings: Settings, engine: Engine, embedder: Embedder, rows:
         item["rouge_l"] = round(rouge_l(item["answer"], item["reference"]), 4)
         item["good"] = item["similarity"] >= GOOD_SIMILARITY
         item["looping"] = is_looping(item["answer"])
-    return {"config": {"rag": rag, "adapter": adapter or "base", "max_tokens": max_tokens, "n": len(items),
+    return {"config": {"rag": rag, "adapter": adapter or "base", "calibrator": calibrator.id if calibrator else None, "max_tokens": max_tokens, "n": len(items),
                        "layout": settings.rag.layout, "top_k": settings.rag.top_k,
                        "repetition_penalty": settings.model.repetition_penalty,
                        "no_repeat_ngram_size": settings.model.no_repeat_ngram_size},
@@ -147,7 +152,8 @@ def summarise(items: list[dict]) -> dict:
     n = len(items)
     conf = [i["confidence"] for i in items]
     hits = [i["retrieval_hit"] for i in items if i["retrieval_hit"] is not None]
-    parts = {"confidence": [c["score"] for c in conf], "token_prob": [c["token_prob"] for c in conf]}
+    parts = {"confidence": [c["score"] for c in conf], "formula": [c.get("formula", c["score"]) for c in conf],
+             "token_prob": [c["token_prob"] for c in conf]}
     if all(c["top_similarity"] is not None for c in conf):
         parts["top_similarity"] = [c["top_similarity"] for c in conf]
     return {
@@ -162,4 +168,6 @@ def summarise(items: list[dict]) -> dict:
         "mean_completion_tokens": round(statistics.fmean(i["completion_tokens"] for i in items), 1),
         "mean_confidence": round(statistics.fmean(parts["confidence"]), 4),
         "auroc": {name: auroc(values, labels) for name, values in parts.items()},
+        "brier": {name: brier(parts[name], labels) for name in ("confidence", "formula")},
+        "reliability": reliability(parts["confidence"], labels),
     }

@@ -24,6 +24,8 @@ import traceback
 from pathlib import Path
 
 from gateway.adapters.registry import AdapterRegistry
+from gateway.calibration.calibrator import NotEnoughLabels
+from gateway.calibration.repository import Calibrators
 from gateway.core.runtime import build_engine, open_database
 from gateway.core.settings import Settings
 from gateway.experiments.repository import Experiments
@@ -32,6 +34,7 @@ from gateway.knowledge.store import Hit
 from gateway.runs.repository import RunStore, fail_run, run_dir
 from gateway.store.base import utcnow
 from retraining import dataset as datasets
+from retraining.calibrate import fit_from_evaluation
 from retraining.evaluate import QA, evaluate, summarise
 from retraining.finetune import train_adapter
 from retraining.gate import decide, paired
@@ -68,17 +71,15 @@ async def execute_run(settings: Settings, run_id: int) -> None:
             raise
 
 
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterRegistry, folder: Path) -> dict:  # noqa: ANN001
     snap_dir = settings.storage.data_dir / "datasets" / run.dataset_hash[:16]
     train = [e.messages for e in datasets.load_train(snap_dir)]
-    eval_rows = [json.loads(x) for x in (snap_dir / "eval.jsonl").read_text().splitlines()]
-    probe_file = snap_dir / "probe.jsonl"
-    probe_rows = [json.loads(x) for x in probe_file.read_text().splitlines()] if probe_file.is_file() else []
-    hits = json.loads((snap_dir / "eval_hits.json").read_text())
-    if settings.retraining.eval_limit:
-        eval_rows = eval_rows[: settings.retraining.eval_limit]
-        probe_rows = probe_rows[: settings.retraining.eval_limit]
-    retrieval = FrozenRetrieval(hits)
+    eval_rows = _rows(snap_dir / "eval.jsonl")[: settings.retraining.eval_limit or None]
+    retrieval = FrozenRetrieval(json.loads((snap_dir / "eval_hits.json").read_text()))
     eval_messages = [datasets.seed_messages(settings, r["question"], r["answer"], retrieval) for r in eval_rows]
     adapter = await registry.get(run.adapter_version)
     init = (adapter.config or {}).get("initialised_from", "base")
@@ -104,14 +105,16 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
     await registry.seal(run.adapter_version)
     await registry.transition(run.adapter_version, "candidate", metrics={"training": train_metrics})
     await runs.update(run.id, progress={"phase": "evaluating", "training": train_metrics})
-    evaluation = await evaluate_against_baseline(settings, registry, run.adapter_version, eval_rows, probe_rows,
-                                                 retrieval)
-    decision = decide(settings.retraining, evaluation.pop("comparisons"), evaluation["baseline_version"])
-    metrics = {"training": train_metrics, "evaluation": evaluation, "gate": decision}
+    metrics = {"training": train_metrics, **await evaluate_version(settings, registry, run.adapter_version)}
+    decision = metrics["gate"]
     await registry.update(run.adapter_version, reason=decision["reason"], metrics=metrics)
-    if decision["passed"] and not settings.experiment.enabled and await registry.champion() is None:
-        await Experiments(settings, registry.sessions, registry).promote(  # no experiments: the first one serves
-            run.adapter_version, "gate", automatic=True, reason=decision["reason"], evidence={"gate": decision})
+    over_base = _clear_win_over_base(settings, decision)
+    if decision["passed"] and await registry.champion() is None and (over_base or not settings.experiment.enabled):
+        # Nobody chose the base model: a first adapter that beats it clearly (or any passing one when
+        # experiments are off) serves at once instead of waiting for an A/B test against it.
+        reason = over_base or decision["reason"]
+        await Experiments(settings, registry.sessions, registry).promote(
+            run.adapter_version, "gate", automatic=True, reason=reason, evidence={"gate": decision})
     elif decision["passed"]:  # live traffic decides (retraining/experiments.py), or an admin when disabled
         await registry.transition(run.adapter_version, "challenger")
     write(json.dumps({"gate": decision}))
@@ -119,10 +122,61 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
     return metrics
 
 
+async def evaluate_version(settings: Settings, registry: AdapterRegistry, version: str) -> dict:
+    """A sealed version against the champion (or the base model) on its dataset's frozen split and
+    forgetting probe, the gate's decision, and its calibrator fitted on the calibration split —
+    what a run does after training; also for a version evaluated again (bench/bootstrap.py --ship).
+    Answers already in the evaluation cache are not generated again."""
+    adapter = await registry.get(version)
+    snap_dir = settings.storage.data_dir / "datasets" / adapter.dataset_hash[:16]
+    limit = settings.retraining.eval_limit or None
+    retrieval = FrozenRetrieval(json.loads((snap_dir / "eval_hits.json").read_text()))
+    evaluation = await evaluate_against_baseline(settings, registry, version, _rows(snap_dir / "eval.jsonl")[:limit],
+                                                 _rows(snap_dir / "probe.jsonl")[:limit], retrieval,
+                                                 _rows(snap_dir / "calibration.jsonl"))
+    decision = decide(settings.retraining, evaluation.pop("comparisons"), evaluation["baseline_version"])
+    calibration_items = evaluation.pop("calibration_items", {})
+    frozen_items = evaluation.pop("candidate_items", {})
+    metrics = {"evaluation": evaluation, "gate": decision}
+    if settings.calibration.enabled and calibration_items:
+        metrics["calibration"] = await _calibrate(settings, registry, version, calibration_items, frozen_items)
+    return metrics
+
+
+def _clear_win_over_base(settings: Settings, decision: dict) -> str | None:
+    """The reason to promote a candidate straight over the base model, if its gain with retrieval
+    clears `retraining.promote_over_base_margin` at the interval's lower bound."""
+    rag = decision.get("checks", {}).get("rag")
+    if decision.get("baseline_version") != "base" or not rag or not decision.get("passed"):
+        return None
+    margin = settings.retraining.promote_over_base_margin
+    if rag["interval"][0] < margin:
+        return None
+    return (f"promoted over the base model: similarity with retrieval {rag['candidate_mean']:.3f} vs "
+            f"{rag['baseline_mean']:.3f}, lower bound of the gain {rag['interval'][0]:+.3f} ≥ {margin:+.3f} "
+            f"(retraining.promote_over_base_margin); {decision['reason']}")
+
+
+async def _calibrate(settings: Settings, registry: AdapterRegistry, version: str, calibration_items: dict,
+                     frozen_items: dict) -> dict:
+    """Fit the candidate's calibrator on its calibration-split answers and make it the version's
+    active one; a fit that cannot be made (too few good or bad answers) is recorded, not fatal."""
+    items = [i for mode in ("calibration_rag", "calibration_no_rag") for i in calibration_items.get(mode, [])]
+    try:
+        fitted = fit_from_evaluation(settings, items, {m: frozen_items[m] for m in ("rag", "no_rag") if m in frozen_items},
+                                     version)
+    except NotEnoughLabels as exc:
+        return {"error": str(exc)}
+    row = await Calibrators(registry.sessions).add(version, "calibration_split", fitted,
+                                                   fitted.metrics["labels"]["n"], fitted.metrics["labels"]["good"])
+    return {"calibrator_id": row.id, "threshold": row.threshold, **fitted.metrics}
+
+
 def _eval_fingerprint(settings: Settings) -> str:
     """What an evaluation's answers depend on besides the adapter and the question."""
     parts = {"model": settings.model.model_dump(), "rag": settings.rag.model_dump(),
-             "confidence": settings.confidence.model_dump(), "max_tokens": settings.retraining.eval_max_tokens}
+             "confidence": settings.confidence.model_dump(), "max_tokens": settings.retraining.eval_max_tokens,
+             "confidence_parts": 3}  # v3: the raw signals calibrators learn from (entropy, entry overlap, ...)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -150,19 +204,23 @@ class EvalCache:
 
 
 async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistry, version: str,
-                                    eval_rows: list[dict], probe_rows: list[dict], retrieval: FrozenRetrieval) -> dict:
+                                    eval_rows: list[dict], probe_rows: list[dict], retrieval: FrozenRetrieval,
+                                    calibration_rows: list[dict] | None = None) -> dict:
     """Candidate vs the champion (or the base model): the frozen split with and without retrieval,
-    and the forgetting probe with retrieval; per-question paired comparisons for the gate."""
+    and the forgetting probe with retrieval; per-question paired comparisons for the gate. The
+    candidate also answers the calibration split (both ways) for its calibrator."""
     frozen = [QA(r["question"], r["answer"]) for r in eval_rows]
     probe = [QA(r["question"], r["answer"]) for r in probe_rows]
+    calibration = [QA(r["question"], r["answer"]) for r in calibration_rows or []]
     champion = await registry.champion()
     baseline = champion.version if champion else "base"
-    sets = {"rag": (frozen, True), "no_rag": (frozen, False), "forgetting": (probe, True)}
+    sets = {"rag": (frozen, True), "no_rag": (frozen, False), "forgetting": (probe, True),
+            "calibration_rag": (calibration, True), "calibration_no_rag": (calibration, False)}
     engine = build_engine(settings)
     await engine.start()
     try:
         await engine.load_adapter(version, str(await registry.verify(version)))
-        if champion:
+        if champion and champion.version != version:
             await engine.load_adapter(champion.version, str(await registry.verify(champion.version)))
         embedder = await asyncio.to_thread(Embedder, settings.rag.embedding_model)
         result: dict = {"baseline_version": baseline, "rows": len(frozen), "probe_rows": len(probe)}
@@ -172,7 +230,7 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
             cache = EvalCache(settings, adapter or "base", row.files if row else None)
             result[name], per_question[name] = {}, {}
             for mode, (rows, rag) in sets.items():
-                if not rows:
+                if not rows or (mode.startswith("calibration") and name != "candidate"):
                     continue
                 missing = [qa for qa in rows if cache.get(mode, qa.question) is None]
                 if missing:
@@ -188,7 +246,12 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
             mode: paired([i["similarity"] for i in per_question["candidate"][mode]],
                          [i["similarity"] for i in per_question["baseline"][mode]],
                          settings.retraining.gate_confidence, settings.retraining.gate_bootstrap_samples)
-            for mode in per_question["candidate"]}
+            for mode in per_question["candidate"] if not mode.startswith("calibration")}
+        result["calibration_items"] = {m: v for m, v in per_question["candidate"].items() if m.startswith("calibration")}
+        result["candidate_items"] = {m: v for m, v in per_question["candidate"].items() if m in ("rag", "no_rag")}
+        for name in ("candidate",):
+            result[name].pop("calibration_rag", None)
+            result[name].pop("calibration_no_rag", None)
         return result
     finally:
         await engine.stop()

@@ -26,6 +26,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("TELLERLOOP_TEST_CACHE", ROOT / ".cache" / "test-models"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two defaults that would make other tests' queues and registries depend on chance or on the shipped
+# adapter: the random audit sample and the first-start registration. Their own tests set them.
+os.environ.setdefault("TELLERLOOP_REVIEW__AUDIT_SHARE", "0")
+os.environ.setdefault("TELLERLOOP_RETRAINING__SHIPPED_ADAPTER", "")
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,13 @@ def test_evaluate_on_tiny_model(make_settings, tiny_model_dir, faq_chroma_dir):
     assert with_rag["config"]["n"] == 4 and len(with_rag["items"]) == 4
     assert s["retrieval_hit_rate"] == 1.0  # exact FAQ questions find their own entry
     assert 0 <= s["cap_hit_rate"] <= 1 and -1 <= s["similarity_mean"] <= 1
-    assert set(s["auroc"]) == {"confidence", "token_prob", "top_similarity"}
+    assert set(s["auroc"]) == {"confidence", "formula", "token_prob", "top_similarity"}
+    assert set(s["brier"]) == {"confidence", "formula"} and sum(b["n"] for b in s["reliability"]) == 4
+    parts = with_rag["items"][0]["confidence"]  # the raw signals a calibrator learns from are kept
+    assert parts["mean_entropy"] > 0 and parts["tokens"] == with_rag["items"][0]["completion_tokens"]
+    assert 0 <= parts["entry_overlap"] <= 1 and parts["second_similarity"] <= parts["top_similarity"]
+    assert parts["formula"] == parts["score"] and parts["calibrator"] is None  # no calibrator given
+    assert without["items"][0]["confidence"]["entry_overlap"] is None
     assert without["summary"]["retrieval_hit_rate"] is None
     assert all(i["sources"] == [] for i in without["items"])
 

@@ -22,7 +22,17 @@ from gateway.chat.routing import (
     resolve_variant,
 )
 from gateway.core.settings import ExperimentSettings
-from gateway.experiments.statistics import Arm, aggregate, decide, interval, prob_better
+from gateway.experiments.statistics import (
+    Arm,
+    Streams,
+    aggregate,
+    block_sizes,
+    decide,
+    differences,
+    interval,
+    log_wealth,
+    prob_better,
+)
 from tests.conftest import (
     ROOT,
     fresh_postgres_database,
@@ -90,7 +100,8 @@ def _arms(up_a, rated_a, up_b, rated_b, flags_a=0, flags_b=0, n=None):
 
 
 def test_decision_rule():
-    cfg = ExperimentSettings(min_samples=50, promote_probability=0.95, guardrail_probability=0.95, max_days=14)
+    cfg = ExperimentSettings(rule="bayes", min_samples=50, promote_probability=0.95, guardrail_probability=0.95,
+                             max_days=14)
     # Too few ratings in one arm: keep collecting, however good it looks.
     verdict = decide(cfg, *_arms(20, 60, 45, 49), age_days=1)
     assert verdict.action == "continue" and "49/50" in verdict.reason
@@ -110,7 +121,7 @@ def test_decision_rule():
 
 
 def test_decision_counts_customers_not_ratings():
-    cfg = ExperimentSettings(min_samples=50, promote_probability=0.95, guardrail_probability=0.95)
+    cfg = ExperimentSettings(rule="bayes", min_samples=50, promote_probability=0.95, guardrail_probability=0.95)
     # 10 enthusiastic customers rating 50 times each look like 500 thumbs-up when ratings are units...
     champion = aggregate("v0001", "champion", [(1, 1, 1 if i % 2 else 0, 0, 0, 0.5, 10.0) for i in range(100)])
     fans = [(50, 50, 50, 0, 0, 25.0, 500.0)] * 10
@@ -150,10 +161,213 @@ def test_flag_guardrail_needs_enough_flags_and_a_rate_difference():
                   Arm.of_ratings("v0002", "challenger", 0, 0, 200, 1), age_days=1).action == "retire"
 
 
+# ---- the anytime-valid rule (e-processes) -----------------------------------------------------------
+ARMS = (Arm("v0001", "champion"), Arm("v0002", "challenger"))
+
+
+def _bernoulli(rng, p: float, shape) -> np.ndarray:
+    return (rng.random(shape) < p).astype(int)
+
+
+@pytest.mark.parametrize("p, block, max_bet", [(0.7, (1, 1), 0.5), (0.7, (4, 1), 0.5), (0.5, (1, 1), 0.9),
+                                               (0.3, (1, 3), 0.25)])
+def test_e_process_keeps_alpha_under_continuous_monitoring(p, block, max_bet):
+    """400 A/A experiments looked at after every block: the share that *ever* reaches 1/α (either way)
+    stays within α plus three binomial standard errors (Ville's inequality)."""
+    rng = np.random.default_rng(11)
+    reps, blocks, alpha = 400, 1500, 0.05
+    champion = _bernoulli(rng, p, (reps, blocks * block[0])).reshape(reps, blocks, block[0]).mean(axis=2)
+    challenger = _bernoulli(rng, p, (reps, blocks * block[1])).reshape(reps, blocks, block[1]).mean(axis=2)
+    up, down = log_wealth(challenger - champion, max_bet)
+    tolerance = alpha + 3 * np.sqrt(alpha * (1 - alpha) / reps)
+    for path in (up, down):
+        ever = float((path.max(axis=1) >= np.log(1 / alpha)).mean())
+        assert ever <= tolerance, (ever, tolerance)
+    assert np.all(np.exp(up) > 0) and np.all(np.diff(up[:, :1]) == 0)  # wealth stays positive; the first bet is 0
+
+
+def test_combined_e_value_keeps_alpha_under_continuous_monitoring():
+    """Audit and thumbs streams of equal arms, both growing, every prefix evaluated by `decide` itself on
+    the first 40 experiments and by the vectorised path on all 400: promotions within the same bound."""
+    cfg = ExperimentSettings()
+    rng = np.random.default_rng(12)
+    reps, n, alpha = 400, 1200, cfg.alpha
+    audit = [_bernoulli(rng, 0.8, (reps, n)) for _ in range(2)]  # champion, challenger
+    thumbs = [_bernoulli(rng, 0.7, (reps, n)) for _ in range(2)]
+    a_up, _ = log_wealth(audit[1] - audit[0], cfg.max_bet)
+    t_up, _ = log_wealth(thumbs[1] - thumbs[0], cfg.max_bet)
+    combined = cfg.audit_weight * np.exp(a_up) + (1 - cfg.audit_weight) * np.exp(t_up)
+    ever = (combined >= 1 / alpha).any(axis=1)
+    assert ever.mean() <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / reps), ever.mean()
+    for r in range(40):  # decide() sees exactly these numbers at every look
+        for t in (50, 300, n):
+            streams = Streams(audit[0][r, :t].tolist(), audit[1][r, :t].tolist(),
+                              thumbs[0][r, :t].tolist(), thumbs[1][r, :t].tolist())
+            e = decide(cfg, *ARMS, age_days=1, streams=streams).evidence["anytime"]
+            assert e["combined"]["better"] == pytest.approx(combined[r, t - 1], rel=1e-9)
+
+
+def _looks(cfg, champion: float, challenger: float, n: int, seed: int, every: int = 25) -> list:
+    """decide() every `every` pairs of both streams until it acts; all verdicts seen."""
+    rng = np.random.default_rng(seed)
+    data = [_bernoulli(rng, q, n).tolist() for q in (champion, challenger, champion, challenger)]
+    verdicts = []
+    for t in range(every, n + 1, every):
+        verdict = decide(cfg, *ARMS, age_days=1, streams=Streams(*(d[:t] for d in data)))
+        verdicts.append(verdict)
+        if verdict.action != "continue":
+            break
+    return verdicts
+
+
+def test_anytime_rule_promotes_a_clearly_better_challenger_and_retires_a_worse_one():
+    cfg = ExperimentSettings()
+    assert cfg.rule == "anytime"
+    for seed in range(5):
+        better = _looks(cfg, 0.6, 0.8, 600, seed)
+        assert better[-1].action == "promote", better[-1].reason
+        assert all(v.action == "continue" for v in better[:-1])
+        assert "anytime-valid" in better[-1].reason and better[-1].evidence["anytime"]["combined"]["better"] >= 20
+        worse = _looks(cfg, 0.8, 0.6, 600, seed)
+        assert worse[-1].action == "retire" and "worse" in worse[-1].reason
+        assert not any(v.action == "promote" for v in worse)
+    # Equal arms, still undecided at max_days: retired as inconclusive, the champion stays.
+    rng = np.random.default_rng(3)
+    same = Streams(*(_bernoulli(rng, 0.7, 200).tolist() for _ in range(4)))
+    assert decide(cfg, *ARMS, age_days=1, streams=same).action == "continue"
+    late = decide(cfg, *ARMS, age_days=15, streams=same)
+    assert late.action == "retire" and "inconclusive" in late.reason
+    # No data at all: every e-value is 1, nothing happens.
+    empty = decide(cfg, *ARMS, age_days=1)
+    assert empty.action == "continue" and empty.evidence["anytime"]["combined"] == {"better": 1.0, "worse": 1.0}
+
+
+def test_anytime_evidence_records_every_e_value_and_setting():
+    cfg = ExperimentSettings(alpha=0.01, audit_weight=0.25, max_bet=0.4)
+    streams = Streams(audit_champion=[0, 1] * 20, audit_challenger=[1] * 30, thumbs_champion=[1, 0, 1, 1] * 25,
+                      thumbs_challenger=[1, 1, 0] * 8, thumbs_block=(4, 1))
+    e = decide(cfg, *ARMS, age_days=1, streams=streams).evidence["anytime"]
+    assert e["threshold"] == pytest.approx(100) and e["alpha"] == 0.01 and e["audit_weight"] == 0.25
+    assert e["betting"]["max_bet"] == 0.4 and e["betting"]["method"] == "aGRAPA" and e["betting"]["prior_second_moment"] > 0
+    assert e["audit"]["pairs"] == 30 and e["audit"]["observations"] == [40, 30] and e["audit"]["block"] == [1, 1]
+    assert e["thumbs"]["pairs"] == 24 and e["thumbs"]["block"] == [4, 1]  # 100 champion ratings = 25 blocks of 4
+    for direction in ("better", "worse"):
+        assert e["combined"][direction] == pytest.approx(
+            0.25 * e["audit"][f"e_{direction}"] + 0.75 * e["thumbs"][f"e_{direction}"])
+    assert e["audit"]["e_better"] > 1 >= e["audit"]["e_worse"]  # the challenger's audits were all approved
+    json.dumps(e)  # stored with the decision as JSON
+
+
+def test_blocks_pair_observations_at_the_traffic_ratio():
+    assert block_sizes(0.8, 0.2) == (4, 1) and block_sizes(0.5, 0.5) == (1, 1) and block_sizes(0.2, 0.8) == (1, 4)
+    assert block_sizes(0.8 * 0.05, 0.2 * 0.2) == (1, 1)  # audits stratified to equal counts per arm
+    assert block_sizes(0, 1) == (1, 1) and block_sizes(0.999, 0.001) == (50, 1)
+    d = differences([1, 1, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1], (4, 1))  # 9 champion, 3 challenger → 2 blocks
+    assert d.tolist() == [0.5, -0.25]
+    assert differences([1, 0, 1], [0, 0, 1, 1, 1, 1], (1, 2)).tolist() == [-1.0, 1.0, 0.0]
+    assert len(differences([], [1, 1], (1, 1))) == 0
+
+
+def test_guardrail_still_retires_a_flagged_challenger_under_the_anytime_rule():
+    cfg = ExperimentSettings(min_samples=200, guardrail_probability=0.95, guardrail_min_flags=5,
+                             guardrail_min_difference=0.01)
+    glowing = Streams([0] * 300, [1] * 300, [0] * 300, [1] * 300)  # would promote at once
+    champion = Arm.of_ratings("v0001", "champion", 0, 0, 800, 4)
+    assert decide(cfg, champion, Arm.of_ratings("v0002", "challenger", 0, 0, 200, 0), 1, glowing).action == "promote"
+    flagged = decide(cfg, champion, Arm.of_ratings("v0002", "challenger", 0, 0, 200, 12), 1, glowing)
+    assert flagged.action == "retire" and "guardrail" in flagged.reason
+    assert flagged.evidence["anytime"]["combined"]["better"] >= 20  # the evidence shows what it overrode
+    # The streams the repository attaches to the arms are the default input.
+    champion.streams = glowing
+    assert decide(cfg, champion, Arm.of_ratings("v0002", "challenger", 0, 0, 200, 0), 1).action == "promote"
+    assert "streams" not in champion.as_dict()
+
+
+async def test_repository_builds_the_streams_from_audits_and_first_ratings(make_settings):
+    """Real rows on SQLite: audits (earliest audited exchange per customer, counted once resolved, in
+    order of resolution) and first ratings per customer, cancelled and foreign exchanges left out."""
+    from datetime import datetime, timedelta, timezone
+
+    from gateway.adapters.registry import AdapterRegistry
+    from gateway.core.runtime import open_database
+    from gateway.exchanges.models import Exchange
+    from gateway.experiments.models import Experiment
+    from gateway.experiments.repository import Experiments
+    from gateway.review.models import Feedback, ReviewItem
+
+    settings = make_settings()
+    t0 = datetime(2025, 3, 1, 9, tzinfo=timezone.utc)
+    at = lambda minutes: t0 + timedelta(minutes=minutes)  # noqa: E731
+    async with open_database(settings) as sessions:
+        async with sessions() as session, session.begin():
+            exp = Experiment(champion="v0001", challenger="v0002", share=0.2, status="running", started_at=t0)
+            session.add(exp)
+            await session.flush()
+            n = 0
+
+            def exchange(variant, unit, minute, finish="stop", experiment=exp.id):
+                nonlocal n
+                n += 1
+                row = Exchange(id=f"ex{n:03d}", created_at=at(minute), completed_at=at(minute), api_key_name="k",
+                               user=None, model_requested="tellerloop", variant=variant, messages=[], answer="a",
+                               finish_reason=finish, stream=False, rag=False, sources=[], params={}, prompt_tokens=1,
+                               completion_tokens=1, ttft_ms=1, latency_ms=1, confidence=0.9, confidence_parts={},
+                               flagged=False, experiment_id=experiment, routing_unit=unit)
+                session.add(row)
+                return row
+
+            def rate(ex, rating, minute):
+                session.add(Feedback(exchange_id=ex.id, api_key_name="k", user=None, rating=rating,
+                                     created_at=at(minute), updated_at=at(minute + 100)))
+
+            def audit(ex, resolution, resolved_minute, rate_=0.05, status="resolved", is_audit=True):
+                session.add(ReviewItem(exchange_id=ex.id, status=status, confidence=0.9, required_labels=2,
+                                       created_at=ex.created_at, created_epoch=ex.created_at.timestamp(),
+                                       updated_at=ex.created_at, resolution=resolution if status == "resolved" else None,
+                                       resolved_at=at(resolved_minute) if status == "resolved" else None,
+                                       audit=is_audit, audit_rate=rate_))
+
+            # Thumbs: customer A's first rating is "down" (a later "up" on another exchange is not counted);
+            # B rates "up"; a cancelled exchange's rating and another experiment's are ignored.
+            a1, a2 = exchange("v0001", "A", 1), exchange("v0001", "A", 2)
+            rate(a2, "down", 3)
+            rate(a1, "up", 5)
+            b1 = exchange("v0001", "B", 4)
+            rate(b1, "up", 4)
+            rate(exchange("v0001", "C", 6, finish="cancelled"), "up", 7)
+            rate(exchange("v0001", "D", 6, experiment=exp.id + 1), "up", 7)
+            x1 = exchange("v0002", "X", 2)
+            rate(x1, "up", 8)
+            y1 = exchange("v0002", None, 9)  # no routing unit: its own customer
+            rate(y1, "down", 10)
+            # Audits: X's earliest audited exchange (x1) counts, though x2's verdict came first; a signal
+            # item (not audit) and an open audit do not count; order = resolution time.
+            x2 = exchange("v0002", "X", 3)
+            audit(x1, "approve", 50, rate_=0.2)
+            audit(x2, "reject", 20, rate_=0.2)
+            audit(y1, "correct", 30, rate_=0.2)
+            audit(a1, "correct", 40)
+            audit(b1, "approve", 10)
+            audit(a2, "approve", 5, is_audit=False)
+            audit(exchange("v0001", "E", 8), None, 0, status="open")
+        registry = AdapterRegistry(sessions, settings.storage.data_dir)
+        repo = Experiments(settings, sessions, registry)
+        streams = await repo.streams(exp)
+        assert streams.thumbs_champion == [0, 1] and streams.thumbs_challenger == [1, 0]
+        assert streams.audit_champion == [1, 0]  # b1 approved (minute 10), then a1 corrected (minute 40)
+        assert streams.audit_challenger == [0, 1]  # y1 corrected (30), x1 approved (50); x2 not X's earliest
+        assert streams.thumbs_block == (4, 1) and streams.audit_block == (1, 1)  # 0.8·0.05 : 0.2·0.2
+        champion, challenger = await repo.arms(exp)
+        assert champion.streams == challenger.streams == streams
+        evidence = decide(settings.experiment, champion, challenger, age_days=0.1).evidence["anytime"]
+        assert evidence["audit"]["pairs"] == 2 and evidence["thumbs"]["pairs"] == 0  # 2 champion ratings < a block
+
+
 # ---- the gateway: experiment API, decisions, manual actions ------------------------------------------
 @pytest.fixture
 async def ab_gateway(make_settings, tiny_model_dir):
-    settings = make_settings(tiny_model_dir, experiment={"min_samples": 8, "challenger_share": 0.5})
+    """The previous (bayes) rule with a small minimum, so a few scripted customers decide."""
+    settings = make_settings(tiny_model_dir, experiment={"rule": "bayes", "min_samples": 8, "challenger_share": 0.5})
     await make_adapter(settings, tiny_model_dir, "champion", seed=1)
     await make_adapter(settings, tiny_model_dir, "challenger", seed=2)
     app = create_app(settings)
@@ -270,6 +484,73 @@ async def test_a_worse_challenger_is_retired_and_its_experiment_recorded(ab_gate
     assert r["action"] == "none"
     after = await c.post("/v1/retraining/runs", json={}, headers=ADMIN)
     assert after.json()["error"]["code"] == "not_due"  # decided: only the label count matters again
+
+
+@pytest.fixture
+async def anytime_gateway(make_settings, tiny_model_dir):
+    """The shipped (anytime) rule, half the customers on the challenger."""
+    settings = make_settings(tiny_model_dir, experiment={"challenger_share": 0.5})
+    await make_adapter(settings, tiny_model_dir, "champion", seed=1)
+    await make_adapter(settings, tiny_model_dir, "challenger", seed=2)
+    app = create_app(settings)
+    async with ready_client(app, settings) as c:
+        yield c
+
+
+async def _audit_all(settings, approve: str) -> int:
+    """Reviewers audit every answered exchange of experiment 1: `approve`'s answers approved, the other
+    arm's corrected. An exchange already queued by a signal has its one item marked as audited."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from gateway.core.runtime import open_database
+    from gateway.exchanges.models import UNANSWERED, Exchange
+    from gateway.review.models import ReviewItem
+    from gateway.store.base import utcnow
+
+    now = utcnow()
+    async with open_database(settings, migrate_schema=False) as sessions:
+        async with sessions() as session, session.begin():
+            rows = list(await session.execute(
+                select(Exchange, ReviewItem).outerjoin(ReviewItem, ReviewItem.exchange_id == Exchange.id)
+                .where(Exchange.experiment_id == 1, Exchange.finish_reason.not_in(UNANSWERED))
+                .order_by(Exchange.created_at)))
+            for i, (ex, item) in enumerate(rows):
+                if item is None:
+                    item = ReviewItem(exchange_id=ex.id, confidence=ex.confidence, required_labels=2,
+                                      created_at=now, created_epoch=now.timestamp(), updated_at=now)
+                    session.add(item)
+                item.audit, item.audit_rate, item.status = True, 1.0, "resolved"
+                item.resolution = "approve" if ex.variant == approve else "correct"
+                item.resolved_at = now + timedelta(seconds=i)
+    return len(rows)
+
+
+async def test_anytime_rule_decides_on_audits_and_thumbs_through_the_gateway(anytime_gateway):
+    from tests.test_roles_console import csrf
+
+    c = anytime_gateway
+    await _rate_until(c, good="v0002", per_arm=12)  # 12 straight wins on thumbs: e-value 25, combined 13
+    r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
+    assert r["action"] == "continue" and "thumbs 25 over 12 blocks" in r["reason"], r
+    assert await _audit_all(c.settings, approve="v0002") >= 24
+    r = (await c.post("/v1/experiments/evaluate", headers=ADMIN)).json()
+    assert r["action"] == "promote" and "anytime-valid" in r["reason"], r
+    overview = (await c.get("/v1/experiments", headers=REVIEWER)).json()
+    assert overview["routing"]["champion"] == "v0002"
+    promote, seen = overview["current"]["decisions"][:2]
+    e = promote["evidence"]["anytime"]
+    assert promote["action"] == "promote" and e["audit"]["pairs"] >= 12 and e["thumbs"]["pairs"] == 12
+    assert e["combined"]["better"] >= e["threshold"] == 20 and e["audit"]["e_better"] >= 20 and e["rule"] == "anytime"
+    assert seen["action"] == "continue" and seen["evidence"]["anytime"]["combined"]["better"] < 20
+    metrics = (await c.get("/metrics")).text
+    assert 'tellerloop_experiment_evalue{direction="better"}' in metrics
+    page = await c.get("/console/login")
+    await c.post("/console/login", data={"key": "dev-reviewer-key", "next": "/console/experiments",
+                                         "_csrf_token": csrf(page.text)})
+    html = (await c.get("/console/experiments")).text
+    assert 'id="e-values"' in html and "over 12 blocks" in html and "anytime-valid" in html
 
 
 @pytest.fixture
@@ -394,6 +675,7 @@ async def test_console_experiments_page_and_admin_actions(ab_gateway):
     assert "Evaluate now" in html and "Promote v0002" in html
     r = await c.post("/console/experiments/evaluate", data={"_csrf_token": csrf(html)}, follow_redirects=True)
     assert r.status_code == 200 and "Evaluated: continue" in r.text  # 3 < min_samples
+    assert 'id="e-values"' in r.text  # the recorded evaluation's e-values, whichever rule decides
     r = await c.post("/console/experiments/promote", data={"version": "v0002", "_csrf_token": csrf(html)},
                      follow_redirects=True)
     assert "v0002 is now champion" in r.text and "promote" in r.text
@@ -408,7 +690,7 @@ async def test_console_experiments_page_and_admin_actions(ab_gateway):
 async def pg_ab_gateway(make_settings, tiny_model_dir):
     """The same A/B set-up on a fresh PostgreSQL database (the arm aggregates must hold there too)."""
     async with fresh_postgres_database("tellerloop_ab") as url:
-        settings = make_settings(tiny_model_dir, experiment={"min_samples": 8, "challenger_share": 0.5},
+        settings = make_settings(tiny_model_dir, experiment={"rule": "bayes", "min_samples": 8, "challenger_share": 0.5},
                                  storage={"database_url": url})
         await make_adapter(settings, tiny_model_dir, "champion", seed=1)
         await make_adapter(settings, tiny_model_dir, "challenger", seed=2)

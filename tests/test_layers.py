@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "gateway"
-SLICES = ("chat", "exchanges", "review", "knowledge", "adapters", "experiments", "runs")
+SLICES = ("chat", "exchanges", "review", "knowledge", "adapters", "experiments", "runs", "calibration")
 CONTROLLERS = tuple(f"gateway.{s}.controller" for s in SLICES) + tuple(f"gateway.{s}.console" for s in SLICES)
 SERVICES = tuple(f"gateway.{s}.service" for s in SLICES) + ("gateway.runs.control", "gateway.runs.scheduler")
 HTTP = ("gateway.app", "gateway.api", "gateway.console", "gateway.cli") + CONTROLLERS

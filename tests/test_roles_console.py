@@ -88,7 +88,7 @@ async def test_console_review_flow_without_javascript(client):  # noqa: F811
     eid = await add_exchange(client, 0.05, answer="The fee is 50 pounds.")
     await sign_in(client, "k-r1")
     queue = await client.get("/console")
-    assert "question 0.05" in queue.text and "Confidence 0.05 is below 0.45" in queue.text
+    assert "question 0.05" in queue.text and "Confidence 0.05 is below the flag threshold" in queue.text
     item_page = await client.post("/console/next", data={"_csrf_token": csrf(queue.text)})
     assert "/console/items/" in str(item_page.url) and "The fee is 50 pounds." in item_page.text
     item = int(str(item_page.url).rsplit("/", 1)[1])

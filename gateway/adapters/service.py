@@ -16,6 +16,7 @@ import structlog
 
 from gateway.adapters.models import Adapter
 from gateway.adapters.registry import AdapterCorrupt, AdapterRegistry, RegistryError
+from gateway.calibration.repository import Calibrators
 from gateway.chat.routing import Split
 from gateway.chat.service import ChatService
 from gateway.core import metrics
@@ -35,6 +36,7 @@ class AdapterService:
         self.registry, self.experiments = registry, experiments
         self._lock = asyncio.Lock()  # one serving change at a time (API, console, scheduled jobs)
         self.pinned: set[str] = set()  # extra versions an admin asked to keep loaded (for `model: "<version>"`)
+        self.calibrators = Calibrators(registry.sessions)
 
     # ---- serving -----------------------------------------------------------------------------
     async def reconcile(self) -> Split:
@@ -82,6 +84,7 @@ class AdapterService:
             log.info("routing.changed", champion=champion, challenger=challenger, share=split.share,
                      experiment_id=split.experiment_id)
         self.chat.split = split
+        self.chat.calibrators = await self.calibrators.active()  # refits (scheduled, trainer, CLI) arrive here
         metrics.ADAPTER_MEMORY.clear()  # retired variants leave the gauge
         for variant, size in self.engine.weight_bytes().items():
             metrics.ADAPTER_MEMORY.labels(variant).set(size)

@@ -13,6 +13,12 @@ FINDINGS.md: log-probs alone separate good from bad answers weakly (AUROC 0.52-0
 similarity best (0.77), and capped or looping answers are mostly bad - so similarity is blended in
 when there is one, and the two observable failure modes scale the score down. `tellerloop eval`
 reports the AUROC of the score and of each part, so the weights are checked, not assumed.
+
+Calibrated (v3): the raw signals are kept too — mean/min token log-prob, mean next-token entropy,
+length, truncation, looping, the top retrieval similarity and its gap to the second hit, and how
+much of the answer's wording comes from the top retrieved entry — and where the served variant has
+a fitted calibrator (`gateway/calibration/calibrator.py`), `score` is its P(good) and `formula`
+keeps the v2 value; otherwise `score` is the formula.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from gateway.calibration.calibrator import Calibrator
 from gateway.core.settings import ConfidenceSettings
 
 _WORD = re.compile(r"\w+")
@@ -37,6 +44,12 @@ class Confidence:
     top_similarity: float | None
     truncated: bool
     looping: bool
+    formula: float = 0.0  # the v2 formula's value (equal to score when no calibrator applied)
+    mean_entropy: float | None = None  # mean next-token entropy (nats); None when the engine gives none
+    tokens: int = 0  # completion tokens
+    second_similarity: float | None = None  # the second retrieved entry's similarity
+    entry_overlap: float | None = None  # share of the answer's words found in the top retrieved entry
+    calibrator: int | None = None  # the calibrator that gave `score` (None: the formula)
 
     def parts(self) -> dict:
         return asdict(self)
@@ -47,6 +60,15 @@ def is_looping(text: str, n: int = 4, repeats: int = 3) -> bool:
     words = [w.lower() for w in _WORD.findall(text)]
     grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return bool(grams) and max(grams.values()) >= repeats
+
+
+def entry_overlap(answer: str, entry: str) -> float:
+    """Share of the answer's distinct words that occur in the retrieved entry: an answer copied from
+    the entry is 1.0, one invented from nothing near 0."""
+    words = {w.lower() for w in _WORD.findall(answer)}
+    if not words:
+        return 0.0
+    return len(words & {w.lower() for w in _WORD.findall(entry)}) / len(words)
 
 
 def retrieval_part(top_similarity: float, cfg: ConfidenceSettings) -> float:
@@ -60,12 +82,26 @@ def score(
     finish_reason: str,
     cfg: ConfidenceSettings,
     top_similarity: float | None = None,
+    *,
+    sources: list[dict] | None = None,
+    entropies: list[float | None] | None = None,
+    calibrator: Calibrator | None = None,
 ) -> Confidence:
+    """`sources`: the retrieved entries as returned to the client (`Hit.as_source()`);
+    `entropies`: per-token entropies where the engine reports them."""
     truncated = finish_reason == "length"
     retrieval = None if top_similarity is None else retrieval_part(top_similarity, cfg)
-    if not logprobs or not text.strip():
-        return Confidence(0.0, 0.0, None, None, retrieval, top_similarity, truncated, False)
-    mean = sum(logprobs) / len(logprobs)
+    second = sources[1]["score"] if sources and len(sources) > 1 else None
+    top_entry = (sources[0].get("answer") or sources[0].get("text") or "") if sources else None
+    known = [e for e in entropies or () if e is not None]
+    extra = {"mean_entropy": round(sum(known) / len(known), 6) if known else None, "tokens": len(logprobs),
+             "second_similarity": None if second is None else round(second, 6),
+             "entry_overlap": None if top_entry is None else round(entry_overlap(text, top_entry), 6)}
+    mean = sum(logprobs) / len(logprobs) if logprobs else None
+    if mean is None or not text.strip():  # no answer is a bad answer, whatever the signals (kept) say
+        return Confidence(0.0, 0.0, None if mean is None else round(mean, 6),
+                          round(min(logprobs), 6) if logprobs else None, retrieval, top_similarity, truncated,
+                          False, **extra)
     token_prob = math.exp(mean)
     looping = is_looping(text)
     value = token_prob if retrieval is None else (1 - cfg.retrieval_weight) * token_prob + cfg.retrieval_weight * retrieval
@@ -73,8 +109,9 @@ def score(
         value *= cfg.truncation_penalty
     if looping:
         value *= cfg.loop_penalty
-    return Confidence(
-        score=round(min(1.0, max(0.0, value)), 6),
+    formula = round(min(1.0, max(0.0, value)), 6)
+    conf = Confidence(
+        score=formula,
         token_prob=round(token_prob, 6),
         mean_logprob=round(mean, 6),
         min_logprob=round(min(logprobs), 6),
@@ -82,4 +119,9 @@ def score(
         top_similarity=None if top_similarity is None else round(top_similarity, 6),
         truncated=truncated,
         looping=looping,
+        formula=formula,
+        **extra,
     )
+    if calibrator is None:
+        return conf
+    return replace(conf, score=round(calibrator.predict(conf.parts()), 6), calibrator=calibrator.id)

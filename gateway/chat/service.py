@@ -8,7 +8,9 @@ The row is committed before the non-stream body is returned and before a stream'
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import random
 import socket
 import time
 import uuid
@@ -19,6 +21,7 @@ from typing import AsyncIterator
 
 import structlog
 
+from gateway.calibration.calibrator import Calibrator
 from gateway.chat.confidence import score as score_confidence
 from gateway.chat.prompting import (
     build_messages,
@@ -85,6 +88,7 @@ class _Run:
     first_token_at: float | None = None
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    entropies: list[float | None] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)
     finished: Finished | None = None
     error: str | None = None  # why generation failed (finish_reason "error")
@@ -101,6 +105,7 @@ class _Run:
             self.first_token_at = time.perf_counter()
         self.text += event.text
         self.logprobs.append(event.logprob)
+        self.entropies.append(event.entropy)
         if self.request.logprobs:
             self.tokens.append(event)
 
@@ -118,10 +123,23 @@ class ChatService:
         self.served_by = f"{socket.gethostname()}:{settings.server.port}"  # whose unfinished streams are whose
         self.kb = kb
         self.split = Split()  # set by AdapterService.reconcile from the registry: champion, challenger, share
+        self.calibrators: dict[str, Calibrator] = {}  # variant → its active calibrator (set by reconcile too)
+        self._draw = random.Random()  # the audit sample's draws
 
     @property
     def default_variant(self) -> str:
         return self.split.champion
+
+    def audit_rate(self, route: Route) -> float:
+        """The probability that an answer on this route is drawn for audit. `review.audit_share` of all
+        answers; during an experiment stratified by arm — each arm gets half of the audits whatever its
+        traffic share — so the smaller challenger arm is measured as precisely as the champion."""
+        share = self.settings.review.audit_share
+        s = self.split.share
+        if route.experiment_id is None or not 0 < s < 1:
+            return share
+        arm = s if route.variant == self.split.challenger else 1 - s
+        return min(1.0, share / (2 * arm))
 
     # ---- preparation: everything that can fail with a 4xx happens before generation ---------
     def _validate(self, req: ChatCompletionRequest, principal: Principal,
@@ -368,19 +386,29 @@ class ChatService:
     async def _record(self, run: _Run) -> Exchange:
         done = time.perf_counter()
         fin = run.finished
+        calibrator = self.calibrators.get(run.route.variant) if self.settings.calibration.enabled else None
         conf = score_confidence(run.logprobs, run.text, fin.finish_reason, self.settings.confidence,
-                                 top_similarity=run.top_similarity)
-        flagged = conf.score < self.settings.review.confidence_threshold
+                                top_similarity=run.top_similarity, sources=run.sources, entropies=run.entropies,
+                                calibrator=calibrator)
+        threshold = calibrator.threshold if calibrator else self.settings.review.confidence_threshold
+        flagged = conf.score < threshold
         ttft_ms = None if run.first_token_at is None else (run.first_token_at - run.started) * 1000
         row = self._row(run)
         row.ttft_ms, row.latency_ms = ttft_ms, (done - run.started) * 1000
         row.confidence, row.confidence_parts, row.flagged = conf.score, conf.parts(), flagged
-        # a cancelled or failed answer is not an answer to review
-        enqueue = flagged and fin.finish_reason not in ("cancelled", "error")
+        # a cancelled or failed answer is not an answer to review; every answer may be drawn for audit,
+        # independently of its score, so audit verdicts estimate each variant's quality without bias
+        answered = fin.finish_reason not in ("cancelled", "error")
+        rate = self.audit_rate(run.route) if answered else 0.0
+        audit_rate = rate if rate > 0 and self._draw.random() < rate else None
+        enqueue = answered and (flagged or audit_rate is not None)
         write = self.exchanges.finalise if run.opened else self.exchanges.add
-        await write(row, self.reviews.enqueue_in if enqueue else None)
-        if enqueue:
+        await write(row, functools.partial(self.reviews.enqueue_in, low_confidence=flagged, audit_rate=audit_rate)
+                    if enqueue else None)
+        if enqueue and flagged:
             metrics.ENQUEUED.labels("low_confidence").inc()
+        if audit_rate is not None:
+            metrics.ENQUEUED.labels("audit").inc()
         stream_label = str(run.request.stream).lower()
         if ttft_ms is not None:
             metrics.TTFT.labels(run.route.variant, stream_label).observe(ttft_ms / 1000)

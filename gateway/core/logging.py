@@ -14,7 +14,6 @@ import structlog
 from gateway.core.pii import scrubber as default_scrubber
 from gateway.core.settings import LoggingSettings
 
-
 _NOT_TEXT = {"timestamp", "level", "request_id", "exchange_id", "variant", "logger"}
 
 

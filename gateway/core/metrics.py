@@ -56,6 +56,9 @@ ARM = Gauge("tellerloop_experiment_arm", "Running experiment's online metrics pe
             ["variant", "arm", "metric"])
 P_BETTER = Gauge("tellerloop_experiment_probability_better",
                  "P(challenger's thumbs-up rate > champion's) at the last evaluation")
+EVALUE = Gauge("tellerloop_experiment_evalue",
+               "Combined e-value of the running experiment at the last evaluation (challenger better / worse)",
+               ["direction"])
 RUNS = Counter("tellerloop_retraining_runs_total", "Retraining runs ended, by outcome (this gateway's runs)", ["status"])
 ADAPTER_REFUSALS = Counter("tellerloop_adapter_refusals_total", "Adapter versions refused at load (bad checksum, bad files)")
 DECISIONS = Counter("tellerloop_serving_decisions_total", "Promote / retire / rollback decisions", ["action", "automatic"])

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -122,6 +122,53 @@ class ConfidenceSettings(_Section):
     retrieval_ceiling: float = Field(0.8, ge=-1.0, le=1.0)
 
 
+class CalibrationSettings(_Section):
+    """Calibrated confidence (gateway/calibration/calibrator.py): per-variant logistic regression on
+    the raw signals, fitted on the calibration split at training time and refitted on reviewers'
+    verdicts; the formula (`confidence.*`) scores until a variant has one."""
+
+    enabled: bool = True
+    c: float = Field(1.0, gt=0.0)  # inverse L2 strength of the logistic regression
+    min_labels: int = Field(50, ge=10)  # reviewed verdicts on a variant before a refit on them
+    min_per_class: int = Field(5, ge=2)  # ...with at least this many good and bad answers
+    max_labels: int = Field(5000, ge=10)  # newest verdicts a refit uses
+    flag_rule: Literal["bad_recall", "review_share"] = "bad_recall"  # what the flag threshold targets
+    flag_target: float = Field(0.8, gt=0.0, lt=1.0)  # catch this share of bad answers (or review this share)
+    refit_interval_hours: float = Field(6.0, gt=0.0)  # the scheduled refit on reviewers' verdicts
+
+
+class TeacherSettings(_Section):
+    """The teacher that drafts an answer for every review item (gateway/review/teacher.py, docs/review.md).
+    "retrieval": the top knowledge-base entry's answer, when its similarity to the question is at
+    least `min_similarity`; "openai": an OpenAI-compatible chat endpoint; "off": no drafts."""
+
+    kind: Literal["retrieval", "openai", "off"] = "retrieval"
+    # retrieval: the top entry's similarity to the question needed for its answer to be the draft. Measured
+    # (bench/results/teacher.md): on customer-style rewordings of frozen questions 0.7 drafts 50 % of them with
+    # 93 % good (vs 77 % / 74 % at 0.65, 33 % / 100 % at 0.75); a question asked verbatim scores ~0.8 against
+    # its own Q&A entry (question and answer are embedded together), so higher thresholds drop right entries
+    min_similarity: float = Field(0.7, ge=-1.0, le=1.0)
+    url: str = ""  # openai: the base URL, ending in /v1 (e.g. "http://teacher:8000/v1")
+    api_key: SecretStr = SecretStr("")  # openai: sent as a Bearer token; never logged or written out
+    model: str = ""  # openai: the model name sent; drafts are marked "openai:<model>"
+    timeout_s: float = Field(30.0, gt=0.0)  # openai: one draft's whole request
+    max_tokens: int = Field(256, ge=1, le=8192)  # openai: the draft's length cap
+    retry_after_s: float = Field(60.0, ge=0.0)  # after a failure the teacher is not asked again this long
+    fill_items: int = Field(5, ge=0, le=50)  # listing the queue drafts this many undrafted top items in the background
+    # a correction counts as an edit of the draft when its MiniLM cosine to it reaches review.correction_similarity
+    # (the rule that makes two corrections agree); while the embedder is not loaded, when difflib's ratio reaches this
+    edit_ratio: float = Field(0.8, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _openai_needs_an_endpoint(self) -> "TeacherSettings":
+        if self.kind == "openai":
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError("review.teacher.url must be an http(s) URL ending in /v1 when kind = 'openai'")
+            if not self.model:
+                raise ValueError("review.teacher.model must be set when kind = 'openai'")
+        return self
+
+
 class ReviewSettings(_Section):
     """Queue priority = w_confidence·(1−confidence) + w_low_confidence·[below threshold]
     + w_thumbs_down·[thumbs-down] + w_flag·(staff flags) + w_escalated·[escalated]
@@ -135,12 +182,15 @@ class ReviewSettings(_Section):
     weight_flag: float = Field(1.5, ge=0.0)
     weight_escalated: float = Field(2.0, ge=0.0)
     weight_age_per_hour: float = Field(0.02, ge=0.0)
+    weight_audit: float = Field(1.0, ge=0.0)  # audit items are reviewed too, or the sample is biased again
+    audit_share: float = Field(0.05, ge=0.0, le=1.0)  # random share of all answers queued as audit items
     claim_ttl_s: int = Field(600, ge=10)
     correction_similarity: float = Field(0.85, ge=0.0, le=1.0)
     max_answer_chars: int = Field(8000, ge=100)
     max_note_chars: int = Field(2000, ge=10)
     max_queue_limit: int = Field(200, ge=1)
     stats_recent_exchanges: int = Field(1000, ge=10)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)  # drafts beside the model's answer
 
 
 class ConsoleSettings(_Section):
@@ -222,9 +272,11 @@ class RetrainingSettings(_Section):
     warm_epochs: int = Field(2, ge=1, le=50)  # warm mode: passes over the (small) new + replay set
     seed_data: str = "data/bank_faq/faq.csv"  # seed Q&A (also the frozen eval split's source); "" → none
     bootstrap: bool = True  # with no champion, the first run trains v0001 on the seed data
+    shipped_adapter: str = "data/adapters/bootstrap"  # registered as the first champion when it fits ("" → never)
     bootstrap_delay_minutes: float = Field(10.0, ge=0.0)  # with no champion, the first slot comes this soon
     context_in_prompts: bool = True  # seed examples carry retrieved context in their prompt (measured)
     eval_seed_size: int = Field(100, ge=0)  # seed questions frozen into the evaluation split
+    calibration_seed_size: int = Field(100, ge=0)  # seed questions held out to fit the confidence calibrator
     eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation
     eval_max_tokens: int = Field(96, ge=8)
     eval_limit: int = Field(0, ge=0)  # >0: evaluate on at most this many frozen-split rows
@@ -232,6 +284,7 @@ class RetrainingSettings(_Section):
     # The offline gate (retraining/gate.py): paired per-question similarity differences on the frozen split
     gate_margin: float = Field(0.01, ge=0.0, le=1.0)  # non-inferiority: the interval's lower bound must be ≥ −margin
     gate_min_improvement: float = Field(-0.01, ge=-1.0, le=1.0)  # and the mean difference at least this (−margin: off)
+    promote_over_base_margin: float = Field(0.05, ge=0.0, le=1.0)  # no champion: promote at once when the gain's lower bound clears this
     gate_confidence: float = Field(0.95, gt=0.5, lt=1.0)  # two-sided bootstrap interval of the mean difference
     gate_bootstrap_samples: int = Field(2000, ge=100)
     forgetting_probe_size: int = Field(100, ge=0)  # seed questions (trained on) re-asked to catch forgetting
@@ -245,6 +298,10 @@ class ExperimentSettings(_Section):
 
     enabled: bool = True  # split traffic and let the scheduled job decide; false → challengers wait for an admin
     challenger_share: float = Field(0.2, ge=0.0, le=1.0)  # share of routing units (users/sessions) on the challenger
+    rule: Literal["anytime", "bayes"] = "anytime"  # anytime: e-process test valid under continuous looks; bayes: the previous rule
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # anytime: P(promoting a challenger that is no better) ≤ this, however often it is looked at
+    audit_weight: float = Field(0.5, ge=0.0, le=1.0)  # anytime: weight of the audit verdicts' e-process, the rest on thumbs (measured)
+    max_bet: float = Field(0.5, gt=0.0, lt=1.0)  # anytime: largest betting fraction of the e-process (measured: bench/ab_decision.py)
     min_samples: int = Field(200, ge=1)  # rated exchanges per arm before any decision on the thumbs-up rate
     promote_probability: float = Field(0.99, gt=0.5, lt=1.0)  # P(challenger better) to promote; ≤ 1 − this retires
     guardrail_probability: float = Field(0.95, gt=0.5, lt=1.0)  # P(challenger's flag rate higher) that retires it
@@ -301,6 +358,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     rag: RagSettings = RagSettings()
     confidence: ConfidenceSettings = ConfidenceSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
     review: ReviewSettings = ReviewSettings()
     console: ConsoleSettings = ConsoleSettings()
     limits: LimitsSettings = LimitsSettings()

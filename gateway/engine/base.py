@@ -42,6 +42,7 @@ class TokenEvent:
     logprob: float
     text: str
     top_logprobs: tuple[tuple[str, float], ...] = ()
+    entropy: float | None = None  # of the model's next-token distribution here (nats); None: not known
 
 
 @dataclass(frozen=True)

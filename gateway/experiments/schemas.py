@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,6 +79,9 @@ class Evidence(BaseModel):
     p_challenger_flagged_more: float = Field(description="P(challenger's customer flag rate > champion's)")
     age_days: float
     rule: DecisionRule
+    anytime: dict[str, Any] | None = Field(
+        None, description="the anytime-valid rule's evidence: e-values for 'better' and 'worse' per stream (audit "
+                          "verdicts, first thumbs per customer) and combined, observations, bets, threshold 1/α")
 
 
 class WouldDecide(BaseModel):

@@ -1,10 +1,10 @@
-"""The review console's pages: the queue (HTMX-refreshed), an item with its conversation and
-signals, labelling (approve / correct / reject), releasing a claim, and agreement stats. Handlers
-only translate between forms/pages and `ReviewService`."""
+"""The review console's pages: the queue (HTMX-refreshed), an item with its conversation, signals
+and the teacher's draft, labelling (approve / correct / reject, or "use the draft"), releasing a
+claim, and agreement stats. Handlers only translate between forms/pages and `ReviewService`."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
@@ -14,10 +14,16 @@ from litestar.response import Redirect, Template
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.errors import http_status
+from gateway.calibration.service import CalibrationService
+from gateway.chat.service import ChatService
 from gateway.console.auth import FORM, ConsolePages, page, signed_in
 from gateway.core.errors import DomainError, NotFound
 from gateway.core.security import Principal
-from gateway.review.service import ReviewService
+from gateway.review.service import ReviewService, same_text
+
+# The draft's shortcut, by the rules of console.js (no modifier, not while typing). Served from the
+# console's own origin because the pages' CSP allows no inline script; loaded by item.html, and
+# guarded so pages swapped in by hx-boost do not add the listener twice.
 
 
 class LabelForm(BaseModel):
@@ -63,12 +69,15 @@ class ReviewConsoleController(ConsolePages):
 
     @get("/items/{item_id:int}")
     async def item_page(self, request: Request, item_id: FromPath[int],
-                        review_service: NamedDependency[ReviewService]) -> Template:
+                        review_service: NamedDependency[ReviewService],
+                        start: Annotated[Literal["draft"] | None, QueryParameter()] = None) -> Template:
+        """`?start=draft`: the correction box starts from the teacher's draft (to edit it)."""
         me = signed_in(request)
-        return await self._item(request, review_service, me, item_id, claim=True)
+        return await self._item(request, review_service, me, item_id, claim=True, start_from_draft=start == "draft")
 
     async def _item(self, request: Request, service: ReviewService, me: Principal, item_id: int, claim: bool,
-                    error: str | None = None, status_code: int = 200, form: LabelForm | None = None) -> Template:
+                    error: str | None = None, status_code: int = 200, form: LabelForm | None = None,
+                    start_from_draft: bool = False) -> Template:
         claim_error = None
         if claim:
             try:
@@ -84,9 +93,13 @@ class ReviewConsoleController(ConsolePages):
         mine = next((x for x in item["labels"] if x["reviewer"] == me.name), None)
         can_label = item["status"] in ("open", "escalated") and mine is None and (
             item["claimed_by"] in (None, me.name))
+        draft = item["draft"]
         return page("item.html", request, status_code=status_code, item=item, mine=mine, can_label=can_label,
                     claim_error=claim_error if not mine and item["status"] in ("open", "escalated") else None,
-                    error=error, form=form, threshold=service.cfg.confidence_threshold)
+                    error=error, form=form, threshold=service.cfg.confidence_threshold,
+                    draft_is_proposal=same_text(draft, item["proposed_answer"]["text"]),
+                    prefill=draft if start_from_draft and draft else None,
+                    draft_threshold=service.cfg.teacher.min_similarity)
 
     @post("/items/{item_id:int}/label", status_code=303)
     async def label(self, request: Request, item_id: FromPath[int], data: Annotated[LabelForm, FORM],
@@ -95,13 +108,24 @@ class ReviewConsoleController(ConsolePages):
         verdict = data.verdict
         corrected = data.corrected_answer.strip() if verdict == "correct" else None
         error = None
-        if verdict not in ("approve", "correct", "reject"):
+        if verdict == "draft":  # "use the draft": approve it when it is the proposal, else correct with it
+            try:
+                shown = await review_service.item_detail(item_id, with_draft=False)
+            except NotFound as exc:
+                return page("error.html", request, status_code=404, message=exc.message)
+            if not shown["draft"]:
+                error = "This item has no teacher draft to use."
+            elif same_text(shown["draft"], shown["proposed_answer"]["text"]):
+                verdict = "approve"
+            else:
+                verdict, corrected = "correct", shown["draft"]
+        if error is None and verdict not in ("approve", "correct", "reject"):
             error = "Choose approve, correct or reject."
-        elif verdict == "correct" and not corrected:
+        elif error is None and verdict == "correct" and not corrected:
             error = "Write the corrected answer before choosing Correct."
         if error is None and verdict == "correct":
             try:
-                item = await review_service.item_detail(item_id)
+                item = await review_service.item_detail(item_id, with_draft=False)
             except DomainError:
                 item = None  # unknown item: the label call below says so
             if item and " ".join(corrected.split()) == " ".join(item["proposed_answer"]["text"].split()):
@@ -130,7 +154,11 @@ class ReviewConsoleController(ConsolePages):
         return Redirect("/console", status_code=303)
 
     @get("/stats")
-    async def stats_page(self, request: Request, review_service: NamedDependency[ReviewService]) -> Template:
+    async def stats_page(self, request: Request, review_service: NamedDependency[ReviewService],
+                         calibration_service: NamedDependency[CalibrationService],
+                         chat_service: NamedDependency[ChatService]) -> Template:
         stats = await review_service.stats()
         peak = max((b["count"] for b in stats["confidence_histogram"]["bins"]), default=0) or 1
-        return page("stats.html", request, stats=stats, peak=peak)
+        split = chat_service.split
+        calibration = await calibration_service.overview([v for v in (split.champion, split.challenger) if v])
+        return page("stats.html", request, stats=stats, peak=peak, calibration=calibration)

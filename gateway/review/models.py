@@ -77,6 +77,11 @@ class ReviewItem(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     decided_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=0)
+    audit: Mapped[bool] = mapped_column(Boolean, default=False)  # drawn by the random audit sample
+    audit_rate: Mapped[float | None] = mapped_column(Float, nullable=True)  # ...with this probability
+    draft: Mapped[str | None] = mapped_column(Text, nullable=True)  # the teacher's proposed answer
+    draft_source: Mapped[str | None] = mapped_column(String(100), nullable=True)  # e.g. "retrieval"
+    draft_score: Mapped[float | None] = mapped_column(Float, nullable=True)  # e.g. the entry's similarity
 
 
 class ReviewLabel(Base):
@@ -97,6 +102,7 @@ class ReviewLabel(Base):
     corrected_answer: Mapped[str | None] = mapped_column(Text, nullable=True)
     outcome: Mapped[str | None] = mapped_column(Text, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    draft_outcome: Mapped[str | None] = mapped_column(String(8), nullable=True)  # accepted | edited | rejected
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (UniqueConstraint("item_id", "reviewer", name="uq_review_labels_item_reviewer"),)

@@ -48,12 +48,12 @@ class ReviewConflict(Conflict):
 
 
 def new_item(exchange: Exchange, cfg: ReviewSettings, *, low_confidence: bool = False, thumbs_down: bool = False,
-             flag_count: int = 0, now: datetime | None = None) -> ReviewItem:
+             flag_count: int = 0, now: datetime | None = None, audit_rate: float | None = None) -> ReviewItem:
     now = now or utcnow()
     return ReviewItem(
         exchange_id=exchange.id, status="open", confidence=exchange.confidence, low_confidence=low_confidence,
         thumbs_down=thumbs_down, flag_count=flag_count, required_labels=cfg.required_reviews, created_at=now,
-        created_epoch=now.timestamp(), updated_at=now, version=0,
+        created_epoch=now.timestamp(), updated_at=now, version=0, audit=audit_rate is not None, audit_rate=audit_rate,
     )
 
 
@@ -71,6 +71,7 @@ def priority_expression(cfg: ReviewSettings, now_epoch: float):
         + cfg.weight_thumbs_down * as_int(ReviewItem.thumbs_down)
         + cfg.weight_flag * ReviewItem.flag_count
         + cfg.weight_escalated * as_int(ReviewItem.status == "escalated")
+        + cfg.weight_audit * as_int(ReviewItem.audit)
         + cfg.weight_age_per_hour * ((literal(now_epoch) - ReviewItem.created_epoch) / 3600.0)
     )
 
@@ -83,6 +84,7 @@ def priority_parts(item: ReviewItem, cfg: ReviewSettings, now_epoch: float) -> d
         "thumbs_down": cfg.weight_thumbs_down * item.thumbs_down,
         "flags": cfg.weight_flag * item.flag_count,
         "escalated": cfg.weight_escalated * (item.status == "escalated"),
+        "audit": cfg.weight_audit * bool(item.audit),
         "age": cfg.weight_age_per_hour * max(0.0, now_epoch - item.created_epoch) / 3600.0,
     }
 
@@ -110,13 +112,17 @@ class ReviewRepository:
         self._sessions = sessions
         self.cfg = cfg
 
-    async def enqueue_in(self, session: AsyncSession, exchange: Exchange, now: datetime | None = None) -> None:
-        """Queue a just-logged exchange whose confidence is under the threshold, inside the caller's
-        transaction (`ExchangeRepository.add(..., also=...)`), with its audit event."""
-        item = new_item(exchange, self.cfg, low_confidence=True, now=now)
+    async def enqueue_in(self, session: AsyncSession, exchange: Exchange, now: datetime | None = None, *,
+                         low_confidence: bool = True, audit_rate: float | None = None) -> None:
+        """Queue a just-logged exchange — its confidence is under the threshold, or the random audit
+        sample drew it (with probability `audit_rate`), or both — inside the caller's transaction
+        (`ExchangeRepository.add(..., also=...)`), with its audit-trail event."""
+        item = new_item(exchange, self.cfg, low_confidence=low_confidence, now=now, audit_rate=audit_rate)
         session.add(item)
         await session.flush()
-        session.add(event(exchange.id, item.id, "system", "enqueued", reason="low_confidence"))
+        reasons = [r for r, on in (("low_confidence", low_confidence), ("audit", audit_rate is not None)) if on]
+        session.add(event(exchange.id, item.id, "system", "enqueued", reason="+".join(reasons),
+                          **({"audit_rate": audit_rate} if audit_rate is not None else {})))
 
     async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]], attempts: int = 8) -> T:
         for attempt in range(attempts):
@@ -383,6 +389,47 @@ class ReviewRepository:
         async with self._sessions() as session:
             return await session.scalar(select(func.count(ReviewItem.id)).where(
                 ReviewItem.status == "resolved", ReviewItem.resolved_answer.is_not(None))) or 0
+
+    # ---- teacher drafts -------------------------------------------------------------------
+    async def set_draft(self, item_id: int, draft: str | None, source: str, score: float | None) -> bool:
+        """Store the teacher's draft (or, with `draft` None, that it had none) on an open item that
+        has none yet: the first writer wins, so every reviewer sees the same draft. Bumps the
+        version, so a label decided on a snapshot without the draft is decided again with it."""
+        if not is_row_id(item_id):
+            return False
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(
+                update(ReviewItem).where(ReviewItem.id == item_id, ReviewItem.draft_source.is_(None),
+                                         ReviewItem.status.in_(OPEN_STATUSES))
+                .values(draft=draft, draft_source=source, draft_score=score, version=ReviewItem.version + 1))
+            return result.rowcount == 1
+
+    async def draft_outcomes(self) -> dict[str, dict[str, int]]:
+        """Per draft source: `asked` (items the teacher was asked about), `drafted` (of those, with a
+        draft), `shown` (items whose draft was judged by at least one label) and the labels' draft
+        outcomes (`accepted` / `edited` / `rejected`: label counts)."""
+        async with self._sessions() as session:
+            judged = (select(ReviewItem.draft_source, ReviewLabel.draft_outcome, ReviewLabel.item_id)
+                      .join(ReviewItem, ReviewItem.id == ReviewLabel.item_id)
+                      .where(ReviewLabel.draft_outcome.is_not(None), ReviewItem.draft.is_not(None))
+                      .subquery())
+            rows = await session.execute(
+                select(judged.c.draft_source, judged.c.draft_outcome, func.count())
+                .group_by(judged.c.draft_source, judged.c.draft_outcome))
+            items = await session.execute(
+                select(judged.c.draft_source, func.count(func.distinct(judged.c.item_id)))
+                .group_by(judged.c.draft_source))
+            out: dict[str, dict[str, int]] = {}
+            for source, outcome, n in rows:
+                out.setdefault(source, {})[outcome] = n
+            for source, n in items:
+                out.setdefault(source, {})["shown"] = n
+            asked = await session.execute(
+                select(ReviewItem.draft_source, func.count(), func.count(ReviewItem.draft))
+                .where(ReviewItem.draft_source.is_not(None)).group_by(ReviewItem.draft_source))
+            for source, n, drafted in asked:
+                out.setdefault(source, {}).update(asked=n, drafted=drafted)
+            return out
 
     async def has_label(self, item_id: int, reviewer: str) -> bool:
         async with self._sessions() as session:

@@ -29,8 +29,13 @@ Verdict = Literal["approve", "correct", "reject"]
 Resolution = Literal["approve", "correct", "reject"]
 Rating = Literal["up", "down"]
 LabelCategory = Literal["keep", "change", "reject"]
-ReasonCode = Literal["escalated", "staff_flag", "thumbs_down", "low_confidence"]
+ReasonCode = Literal["escalated", "staff_flag", "thumbs_down", "low_confidence", "audit"]
 Role = Literal["client", "reviewer", "admin"]
+DraftOutcome = Literal["accepted", "edited", "rejected"]
+
+DRAFT_SOURCE = ("which teacher was asked for a draft ('retrieval', 'openai:<model>'); set with draft null when "
+                "it had nothing good enough; null = not asked yet (or review.teacher.kind = 'off')")
+DRAFT_SCORE = "retrieval: the knowledge-base entry's similarity to the question (also when under min_similarity)"
 
 
 # ---- shared nested shapes ---------------------------------------------------------------------
@@ -80,6 +85,9 @@ class LabelView(BaseModel):
         description="id of the correction label shown as the proposed answer when this label was given; "
                     "null = the model's own answer was proposed")
     note: str | None
+    draft_outcome: DraftOutcome | None = Field(
+        description="how this label treated the item's teacher draft: accepted (its answer is the draft), "
+                    "edited (a correction close to the draft), rejected (anything else); null = the item had no draft")
     created_at: str | None
 
 
@@ -116,6 +124,7 @@ class PriorityParts(BaseModel):
     thumbs_down: float = Field(description="weight_thumbs_down if the customer gave a thumbs-down")
     flags: float = Field(description="weight_flag × number of staff flags")
     escalated: float = Field(description="weight_escalated if reviewers disagreed")
+    audit: float = Field(description="weight_audit if the random audit sample drew it")
     age: float = Field(description="weight_age_per_hour × hours waiting")
 
 
@@ -237,6 +246,12 @@ class QueueItem(BaseModel):
     required_labels: int = Field(description="labels needed (grows by one when the item is escalated)")
     claimed_by: str | None = Field(description="holder of a live claim, if any")
     claimed_until: str | None = Field(description="when that claim expires")
+    draft: str | None = Field(description="the teacher's draft answer (PII-scrubbed), trimmed to 280 characters")
+    draft_source: str | None = Field(description=DRAFT_SOURCE)
+    audit: bool = Field(description="drawn by the random audit sample (review.audit_share), whatever its score: "
+                                    "audit verdicts estimate each variant's share of good answers without bias")
+    audit_rate: float | None = Field(description="the probability it was drawn with (per variant and arm)")
+    draft_score: float | None = Field(description=DRAFT_SCORE)
 
 
 class QueueList(BaseModel):
@@ -270,6 +285,14 @@ class ReviewItemDetail(BaseModel):
     claimed_until: str | None = Field(description="when that claim expires")
     priority_parts: PriorityParts
     proposed_answer: ProposedAnswer
+    draft: str | None = Field(description="the teacher's draft answer (PII-scrubbed), in full; shown beside the "
+                                          "model's answer. To accept it, label 'correct' with it as corrected_answer "
+                                          "(or 'approve' when it equals proposed_answer.text)")
+    draft_source: str | None = Field(description=DRAFT_SOURCE)
+    audit: bool = Field(description="drawn by the random audit sample (review.audit_share), whatever its score: "
+                                    "audit verdicts estimate each variant's share of good answers without bias")
+    audit_rate: float | None = Field(description="the probability it was drawn with (per variant and arm)")
+    draft_score: float | None = Field(description=DRAFT_SCORE)
     resolution: Resolution | None
     resolved_answer: str | None = Field(description="the answer the review settled on; null if rejected or unresolved")
     resolved_at: str | None
@@ -355,6 +378,33 @@ class ConfidenceHistogram(BaseModel):
     bins: list[HistogramBin]  # type: ignore[valid-type]
 
 
+class TeacherSourceStats(BaseModel):
+    """One draft source's record: how often it drafted, and what reviewers did with its drafts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="'retrieval' or 'openai:<model>'")
+    asked: int = Field(description="review items the teacher was asked to draft for")
+    drafted: int = Field(description="of those, items with a draft (the rest: nothing good enough)")
+    shown: int = Field(description="items with a draft that got at least one label")
+    labels: int = Field(description="labels given on items with a draft (each judges the draft once)")
+    accepted: int = Field(description="labels whose answer is the draft")
+    edited: int = Field(description="corrections close to the draft")
+    rejected: int = Field(description="labels that neither accepted nor edited the draft")
+    accepted_rate: float | None = Field(description="accepted / labels")
+    edited_rate: float | None = Field(description="edited / labels")
+    rejected_rate: float | None = Field(description="rejected / labels")
+
+
+class TeacherStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["retrieval", "openai", "off"] = Field(description="review.teacher.kind")
+    source: str | None = Field(description="the draft source the configured teacher writes; null when off")
+    sources: list[TeacherSourceStats] = Field(description="every draft source on record (a changed teacher keeps "
+                                                          "its history)")
+
+
 class ReviewStats(BaseModel):
     """GET /v1/review/stats."""
 
@@ -365,3 +415,4 @@ class ReviewStats(BaseModel):
     overall: AgreementSummary = Field(description="all reviewer pairs pooled")
     pairs: list[ReviewerPairAgreement]
     confidence_histogram: ConfidenceHistogram
+    teacher: TeacherStats = Field(description="the teacher's drafts and how reviewers treated them")

@@ -10,16 +10,28 @@ Rules (README "Review loop" has the long version):
   whose label on an escalated item decides it.
 * Decisions are made on a snapshot of the item and committed only if the item did not change
   meanwhile (version check); otherwise the snapshot is re-read and the decision made again.
+* Teacher drafts (`review.teacher`, gateway/review/teacher.py, docs/review.md): the first time an
+  open item is shown (or claimed, or listed near the top of the queue) the teacher drafts an answer,
+  which is PII-scrubbed and stored on the item (the first stored draft wins: every reviewer sees the
+  same one). Each label records how it treated the draft (`draft_outcome`), judged by the answer it
+  stands for (its outcome): accepted (the draft, whitespace aside), edited (a changed answer — not
+  the model's — whose MiniLM cosine to the draft reaches `review.correction_similarity`, the rule
+  that makes two corrections agree; difflib's ratio ≥ `review.teacher.edit_ratio` while the embedder
+  is not loaded), else rejected (a reject, the model's answer kept, or an answer far from the
+  draft); null when the item had no draft.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import re
 import time
 from datetime import datetime, timezone
 from typing import AsyncIterator, Callable
+
+import structlog
 
 from gateway.core import metrics
 from gateway.core.errors import Conflict, InvalidRequest, NotFound, Unavailable
@@ -28,6 +40,7 @@ from gateway.core.settings import Settings
 from gateway.exchanges.models import Exchange
 from gateway.exchanges.repository import exchange_record
 from gateway.knowledge.embeddings import Embedder
+from gateway.knowledge.store import KnowledgeBase
 from gateway.review.agreement import cohen_kappa, consensus_group, percent_agreement
 from gateway.review.models import (
     Feedback,
@@ -38,21 +51,32 @@ from gateway.review.models import (
     ReviewPair,
 )
 from gateway.review.repository import (
+    OPEN_STATUSES,
     LabelCommit,
+    QueueEntry,
     ReviewConflict,
     ReviewRepository,
     StaleItem,
     event,
     priority_parts,
 )
+from gateway.review.teacher import Teacher, make_teacher
 from gateway.store.base import iso_utc
 
+log = structlog.get_logger(__name__)
 NEW = -1  # placeholder id of the label being decided
 VERDICTS = ("approve", "correct", "reject")
+DRAFT_OUTCOMES = ("accepted", "edited", "rejected")
+_DEFAULT = object()
 
 
 def _norm(text: str | None) -> str:
     return re.sub(r"\s+", " ", text or "").strip().lower()
+
+
+def same_text(a: str | None, b: str | None) -> bool:
+    """Equal after whitespace normalisation (case counts: a draft with its case changed was edited)."""
+    return a is not None and b is not None and " ".join(a.split()) == " ".join(b.split())
 
 
 def _trim(text: str, limit: int = 280) -> str:
@@ -73,13 +97,20 @@ def current_proposal(exchange: Exchange, labels: list[ReviewLabel]) -> tuple[int
 
 class ReviewService:
     def __init__(self, settings: Settings, repo: ReviewRepository, embedder: Callable[[], Embedder | None],
-                 customers: CustomerIds | None = None) -> None:
+                 customers: CustomerIds | None = None, kb: Callable[[], KnowledgeBase | None] | None = None,
+                 teacher: Teacher | None = _DEFAULT) -> None:  # type: ignore[assignment]
         self.settings = settings
         self.cfg = settings.review
         self.repo = repo
         self._embedder = embedder
         self.customers = customers or CustomerIds.from_settings(settings)  # feedback ownership by keyed id
         self.scrubber = settings.pii.scrubber()
+        # the teacher drafting answers (review.teacher); `kb` reads the knowledge base as it is now
+        # (None while it loads), so the retrieval teacher starts drafting once it is there
+        self.teacher: Teacher | None = (make_teacher(self.cfg.teacher, kb or (lambda: None))
+                                        if teacher is _DEFAULT else teacher)
+        self._drafting: dict[int, asyncio.Task] = {}  # item id → the draft being made (shared by callers)
+        self._filler: asyncio.Task | None = None  # the queue's background fill (one at a time)
 
     # ---- signals ------------------------------------------------------------------------------
     async def owned_exchange(self, exchange_id: str, principal: Principal, user: str | None) -> Exchange:
@@ -131,7 +162,10 @@ class ReviewService:
             out.append({"code": "thumbs_down", "text": "The customer gave a thumbs-down"})
         if item.low_confidence:
             out.append({"code": "low_confidence",
-                        "text": f"Confidence {item.confidence:.2f} is below {self.cfg.confidence_threshold:.2f}"})
+                        "text": f"Confidence {item.confidence:.2f} is below the flag threshold"})
+        if item.audit:
+            out.append({"code": "audit", "text": f"Random audit sample (drawn with probability {item.audit_rate:.3g}): "
+                                                 "judge it like any other answer"})
         return out
 
     def _claim_info(self, item: ReviewItem, now: float) -> tuple[str | None, str | None]:
@@ -147,11 +181,14 @@ class ReviewService:
             "answer": _trim(exchange.answer), "created_at": iso_utc(item.created_at),
             "waiting_s": round(max(0.0, now - item.created_epoch)), "labels": n_labels,
             "required_labels": item.required_labels, "claimed_by": claimed_by, "claimed_until": until,
+            "draft": _trim(item.draft) if item.draft else None, "draft_source": item.draft_source,
+            "draft_score": item.draft_score, "audit": bool(item.audit), "audit_rate": item.audit_rate,
         }
 
     async def queue(self, principal: Principal, limit: int, offset: int = 0) -> list[dict]:
         now = time.time()
         entries = await self.repo.queue(principal.name, limit, now, offset=offset)
+        self._fill(entries)
         return [self._summary(e.item, e.exchange, e.priority, e.labels, now) for e in entries]
 
     async def claim(self, item_id: int, principal: Principal) -> dict:
@@ -161,6 +198,10 @@ class ReviewService:
             raise NotFound(f"No review item {item_id}", param="item_id", code="not_found") from None
         except ReviewConflict as exc:
             raise Conflict(str(exc), code=exc.code) from None
+        if self.teacher is not None and item.draft_source is None:  # drafted while the reviewer opens it
+            exchange = await self.repo.exchange(item.exchange_id)
+            if exchange is not None:
+                self._draft_task(item.id, exchange)
         return {"item_id": item.id, "claimed_by": item.claimed_by, "claimed_until": iso_utc(item.claim_expires_epoch)}
 
     async def release(self, item_id: int, principal: Principal) -> dict:
@@ -183,11 +224,14 @@ class ReviewService:
         return None
 
     # ---- item detail --------------------------------------------------------------------------
-    async def item_detail(self, item_id: int) -> dict:
+    async def item_detail(self, item_id: int, with_draft: bool = True) -> dict:
+        """The item as a reviewer sees it; `with_draft`: ask the teacher first if it has not been asked."""
         item = await self.repo.item(item_id)
         if item is None:
             raise NotFound(f"No review item {item_id}", param="item_id", code="not_found")
         exchange = await self.repo.exchange(item.exchange_id)
+        if with_draft:
+            item = await self.ensure_draft(item, exchange)
         labels = await self.repo.labels(item_id)
         feedback, flags, events = await self.repo.signals(item.exchange_id)
         now = time.time()
@@ -197,7 +241,7 @@ class ReviewService:
             **self._summary(item, exchange, sum(parts.values()), len(labels), now),
             "question": question_of(exchange), "answer": exchange.answer,
             "priority_parts": {k: round(v, 4) for k, v in parts.items()},
-            "proposed_answer": {"id": pid, "text": ptext, "by": pby},
+            "proposed_answer": {"id": pid, "text": ptext, "by": pby}, "draft": item.draft,
             "resolution": item.resolution, "resolved_answer": item.resolved_answer,
             "resolved_at": iso_utc(item.resolved_at), "decided_by": item.decided_by,
             "exchange": exchange_record(exchange),
@@ -206,6 +250,69 @@ class ReviewService:
             "labels": [self._label_dict(label) for label in labels],
             "events": [self._event_dict(e) for e in events],
         }
+
+    # ---- teacher drafts -----------------------------------------------------------------------
+    async def ensure_draft(self, item: ReviewItem, exchange: Exchange) -> ReviewItem:
+        """The item with its draft: asks the teacher if nobody has yet (open items only) and waits for
+        it; a draft being made for another caller is shared, not made twice."""
+        if self.teacher is None or item.draft_source is not None or item.status not in OPEN_STATUSES:
+            return item
+        await asyncio.shield(self._draft_task(item.id, exchange))
+        return await self.repo.item(item.id) or item
+
+    def _draft_task(self, item_id: int, exchange: Exchange) -> asyncio.Task:
+        task = self._drafting.get(item_id)
+        if task is None:
+            task = self._drafting[item_id] = asyncio.get_running_loop().create_task(
+                self._draft_and_store(item_id, exchange))
+            task.add_done_callback(lambda _t: self._drafting.pop(item_id, None))
+        return task
+
+    async def _draft_and_store(self, item_id: int, exchange: Exchange) -> bool:
+        """Ask the teacher and store its answer, scrubbed. Never raises: no draft is no error."""
+        try:
+            draft = await self.teacher.draft(exchange.messages, question_of(exchange))
+            if draft is None:  # the teacher is unavailable now: store nothing, ask again later
+                return False
+            text = self.scrubber.scrub(draft.text.strip()) if draft.text else None
+            if text is not None and (not text.strip() or len(text) > self.cfg.max_answer_chars):
+                text = None  # no draft a label could not carry
+            return await self.repo.set_draft(item_id, text, draft.source[:100], draft.score)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("review.draft_failed", item_id=item_id, error=type(exc).__name__)
+            return False
+
+    def _fill(self, entries: list[QueueEntry]) -> None:
+        """Draft the top undrafted items of a listed queue in the background (one fill at a time),
+        so a slow teacher has answered before the reviewer opens them."""
+        if self.teacher is None or (self._filler is not None and not self._filler.done()):
+            return
+        todo = [(e.item.id, e.exchange) for e in entries if e.item.draft_source is None][: self.cfg.teacher.fill_items]
+        if todo:
+            self._filler = asyncio.get_running_loop().create_task(self._fill_run(todo))
+
+    async def _fill_run(self, todo: list[tuple[int, Exchange]]) -> None:
+        for item_id, exchange in todo:
+            await asyncio.shield(self._draft_task(item_id, exchange))
+
+    async def _draft_outcome(self, draft: str | None, outcome: str | None, model_answer: str) -> str | None:
+        """How a label treated the item's draft (see the module docstring): by the answer it stands for."""
+        if draft is None:
+            return None
+        if outcome is None:
+            return "rejected"
+        if same_text(outcome, draft):
+            return "accepted"
+        if _norm(outcome) == _norm(model_answer):
+            return "rejected"  # kept the model's answer rather than the draft
+        embedder = self._embedder()
+        if embedder is not None:
+            close = float((await asyncio.to_thread(embedder.similarity, [outcome], [draft]))[0]) \
+                >= self.cfg.correction_similarity
+        else:
+            close = difflib.SequenceMatcher(None, " ".join(outcome.split()), " ".join(draft.split()),
+                                            autojunk=False).ratio() >= self.cfg.teacher.edit_ratio
+        return "edited" if close else "rejected"
 
     async def exchange_signals(self, exchange_id: str) -> dict:
         """What GET /v1/exchanges/{id} adds: feedback, staff flags, the review item and its labels."""
@@ -234,7 +341,8 @@ class ReviewService:
     def _label_dict(label: ReviewLabel) -> dict:
         return {"id": label.id, "reviewer": label.reviewer, "role": label.role, "verdict": label.verdict,
                 "category": label.category, "corrected_answer": label.corrected_answer,
-                "approved_proposal": label.shown_label_id, "note": label.note, "created_at": iso_utc(label.created_at)}
+                "approved_proposal": label.shown_label_id, "note": label.note, "draft_outcome": label.draft_outcome,
+                "created_at": iso_utc(label.created_at)}
 
     @staticmethod
     def _event_dict(ev: ReviewEvent) -> dict:
@@ -298,9 +406,10 @@ class ReviewService:
         outcome = None if verdict == "reject" else (corrected if verdict == "correct" else ptext)
         category = "reject" if outcome is None else ("keep" if _norm(outcome) == _norm(exchange.answer) else "change")
         now = datetime.now(timezone.utc)
+        draft_outcome = await self._draft_outcome(item.draft, outcome, exchange.answer)
         label = ReviewLabel(item_id=item_id, reviewer=me, role=principal.role, verdict=verdict, category=category,
                             shown_answer=ptext, shown_label_id=pid or None, corrected_answer=corrected,
-                            outcome=outcome, note=note, created_at=now)
+                            outcome=outcome, note=note, draft_outcome=draft_outcome, created_at=now)
         agrees = {frozenset((p.label_a, p.label_b)): p.agree for p in await self.repo.pairs(item_id)}
         pairs = []
         for other in labels:
@@ -311,7 +420,8 @@ class ReviewService:
                                     category_a=ca, category_b=cb, similarity=sim, agree=agree))
         by_id = {label_.id: label_ for label_ in labels} | {NEW: label}
         values: dict = {}
-        events = [event(exchange.id, item_id, me, "label", verdict=verdict, category=category)]
+        events = [event(exchange.id, item_id, me, "label", verdict=verdict, category=category,
+                        **({"draft_outcome": draft_outcome} if draft_outcome else {}))]
         if ROLE_RANK[principal.role] >= ROLE_RANK["admin"] and item.status == "escalated":
             values = self._resolution(exchange, [label], now, decided_by=f"admin:{me}")
         elif (group := consensus_group([*by_id], agrees, self.cfg.required_reviews)) is not None:
@@ -325,7 +435,7 @@ class ReviewService:
             events.append(event(exchange.id, item_id, "system", "resolved", resolution=values["resolution"],
                                 decided_by=values["decided_by"]))
         await self.repo.commit_label(item, LabelCommit(label, pairs, values, events))
-        return label, await self.item_detail(item_id)
+        return label, await self.item_detail(item_id, with_draft=False)
 
     @staticmethod
     def _resolution(exchange: Exchange, chosen: list[ReviewLabel], now: datetime, decided_by: str) -> dict:
@@ -364,7 +474,21 @@ class ReviewService:
             "pairs": [{"reviewers": list(k), **summary(v)} for k, v in sorted(by_pair.items())],
             "confidence_histogram": {"exchanges": len(confidences), "threshold": self.cfg.confidence_threshold,
                                      "bins": bins},
+            "teacher": await self.teacher_stats(),
         }
+
+    async def teacher_stats(self) -> dict:
+        """Per draft source: how often the teacher drafted, and how reviewers treated its drafts."""
+        sources = []
+        for source, c in sorted((await self.repo.draft_outcomes()).items()):
+            labels = sum(c.get(k, 0) for k in DRAFT_OUTCOMES)
+            sources.append({
+                "source": source, "asked": c.get("asked", 0), "drafted": c.get("drafted", 0),
+                "shown": c.get("shown", 0), "labels": labels,
+                **{k: c.get(k, 0) for k in DRAFT_OUTCOMES},
+                **{f"{k}_rate": round(c.get(k, 0) / labels, 4) if labels else None for k in DRAFT_OUTCOMES}})
+        return {"kind": self.cfg.teacher.kind,
+                "source": self.teacher.source if self.teacher is not None else None, "sources": sources}
 
     async def export_lines(self) -> AsyncIterator[str]:
         """Resolved items with an answer as chat-format JSONL (PII scrubbed again on the way out)."""

@@ -214,7 +214,7 @@ class Retrainer:
         snapshot = await asyncio.to_thread(datasets.build, settings, rows, kb, bootstrap=bootstrap,
                                            parent_manifest=parent_manifest)
         hits: dict[str, list[dict]] = {}
-        for question in [qa.question for qa in snapshot.eval_rows + snapshot.probe]:
+        for question in [qa.question for qa in snapshot.eval_rows + snapshot.probe + snapshot.calibration]:
             found = await asyncio.to_thread(kb.search, question, settings.rag.top_k, -1.0)
             hits[question] = [asdict(h) for h in found]
         (snapshot.path / "eval_hits.json").write_text(json.dumps(hits))

@@ -1,5 +1,5 @@
 """The gateway's scheduled jobs (APScheduler): a retraining cycle when one is due, the experiment's
-decision rule, and serving following the registry.
+decision rule, the calibrators' refit on reviewers' verdicts, and serving following the registry.
 
 The jobs are bound methods of `ScheduledJobs`, which is handed its collaborators (the run control
 and the serving service); nothing is reached through module globals. Every job lives in the
@@ -27,6 +27,7 @@ from gateway.store.base import as_utc
 
 if TYPE_CHECKING:
     from gateway.adapters.service import AdapterService
+    from gateway.calibration.service import CalibrationService
 
 log = structlog.get_logger(__name__)
 
@@ -34,8 +35,9 @@ log = structlog.get_logger(__name__)
 class ScheduledJobs:
     """What the scheduler runs; each job logs refusals instead of raising (a job never dies)."""
 
-    def __init__(self, retrainer: Retrainer, serving: "AdapterService | None" = None) -> None:
-        self.retrainer, self.serving = retrainer, serving
+    def __init__(self, retrainer: Retrainer, serving: "AdapterService | None" = None,
+                 calibration: "CalibrationService | None" = None) -> None:
+        self.retrainer, self.serving, self.calibration = retrainer, serving, calibration
 
     async def retrain(self) -> None:
         """Start a run if one is due (too few new labels → nothing happens)."""
@@ -55,6 +57,13 @@ class ScheduledJobs:
                      reason=result["reason"])
         except RegistryError as exc:  # e.g. an admin changed the registry at the same moment
             log.warning("experiment.evaluation_refused", detail=str(exc))
+
+    async def refit_calibrators(self) -> None:
+        """Refit the served variants' calibrators on their reviewers' verdicts (where enough exist)."""
+        split = self.serving.chat.split
+        variants = [v for v in (split.champion, split.challenger) if v]
+        await self.calibration.refit_all(variants)
+        await self.serving.reconcile()
 
     async def sync(self) -> None:
         """Serving follows the registry, including changes made by the CLI or another process."""
@@ -81,6 +90,9 @@ def make_scheduler(settings: Settings, jobs: ScheduledJobs, anchor: datetime | N
         scheduler.add_job(jobs.evaluate_experiment, IntervalTrigger(seconds=exp.evaluate_interval_s),
                           id="experiment", name="experiment decision",
                           misfire_grace_time=int(exp.evaluate_interval_s) + 60, **common)
+    if jobs.serving is not None and jobs.calibration is not None and settings.calibration.enabled:
+        scheduler.add_job(jobs.refit_calibrators, IntervalTrigger(hours=settings.calibration.refit_interval_hours),
+                          id="calibration", name="calibrator refit on reviewers' verdicts", **common)
     if jobs.serving is not None:
         scheduler.add_job(jobs.sync, IntervalTrigger(seconds=exp.sync_interval_s), id="sync",
                           name="serving follows the registry", **common)

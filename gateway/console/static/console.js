@@ -15,6 +15,7 @@
       case "a": handled = click("btn-approve"); break;
       case "r": handled = click("btn-reject"); break;
       case "c": handled = click("btn-correct"); break;
+      case "d": handled = click("btn-draft"); break;  // use the teacher's draft
       case "e": var t = document.getElementById("corrected_answer"); if (t) { t.focus(); handled = true; } break;
       case "n": handled = click("review-next"); break;
       case "q": window.location.href = "/console"; handled = true; break;
