@@ -188,7 +188,9 @@ class FrozenSplit:
         if not split.path.is_file():
             seeds = seed_path(settings)
             pool = [qa for qa in (load_qa(seeds) if seeds else []) if frozen.covers(qa.question) is None]
-            size = min(settings.retraining.calibration_seed_size, len(pool))
+            # a small FAQ keeps most of its rows for training
+            size = min(settings.retraining.calibration_seed_size,
+                       int(settings.retraining.calibration_max_share * len(pool)))
             for qa in random.Random(CALIBRATION_SEED).sample(pool, size):
                 split.add({"question": qa.question, "answer": qa.answer, "source": "seed", "item_id": None})
             split.save()

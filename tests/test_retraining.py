@@ -46,7 +46,8 @@ def seed_csv(tmp_path) -> Path:
 
 
 def settings_for(make_settings, model_dir, seed_csv, **retraining):
-    return make_settings(model_dir, retraining={"seed_data": str(seed_csv), "eval_seed_size": 5, "min_examples": 4,
+    return make_settings(model_dir, retraining={"seed_data": str(seed_csv), "eval_seed_size": 5,
+                                                "calibration_seed_size": 5, "min_examples": 4,
                                                 "eval_max_tokens": 12, "eval_limit": 3, "forgetting_probe_size": 3,
                                                 **retraining},
                          training={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "nice": 0})
@@ -89,7 +90,9 @@ def test_dataset_split_leakage_dedupe_and_pii(make_settings, tiny_model_dir, see
     assert len(reviewed) == 3 and snap.label_count == 3
     close = next(e for e in reviewed if "close" in e.question.lower())
     assert close.messages[-1]["content"] == "Visit a branch with ID."  # the latest resolution wins
-    assert snap.seed_count == 35  # cumulative: every seed row outside the split
+    assert snap.seed_count == 30  # cumulative: every seed row outside the frozen and calibration splits
+    assert len(snap.calibration) == 5 and not any(ds.FrozenSplit.calibration(settings, split).covers(e.question)
+                                                  for e in snap.train)  # the calibration split is held out too
     text = (snap.path / "train.jsonl").read_text()
     assert "4111 1111 1111 1111" not in text and "help@bank.example" not in text  # PII scrubbed
     assert "1800-202-6161" in text  # ...but the bank's own number (pii.keep_numbers) stays
@@ -106,7 +109,7 @@ def test_warm_dataset_is_the_new_reviews_plus_replay(make_settings, tiny_model_d
                             mode="warm", replay_ratio=2.0, min_replay=4)
     first = [resolved(i, f"How do I pay bill number {i}?", f"Use online banking for bill {i}.") for i in range(1, 5)]
     parent = ds.build(settings, first, kb=None)  # what the champion was trained on (cumulative: no parent)
-    assert parent.manifest["mode"] == "cumulative" and parent.seed_count == 35
+    assert parent.manifest["mode"] == "cumulative" and parent.seed_count == 30
     later = first + [resolved(i, f"Can I open account type {i} online?", f"Yes, type {i} opens online.",
                               "2026-11-05T00:00:00") for i in range(5, 10)]
     snap = ds.build(settings, later, kb=None, parent_manifest=parent.manifest)

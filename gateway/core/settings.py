@@ -277,6 +277,7 @@ class RetrainingSettings(_Section):
     context_in_prompts: bool = True  # seed examples carry retrieved context in their prompt (measured)
     eval_seed_size: int = Field(100, ge=0)  # seed questions frozen into the evaluation split
     calibration_seed_size: int = Field(100, ge=0)  # seed questions held out to fit the confidence calibrator
+    calibration_max_share: float = Field(0.2, ge=0.0, le=0.5)  # ...but at most this share of the seed rows left
     eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation
     eval_max_tokens: int = Field(96, ge=8)
     eval_limit: int = Field(0, ge=0)  # >0: evaluate on at most this many frozen-split rows
