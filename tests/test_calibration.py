@@ -176,6 +176,7 @@ async def test_refit_on_reviewers_verdicts(make_settings, tiny_model_dir):
         assert (await c.post("/v1/calibrators/refit", json={"variant": "../x"}, headers=H["boss"])).status_code == 400
         assert (await c.post("/v1/calibrators/refit", content=b"{", headers=H["boss"])).status_code == 400
         assert (await c.get("/v1/calibrators/999", headers=H["boss"])).status_code == 404
+        assert (await c.get("/v1/calibrators/68662022999868801024", headers=H["boss"])).status_code == 404
         ids = []
         for i in range(14):
             body = (await c.post("/v1/chat/completions", json=ask(i), headers=H["app"])).json()

@@ -11,6 +11,7 @@ from gateway.calibration.models import CalibratorRow
 from gateway.exchanges.models import Exchange
 from gateway.review.models import ReviewItem
 from gateway.store.base import utcnow
+from gateway.store.db import is_row_id
 
 GOOD_RESOLUTIONS = ("approve",)  # approve = good; correct / reject = bad
 
@@ -54,6 +55,8 @@ class Calibrators:
             return list((await s.scalars(query)).all())
 
     async def get(self, calibrator_id: int) -> CalibratorRow | None:
+        if not is_row_id(calibrator_id):  # beyond what the database can store: no such row
+            return None
         async with self.sessions() as s:
             return await s.get(CalibratorRow, calibrator_id)
 
