@@ -240,7 +240,8 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
                         cache.put(mode, item)
                 items = [cache.get(mode, qa.question) for qa in rows]
                 per_question[name][mode] = items
-                result[name][mode] = summarise(items)
+                if not mode.startswith("calibration"):  # the calibration split feeds the calibrator only
+                    result[name][mode] = summarise(items)
             cache.save()
         result["comparisons"] = {
             mode: paired([i["similarity"] for i in per_question["candidate"][mode]],
@@ -249,9 +250,6 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
             for mode in per_question["candidate"] if not mode.startswith("calibration")}
         result["calibration_items"] = {m: v for m, v in per_question["candidate"].items() if m.startswith("calibration")}
         result["candidate_items"] = {m: v for m, v in per_question["candidate"].items() if m in ("rag", "no_rag")}
-        for name in ("candidate",):
-            result[name].pop("calibration_rag", None)
-            result[name].pop("calibration_no_rag", None)
         return result
     finally:
         await engine.stop()

