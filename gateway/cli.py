@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import sys
 from pathlib import Path
@@ -138,62 +139,138 @@ async def _active_calibrator(settings, variant: str):  # noqa: ANN001, ANN202
         return (await Calibrators(sessions).active()).get(variant)
 
 
+def _eval_rows(args: argparse.Namespace, settings) -> dict[str, list]:  # noqa: ANN001
+    """The questions to ask, per set: the --data CSV and/or each --set (a data/eval set or a JSONL)."""
+    from gateway.core.settings import PROJECT_ROOT
+    from retraining.evaluate import EVAL_SETS, load_eval_set, load_qa
+
+    sets: dict[str, list] = {}
+    if args.data:
+        if not Path(args.data).is_file():
+            raise CliError(f"{args.data}: no such file")
+        try:
+            sets[Path(args.data).stem] = load_qa(args.data, args.limit, args.seed)
+        except ValueError as exc:  # includes UnicodeDecodeError
+            raise CliError(f"{exc}" if "columns" in str(exc) else f"{args.data}: not a UTF-8 CSV ({exc})") from None
+    for name in args.set or ():
+        if name not in EVAL_SETS and not Path(name).is_file():
+            raise CliError(f"--set {name}: neither one of {', '.join(EVAL_SETS)} nor a JSONL file")
+        try:
+            rows = load_eval_set(name, settings, PROJECT_ROOT)
+        except (ValueError, KeyError, TypeError) as exc:  # includes JSON and UTF-8 errors
+            raise CliError(f"--set {name}: not an evaluation set ({type(exc).__name__}: {exc})") from None
+        if args.limit is not None and args.limit < len(rows):
+            rows = random.Random(args.seed).sample(rows, args.limit)
+        sets[Path(name).stem] = rows
+    if not sets:
+        raise CliError("give --data CSV and/or --set (verbatim, reworded, conversations, out_of_coverage or a JSONL)")
+    for name, rows in sets.items():
+        if not rows:
+            raise CliError(f"{name}: no questions")
+    return sets
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from gateway.calibration.calibrator import reliability
+    from gateway.calibration.diagram import reliability_svg
     from gateway.core.logging import configure_logging
     from gateway.core.runtime import build_engine, build_knowledge_base
+    from gateway.engine.base import EngineError
     from gateway.knowledge.embeddings import Embedder
-    from retraining.evaluate import evaluate, load_qa
+    from retraining.evaluate import evaluate
 
     settings = _settings(args)
-    if not Path(args.data).is_file():
-        raise CliError(f"{args.data}: no such file")
-    try:
-        rows = load_qa(args.data, args.limit, args.seed)
-    except ValueError as exc:  # includes UnicodeDecodeError
-        raise CliError(f"{exc}" if "columns" in str(exc) else f"{args.data}: not a UTF-8 CSV ({exc})") from None
-    if not rows:
-        raise CliError(f"{args.data}: no question/answer rows")
+    sets = _eval_rows(args, settings)
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
 
-    async def run() -> dict:
+    variants = args.adapter or ["base"]
+
+    async def adapter_dirs() -> dict[str, str]:
+        """Each named version's folder, its files checked against the registry's sha256 first."""
+        from gateway.adapters.registry import AdapterRegistry, RegistryError
+        from gateway.core.runtime import open_database
+
+        named = [v for v in variants if v != "base"]
+        if not named:
+            return {}
+        async with open_database(settings) as sessions:
+            registry = AdapterRegistry(sessions, settings.storage.data_dir)
+            try:
+                return {v: str(await registry.verify(v)) for v in named}
+            except RegistryError as exc:
+                raise CliError(f"{exc} (see GET /v1/adapters)") from None
+
+    async def run() -> dict[str, dict[str, dict]]:
+        folders = await adapter_dirs()
         engine = build_engine(settings)
-        calibrator = await _active_calibrator(settings, args.adapter or "base")
         kb = await asyncio.to_thread(build_knowledge_base, settings) if args.rag else None
         embedder = kb.embedder if kb else Embedder(settings.rag.embedding_model)
         await engine.start()
-        bar, update = _progress("answering")
-        bar.unit = "question"
+        reports: dict[str, dict[str, dict]] = {}
         try:
-            return await evaluate(settings, engine, embedder, rows, kb=kb, rag=args.rag, adapter=args.adapter,
-                                  max_tokens=args.max_tokens, concurrency=args.concurrency, progress=update,
-                                  calibrator=calibrator)
+            for version, folder in folders.items():
+                await engine.load_adapter(version, folder)
+            for variant in variants:
+                calibrator = await _active_calibrator(settings, variant)
+                for name, rows in sets.items():
+                    bar, update = _progress(f"{variant}: {name}")
+                    bar.unit = "question"
+                    try:
+                        reports.setdefault(variant, {})[name] = await evaluate(
+                            settings, engine, embedder, rows, kb=kb, rag=args.rag,
+                            adapter=None if variant == "base" else variant, max_tokens=args.max_tokens,
+                            concurrency=args.concurrency, progress=update, calibrator=calibrator)
+                    finally:
+                        bar.close()
+            return reports
         finally:
-            bar.close()
             await engine.stop()
 
-    from gateway.engine.base import EngineError
-
     try:
-        report = asyncio.run(run())
-    except EngineError as exc:  # e.g. an adapter version that is not loaded
+        reports = asyncio.run(run())
+    except EngineError as exc:
         raise CliError(str(exc)) from None
-    report["config"]["data"] = str(args.data)
-    report["config"]["seed"] = args.seed
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    from gateway.calibration.calibrator import reliability
-    from gateway.calibration.diagram import reliability_svg
-
-    labels = [i["good"] for i in report["items"]]
-    curves = {"confidence": report["summary"]["reliability"]}
-    if report["config"]["calibrator"] is not None:  # the formula beside the calibrated score
-        curves["formula (v2)"] = reliability([i["confidence"]["formula"] for i in report["items"]], labels)
-    svg = Path(args.out).with_suffix(".reliability.svg")
-    svg.write_text(reliability_svg(curves, title=f"{report['config']['adapter']}: reliability"))
-    report["config"]["reliability_svg"] = str(svg)
-    print(json.dumps({"config": report["config"], "summary": report["summary"], "seconds": report["seconds"]}, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    several = len(reports) > 1 or len(sets) > 1
+    for variant, by_set in reports.items():
+        for name, report in by_set.items():
+            report["config"].update(set=name, seed=args.seed,
+                                    data=args.data if name == Path(args.data or "").stem else name)
+            labels = [i["good"] for i in report["items"]]
+            curves = {"confidence": report["summary"]["reliability"]}
+            if report["config"]["calibrator"] is not None:  # the formula beside the calibrated score
+                curves["formula (v2)"] = reliability([i["confidence"]["formula"] for i in report["items"]], labels)
+            svg = out.with_suffix(f".{variant}.{name}.reliability.svg" if several else ".reliability.svg")
+            svg.write_text(reliability_svg(curves, title=f"{variant} on {name}: reliability"))
+            report["config"]["reliability_svg"] = str(svg)
+    if not several:  # one variant on one set: the report as before
+        report = next(iter(next(iter(reports.values())).values()))
+        out.write_text(json.dumps(report, indent=1))
+        print(json.dumps({"config": report["config"], "summary": report["summary"], "seconds": report["seconds"]},
+                         indent=1))
+        return 0
+    out.write_text(json.dumps({"variants": reports}, indent=1))
+    print(eval_table(reports))
     return 0
+
+
+def eval_table(reports: dict[str, dict[str, dict]]) -> str:
+    """Every variant on every set, side by side (what docs/benchmarks.md shows)."""
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = ["| set | variant | n | similarity | good | hit@1 | hit@k | fallback | cap hit | AUROC |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    names = list(next(iter(reports.values())))
+    for name in names:
+        for variant, by_set in reports.items():
+            s, n = by_set[name]["summary"], by_set[name]["config"]["n"]
+            lines.append(f"| {name} | {variant} | {n} | {cell(s['similarity_mean'])} | {cell(s['good_rate'])} | "
+                         f"{cell(s['retrieval_hit_at_1'])} | {cell(s['retrieval_hit_rate'])} | "
+                         f"{cell(s['fallback_rate'])} | {cell(s['cap_hit_rate'])} | {cell(s['auroc']['confidence'])} |")
+    return "\n".join(lines)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -386,10 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     experiments.add_argument("--actor", default="admin", help="recorded with the decision")
     experiments.set_defaults(func=_serving)
 
-    ev = sub.add_parser("eval", parents=[common], help="answer quality on a Q&A CSV (similarity, ROUGE-L, AUROC)")
-    ev.add_argument("--data", required=True, help="CSV with question,answer[,category]")
+    ev = sub.add_parser("eval", parents=[common], help="answer quality on a Q&A CSV and/or the evaluation sets "
+                                                      "(similarity, good share, retrieval hits, fallback rate, AUROC)")
+    ev.add_argument("--data", help="CSV with question,answer[,category]")
+    ev.add_argument("--set", action="append", metavar="NAME",
+                    help="an evaluation set: verbatim, reworded, conversations, out_of_coverage (data/eval) or a "
+                         "JSONL of the same shape; repeat for several, reported side by side")
     ev.add_argument("--rag", action=argparse.BooleanOptionalAction, default=True)
-    ev.add_argument("--adapter", help="adapter version to evaluate (default: the base model)")
+    ev.add_argument("--adapter", action="append", metavar="VERSION",
+                    help="adapter version to evaluate ('base': the base model, the default); repeat to compare, "
+                         "e.g. --adapter base --adapter v0001")
     ev.add_argument("--limit", type=int, help="a seeded random sample of this many rows")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-tokens", type=int, help="default: model.default_max_tokens")

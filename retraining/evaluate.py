@@ -6,7 +6,11 @@ sampling defaults and confidence), then scores the answer against the reference:
   * similarity: cosine of all-MiniLM-L6-v2 embeddings of answer and reference ("good" ≥ 0.75,
     the FINDINGS.md convention);
   * ROUGE-L F1 over lower-cased word tokens;
-  * retrieval hit: the reference entry (same normalised question) among the sources;
+  * retrieval hit: the reference entry (same normalised question) first among the sources (hit@1)
+    and among them at all (hit@k);
+  * fallback: the bot answered `rag.fallback_answer` because nothing relevant was retrieved — the
+    right answer to an out-of-coverage question (its reference is the fallback text), a wrong
+    refusal for a covered one;
   * cap hit (finish_reason "length") and looping (a word 4-gram ×3);
   * AUROC of the confidence score (and each of its parts) for separating good from bad answers.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import random
 import re
 import statistics
@@ -26,7 +31,13 @@ from typing import Callable
 from gateway.calibration.calibrator import Calibrator, brier, reliability
 from gateway.chat.confidence import is_looping
 from gateway.chat.confidence import score as score_confidence
-from gateway.chat.prompting import build_messages, retrieve, sampling_params
+from gateway.chat.prompting import (
+    build_messages,
+    is_no_match,
+    retrieval_query,
+    retrieve,
+    sampling_params,
+)
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine, Finished, GenerationRequest, TokenEvent
 from gateway.knowledge.documents import normalise_question
@@ -39,9 +50,48 @@ _TOKEN = re.compile(r"\w+")
 
 @dataclass(frozen=True)
 class QA:
+    """One evaluation question. `history`: earlier turns of its conversation (a follow-up);
+    `target`: the knowledge-base question whose entry answers it ("" = `question` itself);
+    `covered`: False when the knowledge base has no answer (the reference is then the fallback)."""
+
     question: str
     answer: str
     category: str = ""
+    history: tuple[tuple[str, str], ...] = ()
+    target: str = ""
+    covered: bool = True
+
+
+EVAL_SETS = ("verbatim", "reworded", "conversations", "out_of_coverage")
+
+
+def load_eval_set(name_or_path: str | Path, settings: Settings, root: Path) -> list[QA]:
+    """One of the evaluation sets in `data/eval` (EVAL_SETS; "verbatim" is the frozen questions the
+    rewordings were written from) or a JSONL file of the same shape:
+    {"question", "original"?, "answer"} | {"messages", "standalone", "answer"} | {"question"} (not covered)."""
+    name = str(name_or_path)
+    path = root / "data" / "eval" / ("reworded.jsonl" if name == "verbatim" else f"{name}.jsonl") \
+        if name in EVAL_SETS else Path(name)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out: list[QA] = []
+    seen: set[str] = set()
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {n} is not a JSON object")
+        if name == "verbatim":
+            if row["original"] not in seen:
+                seen.add(row["original"])
+                out.append(QA(row["original"], row["answer"], "verbatim"))
+        elif "messages" in row:
+            turns = [(m["role"], m["content"]) for m in row["messages"]]
+            if not turns or turns[-1][0] != "user":
+                raise ValueError(f"{path}: line {n}: a conversation must end with a user message")
+            out.append(QA(turns[-1][1], row["answer"], "conversation", tuple(turns[:-1]), row.get("standalone", "")))
+        elif "answer" in row:
+            out.append(QA(row["question"], row["answer"], "reworded", target=row.get("original", "")))
+        else:
+            out.append(QA(row["question"], settings.rag.fallback_answer, row.get("source", ""), covered=False))
+    return out
 
 
 def load_qa(path: str | Path, limit: int | None = None, seed: int = 0) -> list[QA]:
@@ -86,27 +136,42 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 
 async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, qa: QA, rag: bool,
                   adapter: str | None, max_tokens: int, calibrator: Calibrator | None = None) -> dict:
-    hits, top = None, None
+    """Ask as serving would: the same retrieval query, fallback rule, prompt and sampling."""
+    history = [{"role": role, "content": content} for role, content in qa.history]
+    conversation = history + [{"role": "user", "content": qa.question}]
+    hits, top, fallback = None, None, False
     if rag:
-        hits, top, _ = await retrieve(settings, kb, qa.question, settings.rag.top_k)
-    messages = build_messages(settings, [{"role": "user", "content": qa.question}], hits)
-    stream = await engine.submit(GenerationRequest("eval", messages, sampling_params(settings, max_tokens),
-                                                   adapter=adapter))
-    text, logprobs, entropies, fin = "", [], [], None
-    async for ev in stream:
-        text += ev.text
-        if isinstance(ev, TokenEvent):
-            logprobs.append(ev.logprob)
-            entropies.append(ev.entropy)
-        elif isinstance(ev, Finished):
-            fin = ev
+        hits, top, _ = await retrieve(settings, kb, retrieval_query(conversation, settings.rag.query_turns),
+                                      settings.rag.top_k)
+        fallback = is_no_match(settings, top)
+        top = 0.0 if top is None else top  # an empty knowledge base: nothing similar
+    text, logprobs, entropies = "", [], []
+    if fallback:
+        fin = Finished("stop", 0, 0)
+        text = settings.rag.fallback_answer
+    else:
+        messages = build_messages(settings, conversation, hits)
+        stream = await engine.submit(GenerationRequest("eval", messages, sampling_params(settings, max_tokens),
+                                                       adapter=adapter))
+        fin = None
+        async for ev in stream:
+            text += ev.text
+            if isinstance(ev, TokenEvent):
+                logprobs.append(ev.logprob)
+                entropies.append(ev.entropy)
+            elif isinstance(ev, Finished):
+                fin = ev
     conf = score_confidence(logprobs, text, fin.finish_reason, settings.confidence, top_similarity=top,
                             sources=None if hits is None else [h.as_source() for h in hits], entropies=entropies,
-                            calibrator=calibrator)
-    target = normalise_question(qa.question)
-    hit = None if hits is None else any(normalise_question(h.metadata.get("question", "")) == target for h in hits)
-    return {"question": qa.question, "reference": qa.answer, "answer": text, "finish_reason": fin.finish_reason,
+                            calibrator=None if fallback else calibrator)
+    target = normalise_question(qa.target or qa.question)
+    found = [] if hits is None else [normalise_question(h.metadata.get("question", "")) for h in hits]
+    hit = None if hits is None or not qa.covered else target in found
+    return {"question": qa.question, "history": [list(t) for t in qa.history], "covered": qa.covered,
+            "reference": qa.answer, "answer": text, "finish_reason": fin.finish_reason,
             "completion_tokens": fin.completion_tokens, "confidence": conf.parts(), "retrieval_hit": hit,
+            "retrieval_hit_at_1": None if hit is None else bool(found) and found[0] == target,
+            "fallback": fallback, "top_similarity": top,
             "sources": [] if hits is None else [h.metadata.get("question", h.id) for h in hits]}
 
 
@@ -137,7 +202,8 @@ async def evaluate(settings: Settings, engine: Engine, embedder: Embedder, rows:
     for item, sim in zip(items, sims):
         item["similarity"] = round(float(sim), 4)
         item["rouge_l"] = round(rouge_l(item["answer"], item["reference"]), 4)
-        item["good"] = item["similarity"] >= GOOD_SIMILARITY
+        # an out-of-coverage question is answered well by the fallback, or by words close to it
+        item["good"] = item["similarity"] >= GOOD_SIMILARITY or (item["fallback"] and not item["covered"])
         item["looping"] = is_looping(item["answer"])
     return {"config": {"rag": rag, "adapter": adapter or "base", "calibrator": calibrator.id if calibrator else None, "max_tokens": max_tokens, "n": len(items),
                        "layout": settings.rag.layout, "top_k": settings.rag.top_k,
@@ -152,6 +218,7 @@ def summarise(items: list[dict]) -> dict:
     n = len(items)
     conf = [i["confidence"] for i in items]
     hits = [i["retrieval_hit"] for i in items if i["retrieval_hit"] is not None]
+    hits_at_1 = [i["retrieval_hit_at_1"] for i in items if i.get("retrieval_hit_at_1") is not None]
     parts = {"confidence": [c["score"] for c in conf], "formula": [c.get("formula", c["score"]) for c in conf],
              "token_prob": [c["token_prob"] for c in conf]}
     if all(c["top_similarity"] is not None for c in conf):
@@ -165,6 +232,8 @@ def summarise(items: list[dict]) -> dict:
         "cap_hit_rate": round(sum(i["finish_reason"] == "length" for i in items) / n, 4),
         "loop_rate": round(sum(i["looping"] for i in items) / n, 4),
         "retrieval_hit_rate": round(sum(hits) / len(hits), 4) if hits else None,
+        "retrieval_hit_at_1": round(sum(hits_at_1) / len(hits_at_1), 4) if hits_at_1 else None,
+        "fallback_rate": round(sum(bool(i.get("fallback")) for i in items) / n, 4),
         "mean_completion_tokens": round(statistics.fmean(i["completion_tokens"] for i in items), 1),
         "mean_confidence": round(statistics.fmean(parts["confidence"]), 4),
         "auroc": {name: auroc(values, labels) for name, values in parts.items()},

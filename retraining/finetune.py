@@ -174,7 +174,10 @@ def train_adapter(settings: Settings, train_rows: list[list[dict]], eval_rows: l
     started = time.perf_counter()
     try:
         result = trainer.train()
-        final_eval = trainer.evaluate()
+        # load_best_model_at_end: the weights kept are the best evaluation's, whose loss the trainer
+        # recorded; evaluating them again would cost a whole pass over the evaluation set
+        best = trainer.state.best_metric
+        final_eval = {"eval_loss": best} if best is not None else trainer.evaluate()
         seconds = time.perf_counter() - started
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         save_atomically(trainer.model, out_dir)

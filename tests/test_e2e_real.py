@@ -18,7 +18,7 @@ QUESTIONS = [
     "What is a fixed deposit?",
     "How do I reset my internet banking password?",
     "What should I do if I forget my PIN?",
-    "How long does an international transfer take?",
+    "How do I register for email statements?",
 ]
 
 
@@ -228,6 +228,26 @@ def test_rag_answer_cites_the_matching_faq_entry(real_server, sdk):
     assert exchange(real_server, plain.model_extra["exchange_id"])["rag"] is False
 
 
+def test_follow_up_and_out_of_coverage_on_the_real_model(real_server, sdk):
+    """Issue 16 through the real server: a follow-up is searched with the question it follows and
+    answered from its entry; a question the bank's knowledge does not cover gets the fallback."""
+    convo = [{"role": "user", "content": "How should I get the IVR Password if I hold an add-on card"},
+             {"role": "assistant", "content": "It can be requested from your registered mobile number."},
+             {"role": "user", "content": "and how long does that take?"}]
+    resp = sdk.chat.completions.create(model="tellerloop", messages=convo, max_tokens=32)
+    assert resp.model_extra["sources"][0]["question"].startswith("How should I get the IVR Password")
+    assert resp.choices[0].message.content.strip() and resp.model_extra.get("fallback") is None
+    row = exchange(real_server, resp.model_extra["exchange_id"])
+    assert row["retrieval_query"] == f"{convo[0]['content']}\n{convo[2]['content']}"
+    alone = sdk.chat.completions.create(model="tellerloop", messages=[convo[2]], max_tokens=32)
+    assert alone.model_extra["sources"][:1] != resp.model_extra["sources"][:1]  # alone it is not found
+
+    out = sdk.chat.completions.create(model="tellerloop", max_tokens=32,
+                                      messages=[{"role": "user", "content": "Will it rain in Paris tomorrow?"}])
+    assert out.model_extra["fallback"] is True and out.model_extra["flagged"] is True
+    assert "customer care" in out.choices[0].message.content and out.usage.completion_tokens == 0
+
+
 def test_knowledge_search_over_http(real_server):
     r = httpx.get(f"{real_server.base_url}/v1/knowledge/search", params={"q": "lost or stolen card", "k": 3},
                   headers={"Authorization": "Bearer dev-reviewer-key"})
@@ -301,6 +321,8 @@ demo_data = ""
 enabled = false
 seed_data = "{seed}"
 eval_seed_size = 4
+calibration_seed_size = 4
+forgetting_probe_size = 4
 eval_max_tokens = 16
 min_examples = 4
 gate_margin = 1.0   # two training steps prove nothing offline: let live traffic decide

@@ -72,9 +72,12 @@ def test_reingest_is_idempotent_and_changes_replace(faq_kb):
     changed = "\n".join([lines[0], lines[1].replace("recorded message", "RECORDED MESSAGE")] + lines[3:]).encode()
     result = faq_kb.ingest_bytes("faq.csv", changed)
     assert not result.unchanged and result.removed == 1 and result.added == 0
+    assert result.embedded == 1  # only the edited entry: the others' stored vectors are reused
+    edited = changed.replace(b"RECORDED MESSAGE", b"RECORDED VOICE MESSAGE")
+    assert faq_kb.ingest_bytes("faq.csv", edited).embedded == 1
     assert faq_kb.count() == 1038
     top = faq_kb.search("Do I need to enter # after keying in my card number", 1)[0]
-    assert "RECORDED MESSAGE" in top.metadata["answer"]
+    assert "RECORDED VOICE MESSAGE" in top.metadata["answer"]
 
 
 def test_delete_by_source(faq_kb):
@@ -102,14 +105,48 @@ def test_failed_ingest_leaves_nothing_behind(faq_kb):
 )
 def test_paraphrased_questions_find_their_entry(faq_kb, paraphrase, entry_starts):
     hits = faq_kb.search(paraphrase, 3)
-    assert hits and all(-1 <= h.score <= 1 for h in hits)
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert hits and all(-1 <= h.score <= 1 for h in hits)  # fused rank order, each score its cosine
     if entry_starts:
         assert any(h.metadata["question"].startswith(entry_starts) for h in hits), [h.metadata["question"] for h in hits]
 
 
 def test_min_score_filters(faq_kb):
     assert faq_kb.search("zebra astrophysics poetry", 3, min_score=0.9) == []
+
+
+# ---- hybrid search: BM25 beside the embeddings, in step with every write ---------------------------
+def _ids(kb, query, k=3):
+    return [h.id for h in kb.search(query, k, -1.0)]
+
+
+def test_hybrid_finds_rare_words_and_follows_ingest_reingest_and_delete(faq_kb, embedder):
+    import numpy as np
+
+    kb = faq_kb
+    assert kb.cfg.search == "hybrid"  # the default
+    # BM25 outweighs the embeddings here, so a word only BM25 knows decides the first hit: what is
+    # tested is that the BM25 index follows every write
+    kb.cfg = kb.cfg.model_copy(update={"lexical_weight": 2.0})
+    doc = b"question,answer\nWhat is the Zorblax plan,The Zorblax plan is a savings plan with monthly interest.\n"
+    kb.ingest_bytes("extra.csv", doc)
+    zorblax = kb.search("zorblax", 1, -1.0)[0]
+    assert zorblax.metadata["source"] == "extra.csv"
+    q, d = embedder.embed(["zorblax", zorblax.text])
+    assert zorblax.score == pytest.approx(float(q @ d / np.linalg.norm(q) / np.linalg.norm(d)), abs=1e-3)
+    # a re-ingest that changes the words: the old word is gone at once, the new one is found
+    kb.ingest_bytes("extra.csv", doc.replace(b"Zorblax", b"Quaffle"))
+    assert not any("Zorblax" in h.text for h in kb.search("zorblax", 5, -1.0))
+    assert kb.search("quaffle", 1, -1.0)[0].metadata["source"] == "extra.csv"
+    kb.delete_source("extra.csv")
+    assert all(h.metadata.get("source") == "faq.csv" for h in kb.search("quaffle plan", 5, -1.0))
+
+
+def test_rrf_fuses_ranks():
+    from gateway.knowledge.lexical import rrf
+
+    fused = rrf([["a", "b", "c"], ["c", "d"]], k=60)
+    assert [i for i, _ in fused] == ["c", "a", "b", "d"]  # c is in both lists
+    assert rrf([["a"], ["b"]], k=60, weights=[1.0, 0.0])[0][0] == "a"
 
 
 # ---- a real Chroma server -------------------------------------------------------------------------
@@ -129,5 +166,12 @@ def test_chroma_server_backend(tmp_path, chroma_server, embedder):
     assert kb.stats()["backend"] == "http"
     assert kb.search("how much is a wire transfer", 1)[0].metadata["title"] == "Fees"
     assert kb.ingest_bytes("help.md", doc).unchanged
+    # a second gateway on the same server rebuilds its BM25 index when the version stamp moves
+    reader = KnowledgeBase(cfg.model_copy(update={"lexical_refresh_s": 0}), tmp_path, embedder)
+    assert reader.search("wire", 1)[0].metadata["title"] == "Fees"
+    kb.ingest_bytes("vault.md", b"# Vault\n\nThe Grimbly vault opens at nine.\n")
+    assert reader.search("grimbly", 1)[0].metadata["title"] == "Vault"
+    kb.delete_source("vault.md")
+    assert "Vault" not in [h.metadata["title"] for h in reader.search("grimbly", 3, -1.0)]
     assert kb.delete_source("help.md") == 2 and kb.count() == 0
     assert not (tmp_path / "chroma").exists()  # nothing was written locally

@@ -42,10 +42,43 @@ async def test_rag_chat_returns_and_logs_sources(client):
     assert row["rag"] is False and row["confidence_parts"]["retrieval"] is None
 
     r = (await client.post("/v1/chat/completions", json={**body, "rag_top_k": 3}, headers=CLIENT)).json()
-    assert len(r["sources"]) == 3
-    assert [s["score"] for s in r["sources"]] == sorted((s["score"] for s in r["sources"]), reverse=True)
+    assert len(r["sources"]) == 3 and r["sources"][0]["question"] == top["question"]  # fused rank order
     r = await client.post("/v1/chat/completions", json={**body, "rag_top_k": 99}, headers=CLIENT)
     assert r.status_code == 400 and r.json()["error"]["param"] == "rag_top_k"
+
+
+async def test_a_follow_up_is_searched_with_the_question_it_follows(client):
+    convo = [{"role": "user", "content": FAQ_Q}, {"role": "assistant", "content": "You can ask for it by SMS."},
+             {"role": "user", "content": "and what if that does not work?"}]
+    r = (await client.post("/v1/chat/completions", json={"model": "tellerloop", "messages": convo, "max_tokens": 4},
+                           headers=CLIENT)).json()
+    assert r["sources"][0]["question"].startswith("How should I get the IVR Password")
+    row = (await client.get(f"/v1/exchanges/{r['exchange_id']}", headers=REVIEWER)).json()
+    assert row["retrieval_query"] == f"{FAQ_Q}\nand what if that does not work?"  # rag.query_turns = 2
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "user"]  # the whole conversation
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_question_the_bank_cannot_answer_gets_the_fallback_and_is_queued(client, stream):
+    body = {"model": "tellerloop", "messages": [{"role": "user", "content": "Will it rain in Paris tomorrow?"}],
+            "max_tokens": 8, "stream": stream}
+    fallback = client.settings.rag.fallback_answer
+    if stream:
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=CLIENT) as resp:
+            chunks = [json.loads(line[6:]) for line in [x async for x in resp.aiter_lines()]
+                      if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == fallback
+        r = chunks[-1]
+    else:
+        r = (await client.post("/v1/chat/completions", json=body, headers=CLIENT)).json()
+        assert r["choices"][0]["message"]["content"] == fallback and r["usage"]["completion_tokens"] == 0
+    assert r["fallback"] is True and r["retrieval"] == "no_match" and r["flagged"] is True
+    row = (await client.get(f"/v1/exchanges/{r['exchange_id']}", headers=REVIEWER)).json()
+    assert row["retrieval"] == "no_match" and row["answer"] == fallback
+    queue = (await client.get("/v1/review/queue?limit=50", headers=REVIEWER)).json()
+    assert r["exchange_id"] in [i["exchange_id"] for i in queue["data"]]
+    metrics = (await client.get("/metrics", headers=REVIEWER)).text
+    assert "tellerloop_fallback_answers_total" in metrics
 
 
 async def test_streamed_last_chunk_carries_sources(client):

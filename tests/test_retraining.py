@@ -287,12 +287,15 @@ async def _run_cycle(settings, quantization: str):
 
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
-async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings, real_model_dir, seed_csv, quantization):
+async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings, real_model_dir, tiny_model_dir,
+                                                                  seed_csv, quantization):
+    """QLoRA on the real SmolLM2; plain LoRA on the tiny model here, as the real model's LoRA run is
+    the end-to-end retraining cycle through the real server (tests/test_e2e_real.py)."""
     from gateway.chat.prompting import sampling_params
     from gateway.core.runtime import build_engine
     from gateway.engine.base import Finished, GenerationRequest
 
-    settings = settings_for(make_settings, real_model_dir, seed_csv)
+    settings = settings_for(make_settings, real_model_dir if quantization == "4bit" else tiny_model_dir, seed_csv)
     run, adapter, retrainer = await _run_cycle(settings, quantization)
     assert run.status == "succeeded", (run.error, Path(run.log_path).read_text()[-3000:])
     training = run.metrics["training"]
@@ -324,6 +327,20 @@ async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings,
         assert base != tuned  # the adapter changes the model's output (its tokens or their probabilities)
     finally:
         await engine.stop()
+    if quantization == "none":  # `tellerloop eval` compares the base model and the new version, set by set
+        cfg = Path(settings.storage.data_dir).parent / "eval.toml"
+        cfg.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[rag]\ndemo_data = ""\n')
+        out = Path(settings.storage.data_dir).parent / "eval.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "eval", "--config", str(cfg), "--data-dir", str(settings.storage.data_dir),
+             "--set", "verbatim", "--set", "conversations", "--limit", "2", "--no-rag", "--max-tokens", "4",
+             "--adapter", "base", "--adapter", "v0001", "--out", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "| conversations | v0001 | 2 |" in proc.stdout and "| verbatim | base | 2 |" in proc.stdout
+        report = json.loads(out.read_text())["variants"]
+        assert set(report) == {"base", "v0001"} and set(report["v0001"]) == {"verbatim", "conversations"}
+        assert report["v0001"]["conversations"]["config"]["adapter"] == "v0001"
 
 
 async def test_warm_start_continues_the_champion(make_settings, tiny_model_dir, seed_csv):

@@ -53,3 +53,14 @@ def test_routing_without_an_experiment():
     assert resolve_variant("base", "tellerloop", ["base"], Split()) == Route("base", pinned=True)
     with pytest.raises(UnknownModel):
         resolve_variant("gpt-4", "tellerloop", ["base"], Split())
+
+
+def test_retrieval_query_joins_the_last_user_turns():
+    from gateway.chat.prompting import retrieval_query
+
+    convo = [{"role": "system", "content": "s"}, {"role": "user", "content": "How do I get an IVR password?"},
+             {"role": "assistant", "content": "By SMS."}, {"role": "user", "content": "and how long does it take?"}]
+    assert retrieval_query(convo, 1) == "and how long does it take?"
+    assert retrieval_query(convo, 2) == "How do I get an IVR password?\nand how long does it take?"
+    assert retrieval_query(convo, 5) == retrieval_query(convo, 2)  # fewer turns than asked: all of them
+    assert retrieval_query(convo[:2], 2) == "How do I get an IVR password?"

@@ -62,11 +62,12 @@ class Calibrators:
 
     async def reviewed(self, variant: str, limit: int) -> list[tuple[dict, bool]]:
         """(confidence parts, good) of the variant's newest resolved review items whose exchange has
-        the raw signals (rows logged before calibration existed are skipped)."""
+        the raw signals (rows logged before calibration existed are skipped, and so are fallback
+        answers: the model did not write them)."""
         query = (select(Exchange.confidence_parts, ReviewItem.resolution)
                  .join(ReviewItem, ReviewItem.exchange_id == Exchange.id)
                  .where(Exchange.variant == variant, ReviewItem.status == "resolved",
-                        ReviewItem.resolution.is_not(None))
+                        ReviewItem.resolution.is_not(None), Exchange.retrieval.is_distinct_from("no_match"))
                  .order_by(ReviewItem.resolved_at.desc()).limit(limit))
         async with self.sessions() as s:
             rows = (await s.execute(query)).all()
@@ -76,7 +77,8 @@ class Calibrators:
     async def recent_parts(self, variant: str, limit: int) -> list[dict]:
         """Confidence parts of the variant's newest answered exchanges (for a review-share threshold)."""
         query = (select(Exchange.confidence_parts).where(Exchange.variant == variant,
-                                                         Exchange.finish_reason.in_(("stop", "length")))
+                                                         Exchange.finish_reason.in_(("stop", "length")),
+                                                         Exchange.retrieval.is_distinct_from("no_match"))
                  .order_by(Exchange.created_at.desc()).limit(limit))
         async with self.sessions() as s:
             return [p for p in (await s.scalars(query)).all() if p and "formula" in p]

@@ -91,7 +91,8 @@ def score(
     `entropies`: per-token entropies where the engine reports them."""
     truncated = finish_reason == "length"
     retrieval = None if top_similarity is None else retrieval_part(top_similarity, cfg)
-    second = sources[1]["score"] if sources and len(sources) > 1 else None
+    ranked = sorted((s["score"] for s in sources or []), reverse=True)  # fused order is not by similarity
+    second = ranked[1] if len(ranked) > 1 else None
     top_entry = (sources[0].get("answer") or sources[0].get("text") or "") if sources else None
     known = [e for e in entropies or () if e is not None]
     extra = {"mean_entropy": round(sum(known) / len(known), 6) if known else None, "tokens": len(logprobs),

@@ -14,7 +14,7 @@ import asyncio
 import time
 
 from gateway.core.settings import Settings
-from gateway.engine.base import SamplingParams
+from gateway.engine.base import Finished, SamplingParams
 from gateway.knowledge.store import Hit, KnowledgeBase
 
 NO_CONTEXT = "No information in the bank's records matches this question."
@@ -59,6 +59,42 @@ def last_user_message(messages: list[dict[str, str]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
+def retrieval_query(messages: list[dict[str, str]], turns: int) -> str:
+    """What the knowledge base is searched with: the last `turns` user messages, oldest first, so a
+    follow-up ("and how long does that take?") carries the question it follows. A new topic still
+    ranks its own entries first: the hybrid ranking favours the words of both, and the last
+    message's are the only ones that change."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return "\n".join(users[-turns:])
+
+
+class CannedAnswer:
+    """A token stream that answers a fixed text without the model (the fallback when nothing
+    relevant was retrieved): one `Finished` event carrying the text, no tokens generated."""
+
+    def __init__(self, text: str) -> None:
+        self._events = [Finished("stop", 0, 0, text=text)]
+
+    def __aiter__(self) -> "CannedAnswer":
+        return self
+
+    async def __anext__(self) -> Finished:
+        if not self._events:
+            raise StopAsyncIteration
+        return self._events.pop()
+
+    async def aclose(self) -> None:
+        self._events.clear()
+
+
+def is_no_match(settings: Settings, top_similarity: float | None) -> bool:
+    """Nothing retrieved is relevant enough to answer from (`rag.fallback_min_similarity`). An empty
+    knowledge base (None) is not a miss: nothing has been ingested yet, so the model answers, told
+    that no record matches, as it always did."""
+    return (settings.rag.fallback and top_similarity is not None
+            and top_similarity < settings.rag.fallback_min_similarity)
+
+
 def sampling_params(settings: Settings, max_tokens: int, **request: object) -> SamplingParams:
     """Serving defaults from settings, overridden by what a request (or `tellerloop eval`) sets."""
     cfg = settings.model
@@ -75,10 +111,12 @@ def sampling_params(settings: Settings, max_tokens: int, **request: object) -> S
     )
 
 
-async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> tuple[list[Hit], float, float]:
-    """Top-k hits above `rag.min_score`, the best similarity seen (even if under the floor), and ms taken."""
+async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> tuple[list[Hit], float | None, float]:
+    """Top-k hits above `rag.min_score`, the best similarity seen (even if under the floor; None when
+    the knowledge base is empty), and ms taken. The hits are in retrieval order (fused rank in hybrid
+    mode), not necessarily by similarity."""
     started = time.perf_counter()
     hits = await asyncio.to_thread(kb.search, question, k, -1.0)
-    top = hits[0].score if hits else 0.0
+    top = max((h.score for h in hits), default=None)
     kept = [h for h in hits if h.score >= settings.rag.min_score]
     return kept, top, (time.perf_counter() - started) * 1000

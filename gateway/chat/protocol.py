@@ -214,8 +214,11 @@ class ExchangeExtras(BaseModel):
     flagged: bool
     variant: str = Field(description="the adapter version (or 'base') that answered")
     sources: list[Source]
-    retrieval: Literal["ok", "unavailable"] | None = Field(
-        None, description="unavailable: the knowledge base could not be searched and the answer is ungrounded")
+    retrieval: Literal["ok", "unavailable", "no_match"] | None = Field(
+        None, description="unavailable: the knowledge base could not be searched and the answer is ungrounded; "
+                          "no_match: nothing retrieved was relevant enough (rag.fallback_min_similarity), so the "
+                          "answer is rag.fallback_answer")
+    fallback: bool | None = Field(None, description="true when the answer is the configured fallback, not generated")
 
 
 class ChatCompletion(ExchangeExtras):

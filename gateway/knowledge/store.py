@@ -7,25 +7,39 @@ thread (`asyncio.to_thread`) in the gateway.
 Ingestion is per *source* (a file name): an unchanged file (same content hash) is a no-op; a changed
 one is upserted and its chunks that no longer exist are deleted afterwards, so searches never see
 an empty gap; if the upsert fails, chunks it added are removed again (nothing half-ingested).
+
+Search is hybrid by default (`rag.search`): the embedding neighbours and a BM25 ranking of the
+same chunks (`lexical.py`) are fused by reciprocal rank. Every write stamps a new
+`lexical_version` in the collection's metadata; a searcher rebuilds its BM25 index when the stamp
+differs from the one it indexed (checked at most every `rag.lexical_refresh_s`, at once after a
+write of its own), so replicas sharing a Chroma server stay in step with ingest and delete.
+A hit's `score` is always the embedding cosine similarity, whichever ranking found it, so the
+confidence signals and `rag.min_score` mean the same thing in both modes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+import numpy as np
 import structlog
 
 from gateway.core.settings import RagSettings
 from gateway.knowledge.documents import Chunk, content_hash, parse
 from gateway.knowledge.embeddings import Embedder
+from gateway.knowledge.lexical import LexicalIndex, cosine, rrf
 
 log = structlog.get_logger(__name__)
 _WRITE_BATCH = 256
+_READ_PAGE = 5000
+_VERSION_KEY = "lexical_version"
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class IngestResult:
     updated: int
     removed: int
     unchanged: bool
+    embedded: int = 0  # chunks whose vectors were computed (the others' stored vectors were reused)
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
@@ -76,6 +91,10 @@ class KnowledgeBase:
         self.collection = self.client.get_or_create_collection(
             self.collection_name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
         )
+        self._lexical: LexicalIndex | None = None
+        self._lexical_lock = threading.Lock()
+        self._lexical_checked = 0.0
+        self._lexical_stale = True  # this process wrote since the index was built
 
     # ---- writing --------------------------------------------------------------------------
     def ingest_bytes(self, source: str, data: bytes, fmt: str | None = None,
@@ -87,13 +106,24 @@ class KnowledgeBase:
 
     def ingest_chunks(self, source: str, chunks: list[Chunk], digest: str,
                       progress: Callable[[int, int], None] | None = None) -> IngestResult:
-        existing = self.collection.get(where={"source": source}, include=["metadatas"])
+        existing = self.collection.get(where={"source": source}, include=["metadatas", "documents", "embeddings"])
         old_ids = set(existing["ids"])
         if old_ids and all(m.get("content_hash") == digest for m in existing["metadatas"]) \
                 and old_ids == {c.id for c in chunks}:
             return IngestResult(source, len(chunks), 0, 0, 0, True)
         now = datetime.now(timezone.utc).isoformat()
-        vectors = self.embedder.embed([c.text for c in chunks], progress)
+        # a changed file re-embeds only the chunks whose text changed (a one-line edit of a large FAQ
+        # costs one embedding, not thousands), if the stored vectors come from this same model
+        old_vectors = existing["embeddings"] if existing["embeddings"] is not None else []
+        stored = {i: (doc, vec) for i, doc, meta, vec in zip(existing["ids"], existing["documents"],
+                                                             existing["metadatas"], old_vectors)
+                  if (meta or {}).get("embedder") == self.embedder.identity}
+        todo = [n for n, c in enumerate(chunks) if c.id not in stored or stored[c.id][0] != c.text]
+        fresh = self.embedder.embed([chunks[n].text for n in todo], progress) if todo else []
+        vectors = [np.asarray(stored[c.id][1], dtype=np.float32) if c.id in stored else None for c in chunks]
+        for n, vec in zip(todo, fresh):
+            vectors[n] = vec
+        meta_extra = {"content_hash": digest, "ingested_at": now, "embedder": self.embedder.identity}
         added_ids: list[str] = []
         try:
             for start in range(0, len(chunks), _WRITE_BATCH):
@@ -102,18 +132,21 @@ class KnowledgeBase:
                     ids=[c.id for c in batch],
                     embeddings=[v.tolist() for v in vectors[start : start + _WRITE_BATCH]],
                     documents=[c.text for c in batch],
-                    metadatas=[{**c.metadata, "content_hash": digest, "ingested_at": now} for c in batch],
+                    metadatas=[{**c.metadata, **meta_extra} for c in batch],
                 )
                 added_ids += [c.id for c in batch if c.id not in old_ids]
         except Exception:
             if added_ids:
                 self.collection.delete(ids=added_ids)
+            self._stamp()  # whatever the upsert changed before it failed
             raise
         new_ids = {c.id for c in chunks}
         stale = sorted(old_ids - new_ids)
         for start in range(0, len(stale), _WRITE_BATCH):
             self.collection.delete(ids=stale[start : start + _WRITE_BATCH])
-        result = IngestResult(source, len(chunks), len(new_ids - old_ids), len(new_ids & old_ids), len(stale), False)
+        self._stamp()
+        result = IngestResult(source, len(chunks), len(new_ids - old_ids), len(new_ids & old_ids), len(stale), False,
+                              len(todo))
         log.info("kb.ingested", **result.as_dict())
         return result
 
@@ -121,21 +154,83 @@ class KnowledgeBase:
         ids = self.collection.get(where={"source": source}, include=[])["ids"]
         for start in range(0, len(ids), _WRITE_BATCH):
             self.collection.delete(ids=ids[start : start + _WRITE_BATCH])
+        if ids:
+            self._stamp()
         return len(ids)
+
+    def _stamp(self) -> None:
+        """Tell every searcher (this process at once, others within `rag.lexical_refresh_s`) that the
+        chunks changed and the BM25 index must be rebuilt."""
+        self._lexical_stale = True
+        self.collection.modify(metadata={_VERSION_KEY: uuid.uuid4().hex})
 
     # ---- reading --------------------------------------------------------------------------
     def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
+        """The `k` best chunks for `query` whose cosine similarity is at least `min_score`
+        (`rag.min_score` when None): embedding neighbours, fused with BM25 in hybrid mode."""
         if self.collection.count() == 0:
             return []
         vector = self.embedder.embed([query])[0]
-        res = self.collection.query(query_embeddings=[vector.tolist()], n_results=k,
+        hybrid = self.cfg.search == "hybrid"
+        res = self.collection.query(query_embeddings=[vector.tolist()],
+                                    n_results=max(k, self.cfg.candidates) if hybrid else k,
                                     include=["documents", "metadatas", "distances"])
-        hits = [
+        dense = [
             Hit(i, doc, 1.0 - float(dist), meta or {})
             for i, doc, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])
         ]
+        hits = self._fuse(query, vector, dense, k) if hybrid else dense[:k]
         floor = self.cfg.min_score if min_score is None else min_score
         return [h for h in hits if h.score >= floor]
+
+    def _fuse(self, query: str, vector: np.ndarray, dense: list[Hit], k: int) -> list[Hit]:
+        lexical = self.lexical_index().search(query, max(k, self.cfg.candidates))
+        fused = rrf([[h.id for h in dense], [i for i, _ in lexical]], self.cfg.rrf_k,
+                    [1.0, self.cfg.lexical_weight])[:k]
+        by_id = {h.id: h for h in dense}
+        missing = [i for i, _ in fused if i not in by_id]
+        if missing:  # found by BM25 alone: fetch it and score it by the same cosine
+            got = self.collection.get(ids=missing, include=["documents", "metadatas", "embeddings"])
+            if got["ids"]:
+                sims = cosine(vector, np.asarray(got["embeddings"], dtype=np.float32))
+                for i, doc, meta, sim in zip(got["ids"], got["documents"], got["metadatas"], sims):
+                    by_id[i] = Hit(i, doc, float(sim), meta or {})
+        return [by_id[i] for i, _ in fused if i in by_id]  # a chunk deleted since indexing is skipped
+
+    def lexical_index(self) -> LexicalIndex:
+        """The BM25 index of the collection as it is now (rebuilt if a write stamped a new version)."""
+        index = self._lexical
+        fresh = time.monotonic() - self._lexical_checked < self.cfg.lexical_refresh_s
+        if index is not None and not self._lexical_stale and fresh:
+            return index
+        with self._lexical_lock:
+            version = self._stored_version()
+            self._lexical_checked = time.monotonic()
+            if self._lexical is None or self._lexical_stale or version != self._lexical.version:
+                self._lexical_stale = False  # before reading: a write during the read marks it again
+                self._lexical = self._build_lexical(version)
+            return self._lexical
+
+    def _stored_version(self) -> str:
+        collection = self.client.get_collection(self.collection_name, embedding_function=None)
+        return str((collection.metadata or {}).get(_VERSION_KEY, ""))
+
+    def _build_lexical(self, version: str) -> LexicalIndex:
+        started = time.perf_counter()
+        ids, texts = [], []
+        offset = 0
+        while True:
+            page = self.collection.get(include=["documents", "metadatas"], limit=_READ_PAGE, offset=offset)
+            for i, doc, meta in zip(page["ids"], page["documents"], page["metadatas"]):
+                title = (meta or {}).get("title") or ""
+                ids.append(i)
+                texts.append(f"{title}\n{doc}" if title else doc)  # a Q&A entry's question counts twice
+            if len(page["ids"]) < _READ_PAGE:
+                break
+            offset += _READ_PAGE
+        index = LexicalIndex.build(ids, texts, version)
+        log.info("kb.lexical_indexed", chunks=len(ids), seconds=round(time.perf_counter() - started, 2))
+        return index
 
     def count(self) -> int:
         return self.collection.count()
@@ -144,13 +239,13 @@ class KnowledgeBase:
         sources: dict[str, int] = {}
         offset = 0
         while True:
-            page = self.collection.get(include=["metadatas"], limit=5000, offset=offset)
+            page = self.collection.get(include=["metadatas"], limit=_READ_PAGE, offset=offset)
             for meta in page["metadatas"]:
                 src = (meta or {}).get("source", "?")
                 sources[src] = sources.get(src, 0) + 1
-            if len(page["ids"]) < 5000:
+            if len(page["ids"]) < _READ_PAGE:
                 break
-            offset += 5000
+            offset += _READ_PAGE
         return {"collection": self.collection_name, "chunks": sum(sources.values()), "sources": sources,
                 "backend": "http" if self.cfg.chroma_url else "embedded"}
 

@@ -164,7 +164,11 @@ class ExchangeLog(BaseModel):
     error: str | None = Field(description="why an `error` exchange failed")
     stream: bool
     rag: bool = Field(description="whether retrieval was asked for")
-    retrieval: str | None = Field(description="ok, unavailable (answered without the knowledge base), or null (not asked)")
+    retrieval: str | None = Field(description="ok, unavailable (answered without the knowledge base), no_match "
+                                              "(nothing relevant retrieved: answered with rag.fallback_answer), "
+                                              "or null (not asked)")
+    retrieval_query: str | None = Field(None, description="what was searched: the last user message, or the last "
+                                                          "rag.query_turns user turns of a conversation")
     retrieval_ms: float | None
     sources: list[dict[str, Any]] = Field(
         description="retrieved knowledge-base entries: id, text, score, plus whichever of source, title, "
