@@ -46,6 +46,7 @@ bench: bench-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/engine_throughput.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/coverage.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/answer_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/training.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/ab_serving.py

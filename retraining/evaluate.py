@@ -167,7 +167,8 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
     target = normalise_question(qa.target or qa.question)
     found = [] if hits is None else [normalise_question(h.metadata.get("question", "")) for h in hits]
     hit = None if hits is None or not qa.covered else target in found
-    return {"question": qa.question, "history": [list(t) for t in qa.history], "covered": qa.covered,
+    return {"question": qa.question, "target": qa.target or qa.question, "history": [list(t) for t in qa.history],
+            "covered": qa.covered,
             "reference": qa.answer, "answer": text, "finish_reason": fin.finish_reason,
             "completion_tokens": fin.completion_tokens, "confidence": conf.parts(), "retrieval_hit": hit,
             "retrieval_hit_at_1": None if hit is None else bool(found) and found[0] == target,
@@ -216,9 +217,12 @@ def summarise(items: list[dict]) -> dict:
     sims = [i["similarity"] for i in items]
     labels = [i["good"] for i in items]
     n = len(items)
-    conf = [i["confidence"] for i in items]
     hits = [i["retrieval_hit"] for i in items if i["retrieval_hit"] is not None]
     hits_at_1 = [i["retrieval_hit_at_1"] for i in items if i.get("retrieval_hit_at_1") is not None]
+    # the confidence is the model's about its own answers: fallback answers (not generated, score 0
+    # by construction) are left out of its AUROC, Brier score and reliability
+    generated = [i for i in items if not i.get("fallback")]
+    conf, scored = [i["confidence"] for i in generated], [i["good"] for i in generated]
     parts = {"confidence": [c["score"] for c in conf], "formula": [c.get("formula", c["score"]) for c in conf],
              "token_prob": [c["token_prob"] for c in conf]}
     if all(c["top_similarity"] is not None for c in conf):
@@ -235,8 +239,8 @@ def summarise(items: list[dict]) -> dict:
         "retrieval_hit_at_1": round(sum(hits_at_1) / len(hits_at_1), 4) if hits_at_1 else None,
         "fallback_rate": round(sum(bool(i.get("fallback")) for i in items) / n, 4),
         "mean_completion_tokens": round(statistics.fmean(i["completion_tokens"] for i in items), 1),
-        "mean_confidence": round(statistics.fmean(parts["confidence"]), 4),
-        "auroc": {name: auroc(values, labels) for name, values in parts.items()},
-        "brier": {name: brier(parts[name], labels) for name in ("confidence", "formula")},
-        "reliability": reliability(parts["confidence"], labels),
+        "mean_confidence": round(statistics.fmean(parts["confidence"]), 4) if conf else None,
+        "auroc": {name: auroc(values, scored) for name, values in parts.items()},
+        "brier": {name: brier(parts[name], scored) if conf else None for name in ("confidence", "formula")},
+        "reliability": reliability(parts["confidence"], scored),
     }

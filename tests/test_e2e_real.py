@@ -164,7 +164,7 @@ def test_errors_through_the_sdk(real_server, sdk):
 
 
 def test_client_disconnect_cancels_and_is_audited(real_server):
-    body = {"model": "tellerloop", "stream": True, "max_tokens": 500,
+    body = {"model": "tellerloop", "stream": True, "max_tokens": 500, "rag": False,  # no fallback: it must generate
             "messages": [{"role": "user", "content": "Write a very long essay about banking history."}]}
     with httpx.stream("POST", f"{real_server.base_url}/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": "Bearer dev-client-key"}) as r:

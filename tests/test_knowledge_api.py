@@ -55,7 +55,10 @@ async def test_a_follow_up_is_searched_with_the_question_it_follows(client):
     assert r["sources"][0]["question"].startswith("How should I get the IVR Password")
     row = (await client.get(f"/v1/exchanges/{r['exchange_id']}", headers=REVIEWER)).json()
     assert row["retrieval_query"] == f"{FAQ_Q}\nand what if that does not work?"  # rag.query_turns = 2
-    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "user"]  # the whole conversation
+    # rag.history = "system": the earlier turns are quoted above the entries, the model answers one turn
+    assert [m["role"] for m in row["messages"]] == ["system", "user"]
+    assert "The conversation so far:\nCustomer: How should I get the IVR Password" in row["messages"][0]["content"]
+    assert "Assistant: You can ask for it by SMS." in row["messages"][0]["content"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -79,6 +82,10 @@ async def test_a_question_the_bank_cannot_answer_gets_the_fallback_and_is_queued
     assert r["exchange_id"] in [i["exchange_id"] for i in queue["data"]]
     metrics = (await client.get("/metrics", headers=REVIEWER)).text
     assert "tellerloop_fallback_answers_total" in metrics
+    # a request is valid or not whatever retrieval finds: too long for the model is a 400, fallback or not
+    r = await client.post("/v1/chat/completions", headers=CLIENT, json={**body, "stream": False, "messages": [
+        {"role": "user", "content": "rain " * 3000}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 async def test_streamed_last_chunk_carries_sources(client):

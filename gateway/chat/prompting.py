@@ -46,6 +46,13 @@ def build_messages(settings: Settings, messages: list[dict[str, str]], hits: lis
         system = messages.pop(0)["content"]
     if hits is not None:
         context = f"{settings.rag.instruction}\n\n{format_entries(hits, settings.rag.max_entry_chars, settings.rag.entry_format)}"
+        if settings.rag.history == "system" and len(messages) > 1:
+            # earlier turns quoted above the entries: the model answers one customer turn, the shape
+            # of every prompt it was fine-tuned on (as chat turns it echoes the last assistant turn)
+            speaker = {"user": "Customer", "assistant": "Assistant"}
+            quoted = "\n".join(f"{speaker.get(m['role'], 'Note')}: {m['content']}" for m in messages[:-1])
+            context = f"The conversation so far:\n{quoted}\n\n{context}"
+            messages = messages[-1:]
         if settings.rag.layout == "system":
             system = f"{system}\n\n{context}" if system else context
         else:

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import structlog
 
@@ -68,6 +68,7 @@ from gateway.knowledge.store import KnowledgeBase
 from gateway.review.repository import ReviewRepository
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -240,11 +241,13 @@ class ChatService:
                 retrieval_failed = True
         no_match = hits is not None and is_no_match(self.settings, top)
         messages = build_messages(self.settings, messages, hits)
+        request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
         if no_match:  # nothing to answer from: the configured fallback, not an invented answer
+            await self._engine_call(self.engine.check, request)  # the same refusals as a generated answer
             metrics.FALLBACKS.inc()
             stream: TokenStream = CannedAnswer(self.settings.rag.fallback_answer)
         else:
-            stream = await self._submit(exchange_id, messages, params, variant)
+            stream = await self._engine_call(self.engine.submit, request)
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
         if route.experiment_id is not None:
             metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
@@ -266,12 +269,10 @@ class ChatService:
             run.opened = True
         return run
 
-    async def _submit(self, exchange_id: str, messages: list[dict[str, str]], params: SamplingParams,
-                      variant: str) -> TokenStream:
+    async def _engine_call(self, call: Callable[[GenerationRequest], Awaitable[T]], request: GenerationRequest) -> T:
+        """`engine.submit` or `engine.check`, its refusals as domain errors (4xx/503)."""
         try:
-            return await self.engine.submit(
-                GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
-            )
+            return await call(request)
         except ContextLengthExceeded as exc:
             metrics.REJECTED.labels("context_length").inc()
             raise InvalidRequest(str(exc), param="messages", code="context_length_exceeded") from None

@@ -104,11 +104,15 @@ class RagSettings(_Section):
     search: Literal["dense", "hybrid"] = "hybrid"
     candidates: int = Field(20, ge=1, le=200)
     rrf_k: int = Field(60, ge=1)  # RRF's rank offset: larger flattens the contribution of the top ranks
-    lexical_weight: float = Field(0.5, ge=0.0, le=10.0)  # BM25's RRF weight relative to the embeddings' 1.0
+    lexical_weight: float = Field(1.0, ge=0.0, le=10.0)  # BM25's RRF weight relative to the embeddings' 1.0
+    lexical_ngram: int = Field(4, ge=2, le=8)  # BM25 terms: character n-grams of each word (typos keep most)
     lexical_refresh_s: float = Field(2.0, ge=0.0)  # how often a searcher checks for another process's writes
     # the retrieval query: the last `query_turns` user messages joined, so a follow-up ("and is there a
     # fee for that?") is searched with the question it follows (1 = the last message alone)
     query_turns: int = Field(2, ge=1, le=10)
+    # with retrieval, earlier turns as chat turns ("turns") or quoted in the system prompt above the
+    # entries ("system"), so the model answers one customer turn, as in its training prompts
+    history: Literal["turns", "system"] = "system"
     # knowing what it does not know: when no retrieved entry's similarity reaches
     # `fallback_min_similarity` (chosen by bench/coverage.py on in- vs out-of-coverage questions), the
     # bot answers `fallback_answer` without generating, and the exchange is flagged for review

@@ -112,6 +112,12 @@ class Engine(Protocol):
         """Weight memory per served variant, for /v1/adapters and /metrics."""
         ...
 
+    async def check(self, request: GenerationRequest) -> None:
+        """What `submit` refuses before queueing (ContextLengthExceeded, UnknownAdapter), without
+        queueing: for an answer that will not be generated (the fallback), so whether a request is
+        valid never depends on what retrieval found."""
+        ...
+
     async def submit(self, request: GenerationRequest) -> "TokenStream":
         """Validate and enqueue; raises ContextLengthExceeded / EngineOverloaded / UnknownAdapter
         before anything is generated. The returned stream yields TokenEvents then one Finished;

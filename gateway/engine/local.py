@@ -303,14 +303,19 @@ class LocalEngine:
     def _serves(self, adapter: str | None) -> bool:
         return adapter in (None, "base") or (self._bank is not None and adapter in self._bank.adapters)
 
-    async def submit(self, request: GenerationRequest) -> LocalTokenStream:
-        """A request for a retiring version is still accepted: it was routed there before the swap."""
+    async def check(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, if the request could be generated (else the refusal `submit` gives)."""
         if not self._serves(request.adapter):
             raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded")
         prompt_ids = await asyncio.to_thread(self.encode, request.messages)
         limit = self.max_context_tokens
         if len(prompt_ids) + request.params.max_tokens > limit:
             raise ContextLengthExceeded(len(prompt_ids), request.params.max_tokens, limit)
+        return prompt_ids
+
+    async def submit(self, request: GenerationRequest) -> LocalTokenStream:
+        """A request for a retiring version is still accepted: it was routed there before the swap."""
+        prompt_ids = await self.check(request)
         seed = request.params.seed
         generator = None
         if request.params.temperature > 0:

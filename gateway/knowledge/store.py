@@ -163,6 +163,8 @@ class KnowledgeBase:
         chunks changed and the BM25 index must be rebuilt."""
         self._lexical_stale = True
         self.collection.modify(metadata={_VERSION_KEY: uuid.uuid4().hex})
+        if self.cfg.search == "hybrid":
+            self.lexical_index()  # rebuild now, in the writer's thread, not in the next customer's search
 
     # ---- reading --------------------------------------------------------------------------
     def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
@@ -198,18 +200,25 @@ class KnowledgeBase:
         return [by_id[i] for i, _ in fused if i in by_id]  # a chunk deleted since indexing is skipped
 
     def lexical_index(self) -> LexicalIndex:
-        """The BM25 index of the collection as it is now (rebuilt if a write stamped a new version)."""
+        """The BM25 index of the collection as it is now (rebuilt if a write stamped a new version).
+        While another thread rebuilds (~10 s at 100k chunks), searches use the previous index
+        rather than wait."""
         index = self._lexical
         fresh = time.monotonic() - self._lexical_checked < self.cfg.lexical_refresh_s
         if index is not None and not self._lexical_stale and fresh:
             return index
-        with self._lexical_lock:
+        if not self._lexical_lock.acquire(blocking=index is None):
+            return index
+        try:
             version = self._stored_version()
             self._lexical_checked = time.monotonic()
-            if self._lexical is None or self._lexical_stale or version != self._lexical.version:
+            if self._lexical is None or self._lexical_stale or version != self._lexical.version \
+                or self._lexical.ngram != self.cfg.lexical_ngram:
                 self._lexical_stale = False  # before reading: a write during the read marks it again
                 self._lexical = self._build_lexical(version)
             return self._lexical
+        finally:
+            self._lexical_lock.release()
 
     def _stored_version(self) -> str:
         collection = self.client.get_collection(self.collection_name, embedding_function=None)
@@ -228,7 +237,7 @@ class KnowledgeBase:
             if len(page["ids"]) < _READ_PAGE:
                 break
             offset += _READ_PAGE
-        index = LexicalIndex.build(ids, texts, version)
+        index = LexicalIndex.build(ids, texts, version, self.cfg.lexical_ngram)
         log.info("kb.lexical_indexed", chunks=len(ids), seconds=round(time.perf_counter() - started, 2))
         return index
 
