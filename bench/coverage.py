@@ -42,9 +42,9 @@ def conversation(qa: QA) -> list[dict]:
 
 
 def measure(kb: KnowledgeBase, rows: list[QA], k: int, turns: int) -> dict:
-    """Hit@1 and hit@3 of the right entry, and the best similarity among the first `k` hits (what
-    serving with rag.top_k = k compares with the fallback threshold). The fused order of the first
-    hits does not depend on how many are asked for (each ranking gives `candidates` first)."""
+    """Hit@1 and hit@3 of the right entry, and the first-ranked entry's similarity (what serving
+    compares with the fallback threshold). The fused order of the first hits does not depend on how
+    many are asked for (each ranking gives `candidates` first)."""
     hit1 = hit3 = 0
     tops, ms = [], []
     for qa in rows:
@@ -55,7 +55,7 @@ def measure(kb: KnowledgeBase, rows: list[QA], k: int, turns: int) -> dict:
         target = normalise_question(qa.target or qa.question)
         hit1 += bool(found) and found[0] == target
         hit3 += target in found[:3]
-        tops.append(max((h.score for h in hits[:k]), default=0.0))
+        tops.append(hits[0].score if hits else 0.0)
     n = len(rows)
     return {"hit1": hit1 / n, "hit3": hit3 / n, "tops": tops, "p50_ms": statistics.median(ms),
             "p99_ms": sorted(ms)[int(0.99 * (n - 1))]}

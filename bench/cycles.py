@@ -117,7 +117,7 @@ async def add_reviews(settings, sessions, kb, pool: list[dict], cycle: int) -> N
     now = datetime.now(timezone.utc) + timedelta(seconds=cycle)
     async with sessions() as session, session.begin():
         for qa in pool:
-            hits, _, _ = await retrieve(settings, kb, qa["question"], settings.rag.top_k)
+            hits, *_ = await retrieve(settings, kb, qa["question"], settings.rag.top_k)
             messages = build_messages(settings, [{"role": "user", "content": qa["question"]}], hits)
             ex = Exchange(id=uuid.uuid4().hex, created_at=now, completed_at=now, api_key_name="bench", user=None,
                           model_requested="tellerloop", variant="champion", messages=messages, answer="(model answer)",

@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--champion", default="v0001")
     parser.add_argument("--report", help="a report `tellerloop eval` already wrote (skip answering)")
     parser.add_argument("--out", default="bench/results/eval_sets.md")
+    parser.add_argument("--note", default="", help="a line on how the report was made, under the title")
     args = parser.parse_args()
     report_path = Path(args.report or Path(args.out).with_suffix(".full.json"))
     if not args.report:
@@ -72,6 +73,7 @@ def main() -> None:
              "`tellerloop eval` with retrieval and the shipped defaults (hybrid search, `query_turns` 2, earlier turns quoted in the system prompt, fallback at "
              f"0.49 similarity, `top_k` 1), greedy; {args.champion} is the shipped adapter. AUROC is the confidence's "
              "over generated answers (fallbacks are not the model's).", "",
+             *([args.note, ""] if args.note else []),
              eval_table(variants), "", "| target (champion) | measured | met |", "| --- | ---: | --- |"]
     lines += [f"| {label} | {value} | {'yes' if ok else '**no**'} |" for label, value, ok in targets]
     text = "\n".join(lines) + "\n"

@@ -83,7 +83,7 @@ def rag_messages(settings, questions: list[str]) -> list[list[dict]]:  # noqa: A
     kb = build_knowledge_base(settings)  # ingests the demo FAQ on first use, as `serve` does
 
     async def one(q: str) -> list[dict]:
-        hits, _, _ = await retrieve(settings, kb, q, settings.rag.top_k)
+        hits, *_ = await retrieve(settings, kb, q, settings.rag.top_k)
         return build_messages(settings, [{"role": "user", "content": q}], hits)
 
     async def all_() -> list[list[dict]]:

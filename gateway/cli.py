@@ -238,10 +238,11 @@ def _eval(args: argparse.Namespace) -> int:
         for name, report in by_set.items():
             report["config"].update(set=name, seed=args.seed,
                                     data=args.data if name == Path(args.data or "").stem else name)
-            labels = [i["good"] for i in report["items"]]
+            generated = [i for i in report["items"] if not i.get("fallback")]  # as in the summary
             curves = {"confidence": report["summary"]["reliability"]}
             if report["config"]["calibrator"] is not None:  # the formula beside the calibrated score
-                curves["formula (v2)"] = reliability([i["confidence"]["formula"] for i in report["items"]], labels)
+                curves["formula (v2)"] = reliability([i["confidence"]["formula"] for i in generated],
+                                                     [i["good"] for i in generated])
             svg = out.with_suffix(f".{variant}.{name}.reliability.svg" if several else ".reliability.svg")
             svg.write_text(reliability_svg(curves, title=f"{variant} on {name}: reliability"))
             report["config"]["reliability_svg"] = str(svg)

@@ -36,7 +36,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gateway.chat.prompting import build_messages
+from gateway.chat.prompting import CONVERSATION_HEADER, build_messages
 from gateway.core.settings import PROJECT_ROOT, Settings
 from gateway.knowledge.store import KnowledgeBase
 from retraining.evaluate import QA, load_qa
@@ -108,11 +108,15 @@ def last_question(messages: list[dict]) -> str:
 
 
 def conversation_key(messages: list[dict]) -> str:
-    """A single question keys on its text; a follow-up on every customer and assistant turn."""
+    """A single question keys on its text; a follow-up on every customer and assistant turn —
+    sent as chat turns, or quoted in the system prompt (`rag.history = "system"`)."""
     turns = [m for m in messages if m.get("role") in ("user", "assistant")]
-    if sum(m["role"] == "user" for m in turns) <= 1:
+    system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
+    quoted = system.split(CONVERSATION_HEADER, 1)[1].split("\n\n", 1)[0] if CONVERSATION_HEADER in system else ""
+    if sum(m["role"] == "user" for m in turns) <= 1 and not quoted:
         return question_key(last_question(messages))
-    joined = "\x1f".join(f"{m['role']}:{question_key(m.get('content', ''))}" for m in turns)
+    joined = "\x1f".join(([f"quoted:{question_key(quoted)}"] if quoted else [])
+                          + [f"{m['role']}:{question_key(m.get('content', ''))}" for m in turns])
     return "conversation:" + hashlib.sha256(joined.encode()).hexdigest()[:24]
 
 

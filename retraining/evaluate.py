@@ -141,9 +141,9 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
     conversation = history + [{"role": "user", "content": qa.question}]
     hits, top, fallback = None, None, False
     if rag:
-        hits, top, _ = await retrieve(settings, kb, retrieval_query(conversation, settings.rag.query_turns),
-                                      settings.rag.top_k)
-        fallback = is_no_match(settings, top)
+        hits, top, first, _ = await retrieve(settings, kb, retrieval_query(conversation, settings.rag.query_turns),
+                                             settings.rag.top_k)
+        fallback = is_no_match(settings, first)
         top = 0.0 if top is None else top  # an empty knowledge base: nothing similar
     text, logprobs, entropies = "", [], []
     if fallback:
@@ -163,7 +163,7 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
                 fin = ev
     conf = score_confidence(logprobs, text, fin.finish_reason, settings.confidence, top_similarity=top,
                             sources=None if hits is None else [h.as_source() for h in hits], entropies=entropies,
-                            calibrator=None if fallback else calibrator)
+                            calibrator=calibrator)  # a fallback scores 0 either way (no tokens), as served
     target = normalise_question(qa.target or qa.question)
     found = [] if hits is None else [normalise_question(h.metadata.get("question", "")) for h in hits]
     hit = None if hits is None or not qa.covered else target in found

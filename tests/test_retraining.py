@@ -136,9 +136,17 @@ def test_keys_follow_ups_and_non_latin_questions(make_settings, tiny_model_dir, 
     rows = [resolved(1, "yes please", "Your card is on its way.", history=conv_a),
             resolved(2, "yes please", "Your new limit applies tomorrow.", history=conv_b),
             resolved(3, "Как заблокировать карту?", "В приложении."), resolved(4, "Как открыть счёт?", "Онлайн.")]
-    snap = ds.build(settings, rows, kb=None)
+    # rag.history = "system": the earlier turns are quoted in the system prompt, one user turn follows
+    quoted = [ds.Resolved(5 + i, "2026-11-01T00:00:00", [
+        {"role": "system", "content": f"sys\n\nThe conversation so far:\nCustomer: {q}\nAssistant: Yes.\n\nentries"},
+        {"role": "user", "content": "yes please"}], a)
+        for i, (q, a) in enumerate([("Can I get a cheque book?", "It is posted in a week."),
+                                    ("Can I close my FD early?", "Yes, with a penalty.")])]
+    snap = ds.build(settings, rows + quoted, kb=None)
     answers = {e.messages[-1]["content"] for e in snap.train if e.source == "review"}
-    assert answers == {"Your card is on its way.", "Your new limit applies tomorrow.", "В приложении.", "Онлайн."}
+    assert answers == {"Your card is on its way.", "Your new limit applies tomorrow.", "В приложении.", "Онлайн.",
+                       "It is posted in a week.", "Yes, with a penalty."}
+    assert ds.conversation_key(quoted[0].messages).startswith("conversation:")  # never put in the frozen split
 
 
 def test_near_duplicates_never_cross_the_frozen_split(make_settings, tiny_model_dir, seed_csv):

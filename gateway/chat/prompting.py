@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
 from gateway.core.settings import Settings
 from gateway.engine.base import Finished, SamplingParams
 from gateway.knowledge.store import Hit, KnowledgeBase
 
 NO_CONTEXT = "No information in the bank's records matches this question."
+CONVERSATION_HEADER = "The conversation so far:"  # rag.history = "system": earlier turns quoted under it
 
 
 def format_entries(hits: list[Hit], max_chars: int, entry_format: str = "qa") -> str:
@@ -46,12 +48,12 @@ def build_messages(settings: Settings, messages: list[dict[str, str]], hits: lis
         system = messages.pop(0)["content"]
     if hits is not None:
         context = f"{settings.rag.instruction}\n\n{format_entries(hits, settings.rag.max_entry_chars, settings.rag.entry_format)}"
-        if settings.rag.history == "system" and len(messages) > 1:
+        if settings.rag.history == "system" and len(messages) > 1 and messages[-1]["role"] == "user":
             # earlier turns quoted above the entries: the model answers one customer turn, the shape
             # of every prompt it was fine-tuned on (as chat turns it echoes the last assistant turn)
             speaker = {"user": "Customer", "assistant": "Assistant"}
             quoted = "\n".join(f"{speaker.get(m['role'], 'Note')}: {m['content']}" for m in messages[:-1])
-            context = f"The conversation so far:\n{quoted}\n\n{context}"
+            context = f"{CONVERSATION_HEADER}\n{quoted}\n\n{context}"
             messages = messages[-1:]
         if settings.rag.layout == "system":
             system = f"{system}\n\n{context}" if system else context
@@ -60,10 +62,6 @@ def build_messages(settings: Settings, messages: list[dict[str, str]], hits: lis
             question = messages[last_user]["content"]
             messages[last_user]["content"] = f"{context}\n\nCustomer question: {question}"
     return ([{"role": "system", "content": system}] if system else []) + messages
-
-
-def last_user_message(messages: list[dict[str, str]]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
 def retrieval_query(messages: list[dict[str, str]], turns: int) -> str:
@@ -94,12 +92,12 @@ class CannedAnswer:
         self._events.clear()
 
 
-def is_no_match(settings: Settings, top_similarity: float | None) -> bool:
-    """Nothing retrieved is relevant enough to answer from (`rag.fallback_min_similarity`). An empty
-    knowledge base (None) is not a miss: nothing has been ingested yet, so the model answers, told
-    that no record matches, as it always did."""
-    return (settings.rag.fallback and top_similarity is not None
-            and top_similarity < settings.rag.fallback_min_similarity)
+def is_no_match(settings: Settings, first_similarity: float | None) -> bool:
+    """Nothing retrieved is relevant enough to answer from: the first-ranked entry's similarity is
+    under `rag.fallback_min_similarity`. An empty knowledge base (None) is not a miss: nothing has
+    been ingested yet, so the model answers, told that no record matches, as it always did."""
+    return (settings.rag.fallback and first_similarity is not None
+            and first_similarity < settings.rag.fallback_min_similarity)
 
 
 def sampling_params(settings: Settings, max_tokens: int, **request: object) -> SamplingParams:
@@ -118,12 +116,18 @@ def sampling_params(settings: Settings, max_tokens: int, **request: object) -> S
     )
 
 
-async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> tuple[list[Hit], float | None, float]:
-    """Top-k hits above `rag.min_score`, the best similarity seen (even if under the floor; None when
-    the knowledge base is empty), and ms taken. The hits are in retrieval order (fused rank in hybrid
-    mode), not necessarily by similarity."""
+class Retrieved(NamedTuple):
+    hits: list[Hit]  # top-k above rag.min_score, in retrieval order (fused rank in hybrid mode)
+    top: float | None  # the best similarity among the k (even under the floor); None: empty knowledge base
+    first: float | None  # the similarity of the first-ranked entry: what the fallback rule looks at
+    ms: float
+
+
+async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> Retrieved:
+    """Top-k hits for the question. The fallback looks at the first-ranked entry alone, so asking for
+    more entries (`rag_top_k`) never turns a fallback into an answer."""
     started = time.perf_counter()
     hits = await asyncio.to_thread(kb.search, question, k, -1.0)
-    top = max((h.score for h in hits), default=None)
     kept = [h for h in hits if h.score >= settings.rag.min_score]
-    return kept, top, (time.perf_counter() - started) * 1000
+    return Retrieved(kept, max((h.score for h in hits), default=None), hits[0].score if hits else None,
+                     (time.perf_counter() - started) * 1000)

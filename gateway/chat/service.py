@@ -223,7 +223,7 @@ class ChatService:
         exchange_id = uuid.uuid4().hex
         started = time.perf_counter()
         use_rag = self.settings.rag.enabled_by_default if req.rag is None else req.rag
-        hits, top, retrieval_ms, retrieval_failed, query = None, None, None, False, None
+        hits, top, first, retrieval_ms, retrieval_failed, query = None, None, None, None, False, None
         if use_rag:
             if self.kb is None:
                 raise Unavailable("The knowledge base is not available yet; retry shortly or send \"rag\": false.",
@@ -231,7 +231,7 @@ class ChatService:
                                retry_after=self.settings.engine.retry_after_s)
             query = retrieval_query(messages, self.settings.rag.query_turns)
             try:
-                hits, top, retrieval_ms = await retrieve(
+                hits, top, first, retrieval_ms = await retrieve(
                     self.settings, self.kb, query, req.rag_top_k or self.settings.rag.top_k
                 )
                 metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
@@ -239,7 +239,7 @@ class ChatService:
                 log.warning("retrieval.unavailable", error_type=type(exc).__name__)
                 metrics.RETRIEVAL_FAILURES.inc()
                 retrieval_failed = True
-        no_match = hits is not None and is_no_match(self.settings, top)
+        no_match = hits is not None and is_no_match(self.settings, first)
         messages = build_messages(self.settings, messages, hits)
         request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
         if no_match:  # nothing to answer from: the configured fallback, not an invented answer

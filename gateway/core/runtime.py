@@ -44,6 +44,8 @@ def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> Knowle
     kb = KnowledgeBase(settings.rag, settings.storage.data_dir, embedder)
     if ingest_demo:
         ingest_demo_data(kb, settings.rag.demo_data, PROJECT_ROOT)
+    if settings.rag.search == "hybrid":
+        kb.lexical_index()  # built before the first customer's search, not during it
     return kb
 
 

@@ -7,7 +7,7 @@ needs no score calibration between them. The terms are character n-grams of each
 stop words dropped, `#` marking word ends), not whole words: customers type "acount" and
 "netbankng", and a misspelt word still shares most of its n-grams with the right one. Measured on
 the evaluation sets (docs/benchmarks.md): whole stemmed words made rewordings worse than the
-embeddings alone; 4-grams make every set better.
+embeddings alone; 4-grams are at least as good as the embeddings on every set.
 
 The index is rebuilt whole from the collection — bm25s indexes the demo FAQ in ~0.1 s and 100k
 short chunks in seconds, and a rebuild is only needed after a write (`KnowledgeBase` keeps it in
@@ -53,6 +53,8 @@ class LexicalIndex:
             return cls((), version, ngram)
         vocab: dict[str, int] = {}
         docs = [[vocab.setdefault(t, len(vocab)) for t in terms(text, ngram)] for text in texts]
+        if not vocab:  # nothing but stop words: nothing for BM25 to match
+            return cls(tuple(ids), version, ngram)
         bm25 = bm25s.BM25()
         bm25.index(bm25s.tokenization.Tokenized(ids=docs, vocab=vocab), show_progress=False)
         return cls(tuple(ids), version, ngram, vocab, bm25)

@@ -163,8 +163,9 @@ class KnowledgeBase:
         chunks changed and the BM25 index must be rebuilt."""
         self._lexical_stale = True
         self.collection.modify(metadata={_VERSION_KEY: uuid.uuid4().hex})
-        if self.cfg.search == "hybrid":
-            self.lexical_index()  # rebuild now, in the writer's thread, not in the next customer's search
+        if self.cfg.search == "hybrid":  # rebuild now, in the writer's thread, not in a customer's search
+            with self._lexical_lock:
+                self._refresh()
 
     # ---- reading --------------------------------------------------------------------------
     def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
@@ -200,25 +201,43 @@ class KnowledgeBase:
         return [by_id[i] for i, _ in fused if i in by_id]  # a chunk deleted since indexing is skipped
 
     def lexical_index(self) -> LexicalIndex:
-        """The BM25 index of the collection as it is now (rebuilt if a write stamped a new version).
-        While another thread rebuilds (~10 s at 100k chunks), searches use the previous index
-        rather than wait."""
+        """The BM25 index of the collection as it is now. The first one is built before answering;
+        after that a search never waits for a rebuild (~10 s at 100k chunks): while one runs —
+        in the writer's thread after its own write, or in the background when another process's
+        write is noticed — searches use the previous index."""
         index = self._lexical
         fresh = time.monotonic() - self._lexical_checked < self.cfg.lexical_refresh_s
         if index is not None and not self._lexical_stale and fresh:
             return index
-        if not self._lexical_lock.acquire(blocking=index is None):
-            return index
+        if index is None:
+            with self._lexical_lock:
+                return self._refresh()
+        if not self._lexical_lock.acquire(blocking=False):
+            return index  # a rebuild is under way
+        self._lexical_lock.release()
+        threading.Thread(target=self._refresh_locked, name="bm25-rebuild", daemon=True).start()
+        return index
+
+    def _refresh_locked(self) -> None:
+        with self._lexical_lock:
+            self._refresh()
+
+    def _refresh(self) -> LexicalIndex:
+        """Rebuild if stale (call with the lock held). A failed rebuild keeps the previous index and
+        is retried at the next search."""
         try:
             version = self._stored_version()
             self._lexical_checked = time.monotonic()
             if self._lexical is None or self._lexical_stale or version != self._lexical.version \
-                or self._lexical.ngram != self.cfg.lexical_ngram:
+                    or self._lexical.ngram != self.cfg.lexical_ngram:
                 self._lexical_stale = False  # before reading: a write during the read marks it again
                 self._lexical = self._build_lexical(version)
-            return self._lexical
-        finally:
-            self._lexical_lock.release()
+        except Exception:
+            self._lexical_stale = True
+            if self._lexical is None:
+                raise
+            log.exception("kb.lexical_rebuild_failed")
+        return self._lexical
 
     def _stored_version(self) -> str:
         collection = self.client.get_collection(self.collection_name, embedding_function=None)
