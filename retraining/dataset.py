@@ -36,13 +36,14 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gateway.chat.prompting import CONVERSATION_HEADER, build_messages
+from gateway.chat.prompting import CONVERSATION_HEADER, build_messages, retrieval_query
 from gateway.core.settings import PROJECT_ROOT, Settings
 from gateway.knowledge.store import KnowledgeBase
 from retraining.evaluate import QA, load_qa
 
 SPLIT_SEED = 20261121  # fixed forever: the frozen split must not move between runs
 CALIBRATION_SEED = 20261201  # fixed forever: the calibration split's seed questions
+CONVERSATION_SEED = 20261216  # which seed examples get an earlier turn (retraining.conversation_share)
 PROBE_SEED = 20261122  # fixed forever: the forgetting probe's seed questions
 
 
@@ -221,16 +222,25 @@ class FrozenSplit:
         return [QA(r["question"], r["answer"], r.get("source", "")) for r in self.rows]
 
 
-def seed_messages(settings: Settings, question: str, answer: str, kb: KnowledgeBase | None) -> list[dict]:
-    """The prompt serving would build for this question (with retrieved entries if configured)."""
+def seed_messages(settings: Settings, question: str, answer: str, kb: KnowledgeBase | None,
+                  history: list[dict] | None = None) -> list[dict]:
+    """The prompt serving would build for this question (with retrieved entries if configured):
+    searched with the same retrieval query, laid out the same way. `history`: earlier turns of a
+    conversation (`retraining.conversation_share`). With `retraining.shuffle_entries` the entries
+    come in a per-question random order, so the right one is not always [1]."""
+    cfg = settings.retraining
+    conversation = [*(history or []), {"role": "user", "content": question}]
     hits = None
-    if settings.retraining.context_in_prompts:
+    if cfg.context_in_prompts:
         if kb is None:
             raise DatasetError("retraining.context_in_prompts is on but the knowledge base is unavailable: "
                                "refusing to train or evaluate without the context serving shows")
-        hits = [h for h in kb.search(question, settings.rag.top_k, -1.0) if h.score >= settings.rag.min_score]
-    return build_messages(settings, [{"role": "user", "content": question}], hits) + [
-        {"role": "assistant", "content": answer}]
+        query = retrieval_query(conversation, settings.rag.query_turns)
+        hits = [h for h in kb.search(query, cfg.train_top_k or settings.rag.top_k, -1.0)
+                if h.score >= settings.rag.min_score]
+        if cfg.shuffle_entries:
+            random.Random(question_key(question)).shuffle(hits)  # the same order every run
+    return build_messages(settings, conversation, hits) + [{"role": "assistant", "content": answer}]
 
 
 def usable_seeds(settings: Settings, split: FrozenSplit, *held_out: FrozenSplit) -> tuple[list[QA], int]:
@@ -319,8 +329,17 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
         reviewed = new + old
         n_seed = len(seeds)
     chosen = rng.sample(seeds, n_seed) if n_seed < len(seeds) else seeds
+    earlier = random.Random(CONVERSATION_SEED)  # which seeds get an earlier turn, and which turn
+
+    def history_for(qa: QA) -> list[dict] | None:
+        if len(seeds) < 2 or earlier.random() >= cfg.conversation_share:
+            return None
+        other = earlier.choice([s for s in seeds if s is not qa][:200])
+        return [{"role": "user", "content": other.question}, {"role": "assistant", "content": other.answer}]
+
     seed_examples = [Example("seed", scrubber.scrub(qa.question),
-                             scrubber.scrub_messages(seed_messages(settings, qa.question, qa.answer, kb)))
+                             scrubber.scrub_messages(seed_messages(settings, qa.question, qa.answer, kb,
+                                                                   history_for(qa))))
                      for qa in chosen]
     train = reviewed + seed_examples
     check_leakage(train, split, calibration)

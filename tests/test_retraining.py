@@ -149,6 +149,32 @@ def test_keys_follow_ups_and_non_latin_questions(make_settings, tiny_model_dir, 
     assert ds.conversation_key(quoted[0].messages).startswith("conversation:")  # never put in the frozen split
 
 
+def test_seed_prompts_with_several_shuffled_entries_and_an_earlier_turn(make_settings, tiny_model_dir, seed_csv):
+    """Issue 16's training prompts: `train_top_k` entries, the right one not always [1], and a share of
+    seed examples asked after an earlier, unrelated turn (quoted as serving quotes it)."""
+    from gateway.chat.prompting import CONVERSATION_HEADER
+
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, mode="cumulative",
+                            train_top_k=3, shuffle_entries=True, conversation_share=1.0)
+    kb = seed_kb(settings, seed_csv)
+    from retraining.evaluate import load_qa
+
+    rows = load_qa(seed_csv)
+    positions = set()
+    for qa in rows[:12]:
+        system = ds.seed_messages(settings, qa.question, qa.answer, kb)[0]["content"]
+        assert "[3]" in system and "[4]" not in system  # three entries, as train_top_k says
+        blocks = system.split("\n[")[1:]
+        positions |= {n for n, block in enumerate(blocks, start=1) if f"Question: {qa.question}" in block}
+        assert ds.seed_messages(settings, qa.question, qa.answer, kb)[0]["content"] == system  # stable order
+    assert len(positions) > 1  # the right entry is not always first
+    snap = ds.build(settings, [], kb, bootstrap=True)
+    seeds = [e for e in snap.train if e.source == "seed"]
+    assert seeds and all(CONVERSATION_HEADER in e.messages[0]["content"] for e in seeds)
+    assert all([m["role"] for m in e.messages] == ["system", "user", "assistant"] for e in seeds)
+    assert all(ds.conversation_key(e.messages[:-1]).startswith("conversation:") for e in seeds)
+
+
 def test_near_duplicates_never_cross_the_frozen_split(make_settings, tiny_model_dir, seed_csv):
     settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, context_in_prompts=False,
                             mode="cumulative")

@@ -298,6 +298,11 @@ class RetrainingSettings(_Section):
     shipped_adapter: str = "data/adapters/bootstrap"  # registered as the first champion when it fits ("" → never)
     bootstrap_delay_minutes: float = Field(10.0, ge=0.0)  # with no champion, the first slot comes this soon
     context_in_prompts: bool = True  # seed examples carry retrieved context in their prompt (measured)
+    # issue 16: teach the model to pick among entries and to answer inside a conversation. Off by
+    # default until an adapter trained so is measured against v0001 (docs/benchmarks.md)
+    train_top_k: int = Field(0, ge=0, le=20)  # entries in seed prompts (0 → rag.top_k, what serving shows)
+    shuffle_entries: bool = False  # seed prompts list their entries in a per-question random order
+    conversation_share: float = Field(0.0, ge=0.0, le=1.0)  # seed examples given an earlier (unrelated) turn
     eval_seed_size: int = Field(100, ge=0)  # seed questions frozen into the evaluation split
     calibration_seed_size: int = Field(100, ge=0)  # seed questions held out to fit the confidence calibrator
     calibration_max_share: float = Field(0.2, ge=0.0, le=0.5)  # ...but at most this share of the seed rows left
