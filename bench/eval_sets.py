@@ -20,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.cli import eval_table  # noqa: E402
 from gateway.core.settings import load_settings  # noqa: E402
-from retraining.evaluate import load_eval_set, summarise  # noqa: E402
+from retraining.evaluate import load_eval_set, sets_table, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ("verbatim", "reworded", "conversations", "out_of_coverage")
@@ -74,7 +73,7 @@ def main() -> None:
              f"0.49 similarity, `top_k` 1), greedy; {args.champion} is the shipped adapter. AUROC is the confidence's "
              "over generated answers (fallbacks are not the model's).", "",
              *([args.note, ""] if args.note else []),
-             eval_table(variants), "", "| target (champion) | measured | met |", "| --- | ---: | --- |"]
+             sets_table(variants), "", "| target (champion) | measured | met |", "| --- | ---: | --- |"]
     lines += [f"| {label} | {value} | {'yes' if ok else '**no**'} |" for label, value, ok in targets]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -177,7 +177,7 @@ def _eval(args: argparse.Namespace) -> int:
     from gateway.core.runtime import build_engine, build_knowledge_base
     from gateway.engine.base import EngineError
     from gateway.knowledge.embeddings import Embedder
-    from retraining.evaluate import evaluate
+    from retraining.evaluate import evaluate, sets_table
 
     settings = _settings(args)
     sets = _eval_rows(args, settings)
@@ -253,25 +253,8 @@ def _eval(args: argparse.Namespace) -> int:
                          indent=1))
         return 0
     out.write_text(json.dumps({"variants": reports}, indent=1))
-    print(eval_table(reports))
+    print(sets_table(reports))
     return 0
-
-
-def eval_table(reports: dict[str, dict[str, dict]]) -> str:
-    """Every variant on every set, side by side (what docs/benchmarks.md shows)."""
-    def cell(value: float | None) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
-    lines = ["| set | variant | n | similarity | good | hit@1 | hit@k | fallback | cap hit | AUROC |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    names = list(next(iter(reports.values())))
-    for name in names:
-        for variant, by_set in reports.items():
-            s, n = by_set[name]["summary"], by_set[name]["config"]["n"]
-            lines.append(f"| {name} | {variant} | {n} | {cell(s['similarity_mean'])} | {cell(s['good_rate'])} | "
-                         f"{cell(s['retrieval_hit_at_1'])} | {cell(s['retrieval_hit_rate'])} | "
-                         f"{cell(s['fallback_rate'])} | {cell(s['cap_hit_rate'])} | {cell(s['auroc']['confidence'])} |")
-    return "\n".join(lines)
 
 
 def _export(args: argparse.Namespace) -> int:

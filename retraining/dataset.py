@@ -334,7 +334,9 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     def history_for(qa: QA) -> list[dict] | None:
         if len(seeds) < 2 or earlier.random() >= cfg.conversation_share:
             return None
-        other = earlier.choice([s for s in seeds if s is not qa][:200])
+        other = earlier.choice(seeds)
+        if other is qa:
+            other = seeds[(seeds.index(qa) + 1) % len(seeds)]
         return [{"role": "user", "content": other.question}, {"role": "assistant", "content": other.answer}]
 
     seed_examples = [Example("seed", scrubber.scrub(qa.question),

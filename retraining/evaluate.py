@@ -32,6 +32,7 @@ from gateway.calibration.calibrator import Calibrator, brier, reliability
 from gateway.chat.confidence import is_looping
 from gateway.chat.confidence import score as score_confidence
 from gateway.chat.prompting import (
+    CannedAnswer,
     build_messages,
     is_no_match,
     retrieval_query,
@@ -144,23 +145,17 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
         hits, top, first, _ = await retrieve(settings, kb, retrieval_query(conversation, settings.rag.query_turns),
                                              settings.rag.top_k)
         fallback = is_no_match(settings, first)
-        top = 0.0 if top is None else top  # an empty knowledge base: nothing similar
-    text, logprobs, entropies = "", [], []
-    if fallback:
-        fin = Finished("stop", 0, 0)
-        text = settings.rag.fallback_answer
-    else:
-        messages = build_messages(settings, conversation, hits)
-        stream = await engine.submit(GenerationRequest("eval", messages, sampling_params(settings, max_tokens),
-                                                       adapter=adapter))
-        fin = None
-        async for ev in stream:
-            text += ev.text
-            if isinstance(ev, TokenEvent):
-                logprobs.append(ev.logprob)
-                entropies.append(ev.entropy)
-            elif isinstance(ev, Finished):
-                fin = ev
+    messages = build_messages(settings, conversation, hits)
+    stream = CannedAnswer(settings.rag.fallback_answer) if fallback else await engine.submit(
+        GenerationRequest("eval", messages, sampling_params(settings, max_tokens), adapter=adapter))
+    text, logprobs, entropies, fin = "", [], [], None
+    async for ev in stream:
+        text += ev.text
+        if isinstance(ev, TokenEvent):
+            logprobs.append(ev.logprob)
+            entropies.append(ev.entropy)
+        elif isinstance(ev, Finished):
+            fin = ev
     conf = score_confidence(logprobs, text, fin.finish_reason, settings.confidence, top_similarity=top,
                             sources=None if hits is None else [h.as_source() for h in hits], entropies=entropies,
                             calibrator=calibrator)  # a fallback scores 0 either way (no tokens), as served
@@ -244,3 +239,19 @@ def summarise(items: list[dict]) -> dict:
         "brier": {name: brier(parts[name], scored) if conf else None for name in ("confidence", "formula")},
         "reliability": reliability(parts["confidence"], scored),
     }
+
+
+def sets_table(reports: dict[str, dict[str, dict]]) -> str:
+    """Every variant on every set, side by side (`tellerloop eval`, bench/eval_sets.py, the docs)."""
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = ["| set | variant | n | similarity | good | hit@1 | hit@k | fallback | cap hit | AUROC |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in next(iter(reports.values())):
+        for variant, by_set in reports.items():
+            s, n = by_set[name]["summary"], by_set[name]["config"]["n"]
+            lines.append(f"| {name} | {variant} | {n} | {cell(s['similarity_mean'])} | {cell(s['good_rate'])} | "
+                         f"{cell(s['retrieval_hit_at_1'])} | {cell(s['retrieval_hit_rate'])} | "
+                         f"{cell(s['fallback_rate'])} | {cell(s['cap_hit_rate'])} | {cell(s['auroc']['confidence'])} |")
+    return "\n".join(lines)

@@ -66,9 +66,7 @@ def build_messages(settings: Settings, messages: list[dict[str, str]], hits: lis
 
 def retrieval_query(messages: list[dict[str, str]], turns: int) -> str:
     """What the knowledge base is searched with: the last `turns` user messages, oldest first, so a
-    follow-up ("and how long does that take?") carries the question it follows. A new topic still
-    ranks its own entries first: the hybrid ranking favours the words of both, and the last
-    message's are the only ones that change."""
+    follow-up ("and how long does that take?") carries the question it follows."""
     users = [m["content"] for m in messages if m["role"] == "user"]
     return "\n".join(users[-turns:])
 
@@ -118,8 +116,8 @@ def sampling_params(settings: Settings, max_tokens: int, **request: object) -> S
 
 class Retrieved(NamedTuple):
     hits: list[Hit]  # top-k above rag.min_score, in retrieval order (fused rank in hybrid mode)
-    top: float | None  # the best similarity among the k (even under the floor); None: empty knowledge base
-    first: float | None  # the similarity of the first-ranked entry: what the fallback rule looks at
+    top: float  # the best similarity among the k (even under the floor); 0.0 when nothing was found
+    first: float | None  # the first-ranked entry's similarity (the fallback rule's); None: empty knowledge base
     ms: float
 
 
@@ -129,5 +127,5 @@ async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int)
     started = time.perf_counter()
     hits = await asyncio.to_thread(kb.search, question, k, -1.0)
     kept = [h for h in hits if h.score >= settings.rag.min_score]
-    return Retrieved(kept, max((h.score for h in hits), default=None), hits[0].score if hits else None,
+    return Retrieved(kept, max((h.score for h in hits), default=0.0), hits[0].score if hits else None,
                      (time.perf_counter() - started) * 1000)

@@ -87,7 +87,7 @@ class _Run:
     sources: list[dict] | None = None  # None: retrieval did not run
     # ok | unavailable (asked for, the knowledge base failed) | no_match (answered with the fallback) | None
     retrieval: str | None = None
-    query: str | None = None  # what retrieval searched
+    stored_query: str | None = None  # what retrieval searched, scrubbed once for every write
     top_similarity: float | None = None
     retrieval_ms: float | None = None
     first_token_at: float | None = None
@@ -253,11 +253,11 @@ class ChatService:
             metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
         run = _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
                    sources=None if hits is None else [h.as_source() for h in hits],
-                   top_similarity=0.0 if hits is not None and top is None else top,  # empty knowledge base: 0
+                   top_similarity=top,
                    retrieval_ms=retrieval_ms,
                    retrieval=None if not use_rag else "unavailable" if retrieval_failed
                    else "no_match" if no_match else "ok",
-                   query=query,
+                   stored_query=None if query is None else self.scrubber.scrub(query),
                    stored_messages=self.scrubber.scrub_messages(messages),
                    stored_stop=[self.scrubber.scrub(s) for s in params.stop])
         if req.stream:  # the row exists before the first token: a stream the client saw is never missing
@@ -385,7 +385,7 @@ class ChatService:
             stream=run.request.stream,
             rag=run.retrieval is not None,
             retrieval=run.retrieval,
-            retrieval_query=None if run.query is None else self.scrubber.scrub(run.query),
+            retrieval_query=run.stored_query,
             sources=run.sources or [],
             retrieval_ms=run.retrieval_ms,
             params={"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,

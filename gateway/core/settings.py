@@ -99,7 +99,7 @@ class RagSettings(_Section):
     top_k: int = Field(3, ge=1, le=20)
     max_top_k: int = Field(10, ge=1, le=50)
     min_score: float = Field(0.3, ge=-1.0, le=1.0)
-    # hybrid search (docs/benchmarks.md "Hybrid retrieval"): embedding neighbours fused with BM25 by
+    # hybrid search (docs/benchmarks.md, "Retrieval that survives how customers ask"): embeddings fused with BM25 by
     # reciprocal rank; each ranking contributes `candidates` chunks before fusion
     search: Literal["dense", "hybrid"] = "hybrid"
     candidates: int = Field(20, ge=1, le=200)
@@ -113,7 +113,7 @@ class RagSettings(_Section):
     # with retrieval, earlier turns as chat turns ("turns") or quoted in the system prompt above the
     # entries ("system"), so the model answers one customer turn, as in its training prompts
     history: Literal["turns", "system"] = "system"
-    # knowing what it does not know: when no retrieved entry's similarity reaches
+    # knowing what it does not know: when the first-ranked entry's similarity does not reach
     # `fallback_min_similarity` (chosen by bench/coverage.py on in- vs out-of-coverage questions), the
     # bot answers `fallback_answer` without generating, and the exchange is flagged for review
     fallback: bool = True

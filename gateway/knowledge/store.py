@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -246,34 +246,34 @@ class KnowledgeBase:
     def _build_lexical(self, version: str) -> LexicalIndex:
         started = time.perf_counter()
         ids, texts = [], []
-        offset = 0
-        while True:
-            page = self.collection.get(include=["documents", "metadatas"], limit=_READ_PAGE, offset=offset)
+        for page in self._pages(["documents", "metadatas"]):
             for i, doc, meta in zip(page["ids"], page["documents"], page["metadatas"]):
                 title = (meta or {}).get("title") or ""
                 ids.append(i)
                 texts.append(f"{title}\n{doc}" if title else doc)  # a Q&A entry's question counts twice
-            if len(page["ids"]) < _READ_PAGE:
-                break
-            offset += _READ_PAGE
         index = LexicalIndex.build(ids, texts, version, self.cfg.lexical_ngram)
         log.info("kb.lexical_indexed", chunks=len(ids), seconds=round(time.perf_counter() - started, 2))
         return index
+
+    def _pages(self, include: list[str]) -> Iterator[dict]:
+        """The whole collection, `_READ_PAGE` chunks at a time."""
+        offset = 0
+        while True:
+            page = self.collection.get(include=include, limit=_READ_PAGE, offset=offset)
+            yield page
+            if len(page["ids"]) < _READ_PAGE:
+                return
+            offset += _READ_PAGE
 
     def count(self) -> int:
         return self.collection.count()
 
     def stats(self) -> dict:
         sources: dict[str, int] = {}
-        offset = 0
-        while True:
-            page = self.collection.get(include=["metadatas"], limit=_READ_PAGE, offset=offset)
+        for page in self._pages(["metadatas"]):
             for meta in page["metadatas"]:
                 src = (meta or {}).get("source", "?")
                 sources[src] = sources.get(src, 0) + 1
-            if len(page["ids"]) < _READ_PAGE:
-                break
-            offset += _READ_PAGE
         return {"collection": self.collection_name, "chunks": sum(sources.values()), "sources": sources,
                 "backend": "http" if self.cfg.chroma_url else "embedded"}
 
