@@ -17,7 +17,7 @@ from litestar.plugins.pydantic import PydanticPlugin
 
 from gateway import console
 from gateway.adapters import shipped
-from gateway.adapters.controller import AdaptersController
+from gateway.adapters.controller import AdaptersController, DynamicLoraController
 from gateway.adapters.registry import AdapterRegistry
 from gateway.adapters.service import AdapterService
 from gateway.api.auth import auth_middleware, rate_limit
@@ -154,7 +154,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[ChatController, ExchangesController, ExchangeSignalsController, ReviewController,
-                        AdaptersController, ExperimentsController, RetrainingController, CalibrationController,
+                        AdaptersController, DynamicLoraController, ExperimentsController, RetrainingController, CalibrationController,
                         KnowledgeController, health, ready, _MetricsController,
                         ConsoleAuthController, ReviewConsoleController, ExperimentsConsoleController,
                         console.static_router()],

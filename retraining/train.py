@@ -252,6 +252,11 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
         result["candidate_items"] = {m: v for m, v in per_question["candidate"].items() if m in ("rag", "no_rag")}
         return result
     finally:
+        # an upstream engine (engine.backend = "openai") is shared with the gateways: the candidate is
+        # unregistered there again, unless it already serves (re-evaluating a champion or challenger)
+        row = await registry.get(version)
+        if row is not None and row.state not in ("champion", "challenger"):
+            await engine.unload_adapter(version)
         await engine.stop()
 
 

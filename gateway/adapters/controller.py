@@ -5,11 +5,17 @@ champion) and are recorded as decisions like the automatic ones."""
 
 from __future__ import annotations
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, MediaType, Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 
-from gateway.adapters.schemas import AdapterDetail, AdapterList, RollbackResult
+from gateway.adapters.schemas import (
+    AdapterDetail,
+    AdapterList,
+    LoadLoraAdapterRequest,
+    RollbackResult,
+    UnloadLoraAdapterRequest,
+)
 from gateway.adapters.service import AdapterService
 from gateway.api.auth import require
 
@@ -53,3 +59,23 @@ class AdaptersController(Controller):
           summary="The champion goes back to the one it replaced (or the base model); hot")
     async def rollback(self, request: Request, adapter_service: NamedDependency[AdapterService]) -> RollbackResult:
         return RollbackResult.model_validate(await adapter_service.rollback(request.user.name))
+
+
+class DynamicLoraController(Controller):
+    """vLLM's dynamic LoRA API, same paths, bodies and answers, so this gateway can be the upstream
+    of another (`engine.backend = "openai"`): adapters by name from a path, outside the registry."""
+
+    path = "/v1"
+    tags = ["adapters"]
+
+    @post("/load_lora_adapter", guards=[require("admin")], status_code=200, media_type=MediaType.TEXT,
+          summary="Serve a LoRA folder as model `lora_name` (vLLM-compatible)")
+    async def load_lora_adapter(self, data: JSONBody[LoadLoraAdapterRequest],
+                                adapter_service: NamedDependency[AdapterService]) -> str:
+        return await adapter_service.load_external(data.lora_name, data.lora_path, data.load_inplace)
+
+    @post("/unload_lora_adapter", guards=[require("admin")], status_code=200, media_type=MediaType.TEXT,
+          summary="Stop serving a LoRA loaded by name (vLLM-compatible); running requests finish on it")
+    async def unload_lora_adapter(self, data: JSONBody[UnloadLoraAdapterRequest],
+                                  adapter_service: NamedDependency[AdapterService]) -> str:
+        return await adapter_service.unload_external(data.lora_name)

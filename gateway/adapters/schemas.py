@@ -96,3 +96,23 @@ class Routing(BaseModel):
     experiment_id: int | None
     enabled: bool = Field(description="experiment.enabled: split traffic and let the scheduled job decide")
     sticky_by: list[str] = Field(description="routing units, in order: the request's user, else this header")
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter: vLLM's body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                           description="the model name requests will send")
+    lora_path: str = Field(min_length=1, max_length=4096, description="a PEFT LoRA folder this server can read")
+    load_inplace: bool = Field(False, description="replace an adapter already loaded under this name")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter: vLLM's body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_int_id: int | None = Field(None, description="accepted for vLLM compatibility, unused")

@@ -11,6 +11,7 @@ reconciles every `experiment.sync_interval_s`, which picks up changes made by th
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import structlog
 
@@ -20,7 +21,7 @@ from gateway.calibration.repository import Calibrators
 from gateway.chat.routing import Split
 from gateway.chat.service import ChatService
 from gateway.core import metrics
-from gateway.core.errors import Conflict, NotFound
+from gateway.core.errors import Conflict, InvalidRequest, NotFound
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine
 from gateway.experiments.repository import BASE, Experiments, decision_dict
@@ -36,6 +37,9 @@ class AdapterService:
         self.registry, self.experiments = registry, experiments
         self._lock = asyncio.Lock()  # one serving change at a time (API, console, scheduled jobs)
         self.pinned: set[str] = set()  # extra versions an admin asked to keep loaded (for `model: "<version>"`)
+        # adapters loaded by name from a path through the vLLM-compatible admin API (`/v1/load_lora_adapter`):
+        # outside the registry, kept until unloaded or the process stops, as vLLM keeps them
+        self.external: dict[str, str] = {}
         self.calibrators = Calibrators(registry.sessions)
 
     # ---- serving -----------------------------------------------------------------------------
@@ -73,7 +77,7 @@ class AdapterService:
                     await self.experiments.retire(version, "gateway", True, f"refused at load: {exc}")
                     return None
                 champion = BASE  # never serve garbage: the base model answers until this is fixed
-        wanted = {BASE, champion, challenger, *self.pinned}
+        wanted = {BASE, champion, challenger, *self.pinned, *self.external}
         for version in self.engine.variants():
             if version not in wanted:
                 await self.engine.unload_adapter(version)
@@ -148,6 +152,42 @@ class AdapterService:
         async with self._lock:
             await self._reconcile()
         return await self.describe(version)
+
+    # ---- the vLLM-compatible dynamic LoRA API ------------------------------------------------
+    async def load_external(self, name: str, path: str, inplace: bool = False) -> str:
+        """Serve the LoRA folder at `path` as model `name` (vLLM's `POST /v1/load_lora_adapter`), so a
+        gateway in front of this one (`engine.backend = "openai"`) can register its versions here."""
+        if name in (BASE, self.settings.model.name):
+            raise InvalidRequest(f"'{name}' is this server's base or logical model name; choose another lora_name",
+                                 param="lora_name")
+        if await self.registry.get(name) is not None:
+            raise Conflict(f"'{name}' is a version of this gateway's own registry; POST /v1/adapters/{name}/load "
+                           "serves it", code="registry_version")
+        if (name in self.external and not inplace) or (name not in self.external and name in self.engine.variants()):
+            raise InvalidRequest(f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                                 "adapter in place, set 'load_inplace' to True.", param="lora_name")
+        folder = Path(path)
+        if not (folder / "adapter_config.json").is_file():
+            raise InvalidRequest(f"No adapter found at '{path}': a PEFT LoRA folder with adapter_config.json "
+                                 "readable by this server is needed", param="lora_path")
+        async with self._lock:
+            try:
+                await self.engine.load_adapter(name, str(folder))
+            except (OSError, ValueError) as exc:
+                metrics.ADAPTER_REFUSALS.inc()
+                raise InvalidRequest(f"The adapter at '{path}' cannot be served: {exc}", param="lora_path") from None
+            self.external[name] = str(folder)
+        log.info("adapter.external_loaded", name=name, path=str(folder))
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_external(self, name: str) -> str:
+        """vLLM's `POST /v1/unload_lora_adapter`: requests already running on it finish on it."""
+        async with self._lock:
+            if self.external.pop(name, None) is None:
+                raise NotFound(f"The lora adapter '{name}' cannot be found.", param="lora_name", code="not_found")
+            await self.engine.unload_adapter(name)
+        log.info("adapter.external_unloaded", name=name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     async def _known(self, version: str) -> Adapter:
         adapter = await self.registry.get(version[:20])

@@ -109,7 +109,7 @@ def sampling_params(settings: Settings, max_tokens: int, **request: object) -> S
         stop=given.get("stop", ()),
         seed=given.get("seed"),
         top_logprobs=given.get("top_logprobs", 0),
-        repetition_penalty=cfg.repetition_penalty,
+        repetition_penalty=given.get("repetition_penalty", cfg.repetition_penalty),
         no_repeat_ngram_size=cfg.no_repeat_ngram_size,
     )
 

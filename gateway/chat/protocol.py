@@ -110,6 +110,9 @@ class ChatCompletionRequest(BaseModel):
     # and how many entries to retrieve (default: rag.top_k). Not `top_k`: vLLM uses that for sampling.
     rag: bool | None = None
     rag_top_k: Annotated[int, Field(ge=1)] | None = None
+    # vLLM's sampling extension (default: model.repetition_penalty), so a gateway in front of this
+    # one (engine.backend = "openai") can pass its own setting through
+    repetition_penalty: Annotated[float, Field(ge=1.0, le=2.0)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
@@ -210,7 +213,8 @@ class ExchangeExtras(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     exchange_id: str = Field(description="the logged exchange: rate it at /v1/exchanges/{exchange_id}/feedback")
-    confidence: float = Field(description="0..1; below review.confidence_threshold the answer is queued for review")
+    confidence: float | None = Field(description="0..1; below review.confidence_threshold the answer is queued for review; "
+                                     "null when the engine reported no token log-probabilities (an upstream without logprobs)")
     flagged: bool
     variant: str = Field(description="the adapter version (or 'base') that answered")
     sources: list[Source]

@@ -55,6 +55,8 @@ from gateway.engine.base import (
     Engine,
     EngineFailure,
     EngineOverloaded,
+    EngineRejected,
+    EngineUnavailable,
     Finished,
     GenerationRequest,
     SamplingParams,
@@ -96,6 +98,7 @@ class _Run:
     entropies: list[float | None] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)
     finished: Finished | None = None
+    logprobs_missing: bool = False  # the engine streamed tokens without log-probabilities
     error: str | None = None  # why generation failed (finish_reason "error")
     opened: bool = False  # a streaming row exists (finalise it rather than insert)
     stored_messages: list[dict[str, str]] = field(default_factory=list)  # scrubbed once, for every write
@@ -109,8 +112,11 @@ class _Run:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.text += event.text
-        self.logprobs.append(event.logprob)
-        self.entropies.append(event.entropy)
+        if event.logprob is None:
+            self.logprobs_missing = True
+        else:
+            self.logprobs.append(event.logprob)
+            self.entropies.append(event.entropy)
         if self.request.logprobs:
             self.tokens.append(event)
 
@@ -179,6 +185,7 @@ class ChatService:
         params = sampling_params(
             self.settings, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list,
             seed=req.seed, top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+            repetition_penalty=req.repetition_penalty,
         )
         return route, messages, params
 
@@ -190,10 +197,10 @@ class ChatService:
         """`session`: the routing unit when the request names no `user` (experiment.session_header).
         The cheap refusals (loading, the key's limit, a full queue) come before any embedding or
         tokenising. The run holds one of its key's generation slots until `finish` gives it back."""
-        if not self.engine.ready:
-            metrics.REJECTED.labels("loading").inc()
-            raise Unavailable("The model is still loading; retry shortly.", code="model_loading",
-                           retry_after=self.settings.engine.retry_after_s)
+        refused = self.engine.unready()
+        if refused is not None:  # loading, or an upstream engine that is down
+            metrics.REJECTED.labels("loading" if refused[0] == "model_loading" else "engine_unavailable").inc()
+            raise Unavailable(refused[1], code=refused[0], retry_after=self.settings.engine.retry_after_s)
         limit = self.settings.limits.concurrent_generations
         if limit and self._in_flight[principal.name] >= limit:
             metrics.REJECTED.labels("key_limit").inc()
@@ -282,6 +289,14 @@ class ChatService:
                            retry_after=self.settings.engine.retry_after_s) from None
         except UnknownAdapter as exc:
             raise NotFound(str(exc), param="model", code="model_not_found") from None
+        except EngineRejected as exc:  # an upstream engine's 400, relayed
+            metrics.REJECTED.labels("engine_rejected").inc()
+            raise InvalidRequest(str(exc), param="messages" if exc.code == "context_length_exceeded" else None,
+                                 code=exc.code) from None
+        except EngineUnavailable as exc:
+            metrics.REJECTED.labels("engine_unavailable").inc()
+            raise Unavailable(str(exc), code="upstream_unavailable",
+                              retry_after=self.settings.engine.retry_after_s) from None
 
     # ---- non-streaming ------------------------------------------------------------------------
     async def complete(self, run: _Run) -> ChatCompletion:
@@ -329,7 +344,7 @@ class ChatService:
                     if not text and not (isinstance(event, TokenEvent) and run.request.logprobs):
                         continue
                     choice: dict = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
-                    if run.request.logprobs and isinstance(event, TokenEvent):
+                    if run.request.logprobs and isinstance(event, TokenEvent) and event.logprob is not None:
                         choice["logprobs"] = {"content": [self._logprob_item(event)]}
                     yield json.dumps({**base, "choices": [choice]})
             except EngineFailure as exc:
@@ -410,11 +425,19 @@ class ChatService:
                                 top_similarity=run.top_similarity, sources=run.sources, entropies=run.entropies,
                                 calibrator=calibrator)
         threshold = calibrator.threshold if calibrator else self.settings.review.confidence_threshold
-        flagged = conf.score < threshold or run.retrieval == "no_match"  # a fallback always goes to review
+        score, parts = conf.score, conf.parts()
+        if run.logprobs_missing and not run.logprobs:
+            # an upstream that streams no log-probabilities: the score is unknown, not 0 (which would
+            # flag every answer); the exchange is still logged, and audits still sample it
+            score = None
+            parts = {"unavailable": "the engine reported no token log-probabilities",
+                     "top_similarity": conf.top_similarity, "truncated": conf.truncated, "looping": conf.looping}
+            metrics.CONFIDENCE_UNAVAILABLE.inc()
+        flagged = (score is not None and score < threshold) or run.retrieval == "no_match"  # a fallback: review
         ttft_ms = None if run.first_token_at is None else (run.first_token_at - run.started) * 1000
         row = self._row(run)
         row.ttft_ms, row.latency_ms = ttft_ms, (done - run.started) * 1000
-        row.confidence, row.confidence_parts, row.flagged = conf.score, conf.parts(), flagged
+        row.confidence, row.confidence_parts, row.flagged = score, parts, flagged
         # a cancelled or failed answer is not an answer to review; every answer may be drawn for audit,
         # independently of its score, so audit verdicts estimate each variant's quality without bias
         answered = fin.finish_reason not in ("cancelled", "error")
@@ -435,9 +458,10 @@ class ChatService:
         metrics.TOKENS.labels(run.route.variant).inc(fin.completion_tokens)
         metrics.PROMPT_TOKENS.labels(run.route.variant).inc(fin.prompt_tokens)
         metrics.EXCHANGES.labels(run.route.variant, fin.finish_reason, str(flagged).lower()).inc()
-        metrics.CONFIDENCE.labels(run.route.variant).observe(conf.score)
+        if score is not None:
+            metrics.CONFIDENCE.labels(run.route.variant).observe(score)
         log.info("exchange.logged", variant=run.route.variant, finish_reason=fin.finish_reason,
-                 completion_tokens=fin.completion_tokens, confidence=conf.score, flagged=flagged,
+                 completion_tokens=fin.completion_tokens, confidence=score, flagged=flagged,
                  latency_ms=round(row.latency_ms, 1))
         return row
 
@@ -474,4 +498,4 @@ class ChatService:
         }
 
     def _logprob_items(self, run: _Run) -> list[dict]:
-        return [self._logprob_item(event) for event in run.tokens]
+        return [self._logprob_item(event) for event in run.tokens if event.logprob is not None]

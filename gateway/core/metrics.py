@@ -37,6 +37,12 @@ ENGINE_PREFIX_HITS = Gauge("tellerloop_engine_prefix_hits_total", "Requests whos
 ENGINE_ADAPTER_BYTES = Gauge("tellerloop_engine_adapter_bytes", "LoRA matrices in memory, retired versions still finishing requests included")
 ENGINE_KV_BYTES = Gauge("tellerloop_engine_kv_cache_bytes", "Memory held by the running batch's key/value slots")
 RETRIEVAL_FAILURES = Counter("tellerloop_retrieval_failures_total", "Chats answered without retrieval: the knowledge base failed")
+UPSTREAM_UP = Gauge("tellerloop_upstream_up", "engine.backend openai: 1 while the upstream answers /v1/models")
+UPSTREAM_ERRORS = Counter("tellerloop_upstream_errors_total",
+                          "engine.backend openai: failed upstream calls (connect, pool, stalled, stream, "
+                          "adapter_load, or the upstream's HTTP status)", ["kind"])
+CONFIDENCE_UNAVAILABLE = Counter("tellerloop_confidence_unavailable_total",
+                                 "Answers whose engine reported no token log-probabilities (confidence not scored)")
 FALLBACKS = Counter("tellerloop_fallback_answers_total",
                     "Chats answered with rag.fallback_answer: no retrieved entry was relevant enough")
 RETRIEVAL_SECONDS = Histogram(

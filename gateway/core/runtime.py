@@ -17,6 +17,7 @@ from gateway.core.settings import PROJECT_ROOT, Settings
 from gateway.engine.base import Engine
 from gateway.engine.local import LocalEngine
 from gateway.engine.model_files import resolve_base_model
+from gateway.engine.upstream import UpstreamEngine
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import KnowledgeBase, ingest_demo_data
 from gateway.store.db import create_engine, migrate, session_factory
@@ -50,8 +51,9 @@ def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> Knowle
 
 
 def build_engine(settings: Settings) -> Engine:
-    if settings.engine.backend != "local":
-        raise NotImplementedError(f"engine.backend={settings.engine.backend!r} is not implemented yet")
+    """`engine.backend`: the in-process model, or an OpenAI-compatible upstream (vLLM)."""
+    if settings.engine.backend == "openai":
+        return UpstreamEngine(settings.engine, max_context_tokens=settings.model.max_context_tokens)
     return LocalEngine(
         partial(resolve_base_model, settings.model.base, settings.storage.data_dir),
         dtype=settings.model.dtype,

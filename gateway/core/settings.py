@@ -80,8 +80,20 @@ class ModelSettings(_Section):
 
 
 class EngineSettings(_Section):
+    """`local`: transformers/PEFT in this process. `openai`: an OpenAI-compatible upstream (vLLM, or
+    another tellerloop gateway) generates; adapters are registered with it by name through vLLM's
+    dynamic LoRA API (docs/scaling.md)."""
+
     backend: Literal["local", "openai"] = "local"
-    upstream_url: str = ""
+    upstream_url: str = ""  # the upstream's OpenAI base URL, ending in /v1
+    upstream_api_key: SecretStr = SecretStr("")  # sent as a Bearer token; never logged
+    upstream_model: str = ""  # the upstream's name for the base model; empty → the first of its /v1/models
+    upstream_adapter_dir: str = ""  # the adapter store as the upstream sees it (shared volume); empty → our path
+    upstream_connect_timeout_s: float = Field(5.0, gt=0.0)
+    upstream_read_timeout_s: float = Field(60.0, gt=0.0)  # longest wait for the next streamed chunk
+    upstream_max_connections: int = Field(128, ge=1)  # httpx pool: streams in flight to the upstream
+    upstream_health_interval_s: float = Field(2.0, gt=0.0)  # /v1/models poll: readiness, re-registering adapters
+    upstream_extra_body: dict[str, Any] = Field(default_factory=dict)  # merged into every chat request
     max_queue: int = Field(64, ge=1)
     max_batch: int = Field(64, ge=1)  # 64 streams: 191 tok/s vs 100 at 16 (bench/results/serve.md)
     torch_threads: int = Field(0, ge=0)
@@ -90,6 +102,14 @@ class EngineSettings(_Section):
     prefix_cache_entries: int = Field(8, ge=0)  # shared prompt prefixes (system prompt) kept as KV; 0 → off
     prefix_min_tokens: int = Field(32, ge=1)  # shortest shared prefix worth storing
     retry_after_s: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _openai_needs_an_upstream(self) -> "EngineSettings":
+        if self.backend == "openai" and not (self.upstream_url.startswith(("http://", "https://"))
+                                             and self.upstream_url.rstrip("/").endswith("/v1")):
+            raise ValueError("engine.upstream_url must be an http(s) URL ending in /v1 when backend = 'openai' "
+                             "(e.g. \"http://vllm:8000/v1\")")
+        return self
 
 
 class RagSettings(_Section):

@@ -37,9 +37,9 @@ class TokenEvent:
     """One generated token. `text` is the new visible text (may be empty while a multi-byte
     character or a possible stop string is held back)."""
 
-    token_id: int
+    token_id: int  # -1 where the engine does not say (an upstream's stream)
     token: str
-    logprob: float
+    logprob: float | None  # None: the engine reported no log-probability (confidence is then unavailable)
     text: str
     top_logprobs: tuple[tuple[str, float], ...] = ()
     entropy: float | None = None  # of the model's next-token distribution here (nats); None: not known
@@ -80,6 +80,18 @@ class EngineFailure(EngineError):
     """Generation failed inside the engine (the request cannot be completed)."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot take requests now (an upstream that is down); the caller should retry later."""
+
+
+class EngineRejected(EngineError):
+    """The engine refused the request as invalid (an upstream's 400): the client must change it."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        self.code = code
+        super().__init__(message)
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: str
@@ -91,6 +103,10 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    def unready(self) -> tuple[str, str] | None:
+        """Why requests are refused now, as (error code, message), or None when ready."""
+        ...
 
     def variants(self) -> list[str]:
         """Names servable through `GenerationRequest.adapter` (the base model is "base")."""

@@ -191,6 +191,9 @@ class LocalEngine:
     def ready(self) -> bool:
         return self.model is not None and self._thread is not None and self._thread.is_alive()
 
+    def unready(self) -> tuple[str, str] | None:
+        return None if self.ready else ("model_loading", "The model is still loading; retry shortly.")
+
     @property
     def adapter_paths(self) -> dict[str, str]:
         return {name: a.path for name, a in self._bank.adapters.items()} if self._bank else {}

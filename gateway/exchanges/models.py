@@ -43,7 +43,7 @@ class Exchange(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float] = mapped_column(Float)
-    confidence: Mapped[float] = mapped_column(Float, index=True)
+    confidence: Mapped[float | None] = mapped_column(Float, index=True, nullable=True)  # None: not scored (no logprobs)
     confidence_parts: Mapped[dict] = mapped_column(JSON, default=dict)
     flagged: Mapped[bool] = mapped_column(Boolean, index=True)
     experiment_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # routed by the A/B split

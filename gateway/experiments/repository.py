@@ -87,7 +87,7 @@ class Experiments:
             select(Exchange.variant, unit, func.count(Exchange.id), func.count(Feedback.id),
                    func.sum(case((Feedback.rating == "up", 1), else_=0)), func.count(staff.c.exchange_id),
                    func.sum(case((Exchange.flagged, 1), else_=0)), func.sum(Exchange.confidence),
-                   func.sum(Exchange.latency_ms))
+                   func.sum(Exchange.latency_ms), func.count(Exchange.confidence))
             .outerjoin(Feedback, Feedback.exchange_id == Exchange.id)
             .outerjoin(staff, staff.c.exchange_id == Exchange.id)
             .where(Exchange.experiment_id == exp.id, Exchange.finish_reason.not_in(UNANSWERED))
@@ -96,7 +96,7 @@ class Experiments:
         async with self._sessions() as session:
             for r in await session.execute(query):
                 units.setdefault(r[0], []).append((int(r[2]), int(r[3]), int(r[4] or 0), int(r[5]), int(r[6] or 0),
-                                                   r[7], r[8]))
+                                                   r[7], r[8], int(r[9])))
         champion = aggregate(exp.champion, "champion", units.get(exp.champion, []))
         challenger = aggregate(exp.challenger, "challenger", units.get(exp.challenger, []))
         champion.streams = challenger.streams = await self.streams(exp)

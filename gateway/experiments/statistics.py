@@ -246,10 +246,13 @@ class Arm:
 
 def aggregate(variant: str, role: str, units: list[tuple]) -> Arm:
     """An arm from per-unit rows (exchanges, rated, thumbs-up, staff-flagged exchanges, low-confidence
-    exchanges, Σ confidence, Σ latency)."""
+    exchanges, Σ confidence, Σ latency, and optionally how many exchanges were scored: an engine
+    without log-probabilities leaves confidence unscored, and the mean is over scored ones)."""
     arm = Arm(variant, role)
     conf = latency = 0.0
-    for exchanges, rated, up, flagged, low, sum_conf, sum_latency in units:
+    scored_total = 0
+    for exchanges, rated, up, flagged, low, sum_conf, sum_latency, *scored in units:
+        scored_total += scored[0] if scored else exchanges
         arm.exchanges += exchanges
         arm.rated += rated
         arm.thumbs_up += up
@@ -263,7 +266,9 @@ def aggregate(variant: str, role: str, units: list[tuple]) -> Arm:
             arm.satisfied += up / rated
         arm.flagged_customers += flagged > 0
     if arm.exchanges:
-        arm.mean_confidence, arm.mean_latency_ms = conf / arm.exchanges, latency / arm.exchanges
+        arm.mean_latency_ms = latency / arm.exchanges
+    if scored_total:
+        arm.mean_confidence = conf / scored_total
     return arm
 
 

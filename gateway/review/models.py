@@ -62,7 +62,7 @@ class ReviewItem(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     exchange_id: Mapped[str] = mapped_column(ForeignKey("exchanges.id"), unique=True)
     status: Mapped[str] = mapped_column(String(12), index=True)  # open | escalated | resolved | withdrawn
-    confidence: Mapped[float] = mapped_column(Float)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)  # the exchange's (None: not scored)
     low_confidence: Mapped[bool] = mapped_column(Boolean, default=False)
     thumbs_down: Mapped[bool] = mapped_column(Boolean, default=False)
     flag_count: Mapped[int] = mapped_column(Integer, default=0)

@@ -66,7 +66,7 @@ def priority_expression(cfg: ReviewSettings, now_epoch: float):
     """The documented priority formula as a SQL expression (same on SQLite and PostgreSQL)."""
     as_int = lambda cond: case((cond, 1.0), else_=0.0)  # noqa: E731
     return (
-        cfg.weight_confidence * (1.0 - ReviewItem.confidence)
+        cfg.weight_confidence * (1.0 - func.coalesce(ReviewItem.confidence, 1.0))  # unscored: no doubt term
         + cfg.weight_low_confidence * as_int(ReviewItem.low_confidence)
         + cfg.weight_thumbs_down * as_int(ReviewItem.thumbs_down)
         + cfg.weight_flag * ReviewItem.flag_count
@@ -79,7 +79,7 @@ def priority_expression(cfg: ReviewSettings, now_epoch: float):
 def priority_parts(item: ReviewItem, cfg: ReviewSettings, now_epoch: float) -> dict[str, float]:
     """The same formula term by term, to show reviewers why an item ranks where it does."""
     return {
-        "confidence": cfg.weight_confidence * (1.0 - item.confidence),
+        "confidence": cfg.weight_confidence * (1.0 - (1.0 if item.confidence is None else item.confidence)),
         "low_confidence": cfg.weight_low_confidence * item.low_confidence,
         "thumbs_down": cfg.weight_thumbs_down * item.thumbs_down,
         "flags": cfg.weight_flag * item.flag_count,
@@ -231,7 +231,8 @@ class ReviewRepository:
     async def recent_confidences(self, limit: int) -> list[tuple[float, bool]]:
         async with self._sessions() as session:
             rows = await session.execute(
-                select(Exchange.confidence, Exchange.flagged).where(Exchange.finish_reason.not_in(UNANSWERED))
+                select(Exchange.confidence, Exchange.flagged).where(Exchange.finish_reason.not_in(UNANSWERED),
+                                                                    Exchange.confidence.is_not(None))
                 .order_by(Exchange.created_at.desc()).limit(limit))
             return [(c, f) for c, f in rows]
 

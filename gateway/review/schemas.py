@@ -177,7 +177,7 @@ class ExchangeLog(BaseModel):
     usage: TokenUsage
     ttft_ms: float | None = Field(description="time to first token")
     latency_ms: float
-    confidence: float = Field(description="0..1")
+    confidence: float | None = Field(description="0..1; null: not scored (the engine reported no log-probabilities)")
     confidence_parts: dict[str, Any] = Field(
         description="the confidence formula's parts (token_prob, mean_logprob, retrieval, truncated, looping, ...)")
     flagged: bool = Field(description="confidence was below review.confidence_threshold")
@@ -241,7 +241,7 @@ class QueueItem(BaseModel):
     status: ItemStatus
     priority: float = Field(description="higher is reviewed first (see priority_parts in the item detail)")
     reasons: list[PriorityReason]
-    confidence: float
+    confidence: float | None = Field(description="null: not scored (the engine reported no log-probabilities)")
     question: str = Field(description="the last user message, trimmed to 280 characters")
     answer: str = Field(description="the model's answer, trimmed to 280 characters")
     created_at: str | None
@@ -278,7 +278,7 @@ class ReviewItemDetail(BaseModel):
     status: ItemStatus
     priority: float = Field(description="the sum of priority_parts")
     reasons: list[PriorityReason]
-    confidence: float
+    confidence: float | None = Field(description="null: not scored (the engine reported no log-probabilities)")
     question: str = Field(description="the last user message, in full")
     answer: str = Field(description="the model's answer, in full")
     created_at: str | None
