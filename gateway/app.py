@@ -48,6 +48,7 @@ from gateway.review.repository import ReviewRepository
 from gateway.review.service import ReviewService
 from gateway.runs.control import Retrainer
 from gateway.runs.controller import RetrainingController
+from gateway.runs.lease import Lease, replica_id
 from gateway.runs.scheduler import (
     ScheduledJobs,
     make_scheduler,
@@ -101,7 +102,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             app.state.experiment_service = ExperimentService(settings, experiments, serving)
             app.state.run_service = RunService(retrainer)
             calibration = app.state.calibration_service = CalibrationService(settings, Calibrators(sessions))
-            scheduler = make_scheduler(settings, ScheduledJobs(retrainer, serving, calibration),
+            lease = app.state.lease = Lease(sessions, replica_id(settings.server.port), settings.server.scheduler_lease_s)
+            scheduler = make_scheduler(settings, ScheduledJobs(retrainer, serving, calibration, lease),
                                        anchor=await retrain_anchor(retrainer))
             scheduler.start(paused=True)  # the jobs need the model: resumed once it is loaded
             if settings.retraining.enabled and await retrainer.bootstrap_due():
@@ -135,6 +137,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
                     if interrupted:
                         log.warning("retrain.interrupted_runs_failed", runs=interrupted)
                     app.state.serving_ready = True
+                    await lease.tick()  # lead at once if nobody does (a single gateway, the first replica)
                     scheduler.resume()
                     log.info("gateway.ready", host=settings.server.host, port=settings.server.port)
                 except Exception as exc:  # noqa: BLE001
@@ -147,6 +150,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             finally:
                 loader.cancel()
                 scheduler.shutdown(wait=False)
+                await lease.release()  # another replica leads at its next tick
                 for task in list(retrainer.tasks):
                     task.cancel()
                 await asyncio.gather(*retrainer.tasks, return_exceptions=True)

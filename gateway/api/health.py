@@ -18,6 +18,8 @@ class ReadyChecks(BaseModel):
     database: bool
     knowledge_base: bool
     adapters: bool = Field(description="the champion and challenger are loaded and routed")
+    scheduler_leader: bool = Field(False, description="this replica holds the scheduler lease (runs the scheduled "
+                                                      "retraining, experiment and calibration decisions)")
     error: str | None = Field(None, description="why start-up failed, if it did")
 
 
@@ -42,6 +44,8 @@ async def ready(state: State) -> Response[Readiness]:
         checks["database"] = await state.exchange_repository.ping()
     except Exception:  # noqa: BLE001 - any failure means "not ready"
         checks["database"] = False
+    lease = state.get("lease")
+    checks["scheduler_leader"] = bool(lease is not None and lease.held)
     if state.get("startup_error"):
         checks["error"] = state.startup_error
     ok = checks["model"] and checks["database"] and checks["knowledge_base"] and checks["adapters"]

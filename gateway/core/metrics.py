@@ -37,6 +37,10 @@ ENGINE_PREFIX_HITS = Gauge("tellerloop_engine_prefix_hits_total", "Requests whos
 ENGINE_ADAPTER_BYTES = Gauge("tellerloop_engine_adapter_bytes", "LoRA matrices in memory, retired versions still finishing requests included")
 ENGINE_KV_BYTES = Gauge("tellerloop_engine_kv_cache_bytes", "Memory held by the running batch's key/value slots")
 RETRIEVAL_FAILURES = Counter("tellerloop_retrieval_failures_total", "Chats answered without retrieval: the knowledge base failed")
+SCHEDULER_LEADER = Gauge("tellerloop_scheduler_leader",
+                         "1 while this replica holds the scheduler lease (runs retraining, experiment and calibration jobs)")
+SCHEDULED_JOBS = Counter("tellerloop_scheduled_jobs_total", "Scheduled decision jobs this replica ran (as the leader)",
+                         ["job"])
 UPSTREAM_UP = Gauge("tellerloop_upstream_up", "engine.backend openai: 1 while the upstream answers /v1/models")
 UPSTREAM_ERRORS = Counter("tellerloop_upstream_errors_total",
                           "engine.backend openai: failed upstream calls (connect, pool, stalled, stream, "

@@ -41,6 +41,17 @@ class ServerSettings(_Section):
     # open on a loopback bind, protected on any other
     observability: Literal["auto", "open", "protected"] = "auto"
     observability_min_role: Literal["client", "reviewer", "admin"] = "reviewer"
+    # replicas on one database: the one holding the scheduler lease runs the scheduled decisions
+    # (gateway/runs/lease.py); it renews every scheduler_renew_s, another takes over after scheduler_lease_s
+    scheduler_lease_s: float = Field(15.0, gt=0.0)
+    scheduler_renew_s: float = Field(5.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _renew_within_the_lease(self) -> "ServerSettings":
+        if self.scheduler_renew_s >= self.scheduler_lease_s:
+            raise ValueError("server.scheduler_renew_s must be shorter than server.scheduler_lease_s "
+                             "(the leader renews before its lease expires)")
+        return self
 
     @property
     def observability_open(self) -> bool:

@@ -21,8 +21,10 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from gateway.adapters.registry import RegistryError
+from gateway.core import metrics
 from gateway.core.settings import Settings
 from gateway.runs.control import Retrainer, RunRefused
+from gateway.runs.lease import Lease
 from gateway.store.base import as_utc
 
 if TYPE_CHECKING:
@@ -33,14 +35,28 @@ log = structlog.get_logger(__name__)
 
 
 class ScheduledJobs:
-    """What the scheduler runs; each job logs refusals instead of raising (a job never dies)."""
+    """What the scheduler runs; each job logs refusals instead of raising (a job never dies). The
+    decision jobs (retrain, experiment, calibration) run only on the replica holding the lease,
+    confirmed just before acting; `sync` and `lease` run on every replica."""
 
     def __init__(self, retrainer: Retrainer, serving: "AdapterService | None" = None,
-                 calibration: "CalibrationService | None" = None) -> None:
-        self.retrainer, self.serving, self.calibration = retrainer, serving, calibration
+                 calibration: "CalibrationService | None" = None, lease: Lease | None = None) -> None:
+        self.retrainer, self.serving, self.calibration, self.lease = retrainer, serving, calibration, lease
+
+    async def _leads(self, job: str) -> bool:
+        if self.lease is not None and not await self.lease.confirm():
+            return False
+        metrics.SCHEDULED_JOBS.labels(job).inc()
+        return True
+
+    async def keep_lease(self) -> None:
+        if self.lease is not None:
+            await self.lease.tick()
 
     async def retrain(self) -> None:
         """Start a run if one is due (too few new labels → nothing happens)."""
+        if not await self._leads("retrain"):
+            return
         try:
             run = await self.retrainer.start("schedule", "scheduler")
             log.info("retrain.scheduled_run", run_id=run.id, status=run.status)
@@ -51,6 +67,8 @@ class ScheduledJobs:
 
     async def evaluate_experiment(self) -> None:
         """Apply the decision rule and act (promote / retire / keep collecting)."""
+        if not await self._leads("experiment"):
+            return
         try:
             result = await self.serving.evaluate("scheduler")
             log.info("experiment.evaluated", experiment_id=result["experiment_id"], action=result["action"],
@@ -60,6 +78,8 @@ class ScheduledJobs:
 
     async def refit_calibrators(self) -> None:
         """Refit the served variants' calibrators on their reviewers' verdicts (where enough exist)."""
+        if not await self._leads("calibration"):
+            return
         split = self.serving.chat.split
         variants = [v for v in (split.champion, split.challenger) if v]
         await self.calibration.refit_all(variants)
@@ -93,6 +113,9 @@ def make_scheduler(settings: Settings, jobs: ScheduledJobs, anchor: datetime | N
     if jobs.serving is not None and jobs.calibration is not None and settings.calibration.enabled:
         scheduler.add_job(jobs.refit_calibrators, IntervalTrigger(hours=settings.calibration.refit_interval_hours),
                           id="calibration", name="calibrator refit on reviewers' verdicts", **common)
+    if jobs.lease is not None:
+        scheduler.add_job(jobs.keep_lease, IntervalTrigger(seconds=settings.server.scheduler_renew_s), id="lease",
+                          name="scheduler lease (one leader among replicas)", **common)
     if jobs.serving is not None:
         scheduler.add_job(jobs.sync, IntervalTrigger(seconds=exp.sync_interval_s), id="sync",
                           name="serving follows the registry", **common)
