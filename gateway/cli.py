@@ -203,7 +203,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, dict[str, dict]]:
         folders = await adapter_dirs()
-        engine = build_engine(settings)
+        engine = build_engine(settings, borrowed=True)  # an upstream's other adapters are not ours to unload
         kb = await asyncio.to_thread(build_knowledge_base, settings) if args.rag else None
         embedder = kb.embedder if kb else Embedder(settings.rag.embedding_model)
         await engine.start()
@@ -225,7 +225,11 @@ def _eval(args: argparse.Namespace) -> int:
                         bar.close()
             return reports
         finally:
-            await engine.stop()
+            try:
+                for version in folders:
+                    await engine.unload_adapter(version)
+            finally:
+                await engine.stop()
 
     try:
         reports = asyncio.run(run())

@@ -151,7 +151,7 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
     text, logprobs, entropies, fin = "", [], [], None
     async for ev in stream:
         text += ev.text
-        if isinstance(ev, TokenEvent):
+        if isinstance(ev, TokenEvent) and ev.logprob is not None:  # an upstream may send none
             logprobs.append(ev.logprob)
             entropies.append(ev.entropy)
         elif isinstance(ev, Finished):

@@ -216,7 +216,7 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
     baseline = champion.version if champion else "base"
     sets = {"rag": (frozen, True), "no_rag": (frozen, False), "forgetting": (probe, True),
             "calibration_rag": (calibration, True), "calibration_no_rag": (calibration, False)}
-    engine = build_engine(settings)
+    engine = build_engine(settings, borrowed=True)
     await engine.start()
     try:
         await engine.load_adapter(version, str(await registry.verify(version)))
@@ -252,12 +252,12 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
         result["candidate_items"] = {m: v for m, v in per_question["candidate"].items() if m in ("rag", "no_rag")}
         return result
     finally:
-        # an upstream engine (engine.backend = "openai") is shared with the gateways: the candidate is
-        # unregistered there again, unless it already serves (re-evaluating a champion or challenger)
-        row = await registry.get(version)
-        if row is not None and row.state not in ("champion", "challenger"):
+        # an upstream engine (engine.backend = "openai") is shared with the gateways: what this
+        # evaluation registered there is unregistered again (a borrowed engine never touches the rest)
+        try:
             await engine.unload_adapter(version)
-        await engine.stop()
+        finally:
+            await engine.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

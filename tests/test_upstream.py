@@ -109,6 +109,14 @@ async def test_a_gateway_serves_through_an_upstream_gateway(tmp_path, tiny_model
         assert r.status_code == 200 and r.json()["variant"] == version
         assert served(b.base_url, version) == 1
 
+        # another process unregisters it upstream: A's chats never turn into 404s, and A registers it again
+        httpx.post(f"{b.base_url}/v1/unload_lora_adapter", json={"lora_name": version}, headers=ADMIN, timeout=30)
+        r = httpx.post(f"{a.base_url}/v1/chat/completions", json=chat(), headers=CLIENT, timeout=60)
+        assert r.status_code == 200 or (r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable")
+        eventually(lambda: version in models(b.base_url))
+        eventually(lambda: httpx.post(f"{a.base_url}/v1/chat/completions", json=chat(), headers=CLIENT,
+                                      timeout=60).json().get("variant") == version)
+
         # B stopped: A refuses with 503 + Retry-After, and /ready fails
         b.stop()
         r = httpx.post(f"{a.base_url}/v1/chat/completions", json=chat(), headers=CLIENT, timeout=30)
@@ -177,6 +185,8 @@ class Peer:
     def __init__(self) -> None:
         self.mode = "no_logprobs"
         self.requests: list[dict] = []
+        self.loras: set[str] = set()
+        self.lora_calls: list[tuple[str, str]] = []
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -193,10 +203,18 @@ class Peer:
 
             def do_GET(self) -> None:  # noqa: N802
                 self._send(200, {"object": "list", "data": [{"id": "peer-model", "object": "model",
-                                                               "max_model_len": 4096}]})
+                                                               "max_model_len": 4096}]
+                                 + [{"id": name, "object": "model"} for name in sorted(peer.loras)]})
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.endswith("_lora_adapter"):
+                    action = self.path.rsplit("/", 1)[1].split("_")[0]
+                    peer.lora_calls.append((action, body["lora_name"]))
+                    (peer.loras.add if action == "load" else peer.loras.discard)(body["lora_name"])
+                    self.send_response(200)
+                    self.end_headers()
+                    return None
                 peer.requests.append(body)
                 mode = peer.mode
                 if mode == "refuse":
@@ -313,3 +331,33 @@ def test_the_openai_backend_needs_an_upstream_url():
         load_settings(None, engine={"backend": "openai"})
     with pytest.raises(ValueError, match="ending in /v1"):
         load_settings(None, engine={"backend": "openai", "upstream_url": "http://vllm:8000"})
+
+
+async def test_a_borrowing_process_unregisters_only_what_it_registered(peer):
+    """The trainer's evaluation shares the upstream with the gateways: it must never unregister a
+    version some gateway registered (and serves), only its own candidate."""
+    from gateway.core.settings import EngineSettings
+    from gateway.engine.upstream import UpstreamEngine
+
+    peer.loras.add("v0001")  # the champion, registered by a gateway
+    cfg = EngineSettings(backend="openai", upstream_url=peer.url)
+    borrowed = UpstreamEngine(cfg, release_foreign=False)
+    await borrowed.start()
+    try:
+        await borrowed.load_adapter("v0001", "/adapters/v0001")  # listed already: the same immutable version
+        await borrowed.load_adapter("v0002", "/adapters/v0002")
+        assert peer.lora_calls == [("load", "v0002")]
+        await borrowed.unload_adapter("v0002")
+        await borrowed.unload_adapter("v0001")
+        assert peer.lora_calls == [("load", "v0002"), ("unload", "v0002")] and peer.loras == {"v0001"}
+        assert borrowed.variants() == ["base"]
+    finally:
+        await borrowed.stop()
+    gateway = UpstreamEngine(cfg)  # a gateway following the registry retires what the registry retired
+    await gateway.start()
+    try:
+        await gateway.load_adapter("v0001", "/adapters/v0001")
+        await gateway.unload_adapter("v0001")
+        assert peer.loras == set()
+    finally:
+        await gateway.stop()

@@ -163,14 +163,14 @@ class AdapterService:
         if await self.registry.get(name) is not None:
             raise Conflict(f"'{name}' is a version of this gateway's own registry; POST /v1/adapters/{name}/load "
                            "serves it", code="registry_version")
-        if (name in self.external and not inplace) or (name not in self.external and name in self.engine.variants()):
-            raise InvalidRequest(f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                                 "adapter in place, set 'load_inplace' to True.", param="lora_name")
         folder = Path(path)
         if not (folder / "adapter_config.json").is_file():
             raise InvalidRequest(f"No adapter found at '{path}': a PEFT LoRA folder with adapter_config.json "
                                  "readable by this server is needed", param="lora_path")
         async with self._lock:
+            if (name in self.external and not inplace) or (name not in self.external and name in self.engine.variants()):
+                raise InvalidRequest(f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                                     "adapter in place, set 'load_inplace' to True.", param="lora_name")
             try:
                 await self.engine.load_adapter(name, str(folder))
             except (OSError, ValueError) as exc:

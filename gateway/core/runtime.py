@@ -50,10 +50,13 @@ def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> Knowle
     return kb
 
 
-def build_engine(settings: Settings) -> Engine:
-    """`engine.backend`: the in-process model, or an OpenAI-compatible upstream (vLLM)."""
+def build_engine(settings: Settings, *, borrowed: bool = False) -> Engine:
+    """`engine.backend`: the in-process model, or an OpenAI-compatible upstream (vLLM).
+    `borrowed`: a process that only borrows a shared upstream (the trainer's evaluation) and must
+    unregister only the adapters it registered itself, never one a gateway serves."""
     if settings.engine.backend == "openai":
-        return UpstreamEngine(settings.engine, max_context_tokens=settings.model.max_context_tokens)
+        return UpstreamEngine(settings.engine, max_context_tokens=settings.model.max_context_tokens,
+                              release_foreign=not borrowed)
     return LocalEngine(
         partial(resolve_base_model, settings.model.base, settings.storage.data_dir),
         dtype=settings.model.dtype,

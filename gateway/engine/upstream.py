@@ -74,48 +74,61 @@ def _message(response: httpx.Response) -> str:
 
 
 class UpstreamEngine:
-    """An OpenAI-compatible server as the engine; adapters registered with it by name."""
+    """An OpenAI-compatible server as the engine; adapters registered with it by name.
 
-    def __init__(self, cfg: EngineSettings, max_context_tokens: int = 2048) -> None:
+    `release_foreign`: whether unloading a version also unregisters it upstream when another
+    process registered it (a gateway following the registry: yes; the trainer, which only borrows
+    the upstream for its evaluation: no, it unregisters only what it registered itself)."""
+
+    def __init__(self, cfg: EngineSettings, max_context_tokens: int = 2048, *, release_foreign: bool = True) -> None:
         self.name = "openai"
         self.cfg = cfg
         self.url = cfg.upstream_url.rstrip("/")
         self.max_context_tokens = max_context_tokens
-        self._client: httpx.AsyncClient | None = None
+        self.release_foreign = release_foreign
+        self._client: httpx.AsyncClient | None = None  # chats
+        self._control: httpx.AsyncClient | None = None  # health and adapter calls: never queued behind chats
         self._poller: asyncio.Task | None = None
         self._base_model: str | None = cfg.upstream_model or None
-        self._upstream_ids: set[str] = set()  # what its /v1/models listed last
+        self._upstream_ids: set[str] = set()  # what its /v1/models listed last (plus what we registered since)
         self._reachable = False
         self._reason = "not started"
         self._wanted: dict[str, str] = {}  # variant → adapter path as the upstream reads it
         self._retiring: set[str] = set()  # unloaded here; unregistered upstream once its requests finish
+        self._own: set[str] = set()  # registered by this process (POST answered 200)
         self._active: Counter[str] = Counter()  # this process's streams per variant
-        self._sync_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one adapter change or health round at a time
+        self._resync: asyncio.Task | None = None  # an early health round after a 404 for a served name
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Never fails because the upstream is down: `/ready` says so until the health task reaches it."""
         key = self.cfg.upstream_api_key.get_secret_value()
+        common = {"base_url": self.url, "headers": {"Authorization": f"Bearer {key}"} if key else {}}
         self._client = httpx.AsyncClient(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {key}"} if key else {},
+            **common,
             timeout=httpx.Timeout(self.cfg.upstream_read_timeout_s, connect=self.cfg.upstream_connect_timeout_s,
                                   pool=self.cfg.upstream_connect_timeout_s),
             limits=httpx.Limits(max_connections=self.cfg.upstream_max_connections,
                                 max_keepalive_connections=self.cfg.upstream_max_connections),
         )
+        # loading an adapter can take the upstream a while; the health GET has its own shorter timeout
+        self._control = httpx.AsyncClient(**common, timeout=httpx.Timeout(self.cfg.upstream_read_timeout_s,
+                                                                          connect=self.cfg.upstream_connect_timeout_s))
         await self.sync()
         self._poller = asyncio.create_task(self._poll(), name="tellerloop-upstream-health")
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            try:
-                await self._poller
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-        if self._client is not None:
-            await self._client.aclose()
+        for task in (self._poller, self._resync):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
+        for client in (self._client, self._control):
+            if client is not None:
+                await client.aclose()
         self._reachable, self._reason = False, "stopped"
 
     @property
@@ -147,9 +160,9 @@ class UpstreamEngine:
     async def sync(self) -> None:
         """One health round: list the upstream's models, choose the base model's name, register
         wanted versions it does not list (after its restart), unregister drained retired ones."""
-        async with self._sync_lock:
+        async with self._lock:
             try:
-                response = await self._client.get("/models", timeout=self.cfg.upstream_connect_timeout_s)
+                response = await self._control.get("/models", timeout=self.cfg.upstream_connect_timeout_s)
             except httpx.HTTPError as exc:
                 self._down(f"{type(exc).__name__} at {safe_url(self.url)}/models")
                 return
@@ -166,11 +179,11 @@ class UpstreamEngine:
                 self._down(f"it does not serve engine.upstream_model {self.cfg.upstream_model!r} "
                            f"(it serves {sorted(ids)})")
                 return
-            if self._base_model is None:
+            if not self.cfg.upstream_model and self._base_model not in ids:
                 if not models:
                     self._down("its /models list is empty")
                     return
-                self._base_model = str(models[0]["id"])
+                self._base_model = str(models[0]["id"])  # first start, or the upstream came back renamed
                 log.info("upstream.base_model", model=self._base_model)
             limit = next((m.get("max_model_len") for m in models if m["id"] == self._base_model), None)
             if isinstance(limit, int) and limit > 0:
@@ -181,7 +194,7 @@ class UpstreamEngine:
             if was_down:
                 log.info("upstream.reachable", upstream=safe_url(self.url), models=len(ids))
             for name, path in list(self._wanted.items()):
-                if name not in ids:
+                if name not in ids and name not in self._retiring:
                     try:
                         await self._register(name, path)
                     except (ValueError, EngineUnavailable) as exc:
@@ -209,60 +222,78 @@ class UpstreamEngine:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Register `name` upstream. A refusal (bad path, LoRA not enabled) raises ValueError, as
-        a bad local folder does; an unreachable upstream keeps it wanted, registered on reconnect."""
+        a bad local folder does; an unreachable or busy upstream keeps it wanted, and the health
+        task registers it when the upstream answers again."""
         if name == BASE:
             raise ValueError("'base' is reserved for the base model")
         upstream = self.upstream_path(path)
-        self._wanted[name] = upstream
-        self._retiring.discard(name)
-        if not self._reachable:
-            return
-        try:
-            await self._register(name, upstream)
-        except ValueError:
-            self._wanted.pop(name, None)
-            raise
-        except EngineUnavailable:
-            pass  # the health task registers it when the upstream answers again
+        async with self._lock:
+            self._wanted[name] = upstream
+            self._retiring.discard(name)
+            if not self._reachable:
+                return
+            try:
+                await self._register(name, upstream)
+            except ValueError:
+                self._wanted.pop(name, None)
+                raise
+            except EngineUnavailable:
+                pass
 
     async def _register(self, name: str, path: str) -> None:
         if name in self._upstream_ids:
             return  # a version is immutable: the name the upstream lists is this adapter
         try:
-            response = await self._client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+            response = await self._control.post("/load_lora_adapter", json={"lora_name": name, "lora_path": path})
         except httpx.HTTPError as exc:
-            self._down(f"{type(exc).__name__} while loading adapter {name}")
-            raise EngineUnavailable(f"upstream unreachable while loading adapter {name}") from None
+            raise EngineUnavailable(f"upstream unreachable while loading adapter {name}: {type(exc).__name__}") from None
         message = _message(response)
-        if response.status_code != 200 and "already" not in message.lower():
+        if response.status_code == 200:
+            self._own.add(name)
+        elif not (response.status_code == 400 and "already been loaded" in message):
             metrics.UPSTREAM_ERRORS.labels("adapter_load").inc()
-            raise ValueError(f"the upstream refused adapter {name} from {path}: HTTP {response.status_code}: {message}")
+            if response.status_code in (400, 404, 409, 422):  # the upstream refuses this adapter
+                raise ValueError(f"the upstream refused adapter {name} from {path}: HTTP {response.status_code}: "
+                                 f"{message}")
+            raise EngineUnavailable(f"the upstream could not load adapter {name} now: HTTP {response.status_code}: "
+                                    f"{message}")
         self._upstream_ids.add(name)
         log.info("upstream.adapter_loaded", adapter=name, path=path)
 
     async def unload_adapter(self, name: str) -> bool:
         """Stop routing new requests to `name`; it is unregistered upstream once this process's
         requests on it have finished."""
-        if name not in self._wanted or name in self._retiring:
-            return False
-        self._retiring.add(name)
-        if not self._active[name]:
-            await self._unregister(name)
-        return True
+        async with self._lock:
+            if name not in self._wanted or name in self._retiring:
+                return False
+            self._retiring.add(name)
+            if not self._active[name]:
+                await self._unregister(name)
+            return True
 
     async def _unregister(self, name: str) -> None:
-        try:
-            response = await self._client.post("/unload_lora_adapter", json={"lora_name": name})
-        except httpx.HTTPError:
-            return  # still retiring: the health task tries again
-        if response.status_code not in (200, 404):
-            log.warning("upstream.adapter_unload_refused", adapter=name, status=response.status_code,
-                        reason=_message(response))
-            return
-        self._retiring.discard(name)
-        self._wanted.pop(name, None)
+        if self.release_foreign or name in self._own:
+            try:
+                response = await self._control.post("/unload_lora_adapter", json={"lora_name": name})
+            except httpx.HTTPError:
+                return  # still retiring: the health task tries again
+            if response.status_code not in (200, 404):
+                log.warning("upstream.adapter_unload_refused", adapter=name, status=response.status_code,
+                            reason=_message(response))
+                return
+            self._upstream_ids.discard(name)
+            log.info("upstream.adapter_unloaded", adapter=name)
+        if name in self._retiring:  # not wanted again meanwhile
+            self._retiring.discard(name)
+            self._wanted.pop(name, None)
+        self._own.discard(name)
+
+    def _forgotten(self, name: str) -> None:
+        """The upstream answered 404 for a name we serve: it restarted or another process unloaded
+        it. Register it again now rather than at the next health round."""
         self._upstream_ids.discard(name)
-        log.info("upstream.adapter_unloaded", adapter=name)
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.create_task(self.sync())
 
     # ---- requests --------------------------------------------------------------------------
     def _model(self, adapter: str | None) -> str:
@@ -297,26 +328,32 @@ class UpstreamEngine:
     async def submit(self, request: GenerationRequest) -> "UpstreamStream":
         """Open the upstream stream and check its status before returning, so every refusal comes
         before anything is generated; the returned stream yields the tokens, closing it closes the
-        connection (the upstream stops generating)."""
+        connection (the upstream stops generating). The request counts as active on its variant
+        from before it is sent, so an unload cannot slip in between."""
         await self.check(request)
         variant = request.adapter or BASE
         client_request = self._client.build_request("POST", "/chat/completions", json=self._body(request),
                                                     headers={"X-Request-Id": request.request_id})
-        try:
-            response = await self._client.send(client_request, stream=True)
-        except httpx.PoolTimeout:
-            metrics.UPSTREAM_ERRORS.labels("pool").inc()
-            raise EngineOverloaded("every connection to the upstream is busy (engine.upstream_max_connections); "
-                                   "retry shortly") from None
-        except httpx.HTTPError as exc:
-            metrics.UPSTREAM_ERRORS.labels("connect").inc()
-            self._down(f"{type(exc).__name__} on a chat request")
-            raise EngineUnavailable(f"the upstream ({safe_url(self.url)}) is unreachable: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            await response.aread()
-            await response.aclose()
-            self._refusal(response, request)
         self._active[variant] += 1
+        try:
+            try:
+                response = await self._client.send(client_request, stream=True)
+            except httpx.PoolTimeout:
+                metrics.UPSTREAM_ERRORS.labels("pool").inc()
+                raise EngineOverloaded("every connection to the upstream is busy (engine.upstream_max_connections); "
+                                       "retry shortly") from None
+            except httpx.HTTPError as exc:
+                metrics.UPSTREAM_ERRORS.labels("connect").inc()
+                if isinstance(exc, httpx.ConnectError):  # refused: it is down (one slow request is not)
+                    self._down(f"{type(exc).__name__} on a chat request")
+                raise EngineUnavailable(f"the upstream ({safe_url(self.url)}) did not answer: {type(exc).__name__}") from None
+            if response.status_code != 200:
+                await response.aread()
+                await response.aclose()
+                self._refusal(response, request, variant)
+        except BaseException:
+            self._finished(variant)
+            raise
         return UpstreamStream(self, response, variant)
 
     def _finished(self, variant: str) -> None:
@@ -324,10 +361,14 @@ class UpstreamEngine:
         if self._active[variant] <= 0:
             del self._active[variant]
 
-    def _refusal(self, response: httpx.Response, request: GenerationRequest) -> None:
+    def _refusal(self, response: httpx.Response, request: GenerationRequest, variant: str) -> None:
         status, message = response.status_code, _message(response)
         metrics.UPSTREAM_ERRORS.labels(str(status)).inc()
         if status == 404:
+            if variant == BASE or variant in self._wanted:  # ours to serve: the upstream forgot it
+                self._forgotten(variant)
+                raise EngineUnavailable(f"the upstream does not serve {self._model(request.adapter)!r} right now "
+                                        f"({message}); it is being registered again")
             raise UnknownAdapter(f"the upstream does not serve {self._model(request.adapter)!r}: {message}")
         if status in (400, 413, 422):
             code = "context_length_exceeded" if "context" in message.lower() else "invalid_request"
@@ -336,7 +377,6 @@ class UpstreamEngine:
             raise EngineOverloaded(f"the upstream is at capacity (HTTP {status}): {message}")
         log.error("upstream.refused", status=status, reason=message)
         raise EngineUnavailable(f"the upstream answered HTTP {status}: {message}")
-
 
 
 class UpstreamStream:
@@ -362,12 +402,14 @@ class UpstreamStream:
         if self._closed:
             return
         self._closed = True
-        await self._events.aclose()
-        await self._response.aclose()
-        self._engine._finished(self._variant)
+        try:
+            await self._events.aclose()
+            await self._response.aclose()
+        finally:
+            self._engine._finished(self._variant)
 
     async def _read(self) -> AsyncIterator[TokenEvent | Finished]:
-        finish, usage, tokens, done = None, {}, 0, False
+        finish, usage, tokens = None, {}, 0
         timeout = self._engine.cfg.upstream_read_timeout_s
         try:
             async for line in self._response.aiter_lines():
@@ -375,7 +417,6 @@ class UpstreamStream:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    done = True
                     break
                 try:
                     chunk = json.loads(data)
@@ -408,7 +449,9 @@ class UpstreamStream:
             raise EngineFailure(f"the upstream stream broke: {type(exc).__name__}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineFailure(f"the upstream sent a malformed stream chunk ({type(exc).__name__})") from None
-        if finish is None and not done:
+        if finish is None:
             raise EngineFailure("the upstream stream ended without finishing the answer")
-        yield Finished(finish or "stop", int(usage.get("prompt_tokens") or 0),
+        if finish in ("abort", "error"):  # vLLM: the request was aborted or failed upstream
+            raise EngineFailure(f"the upstream ended the answer with finish_reason {finish!r}")
+        yield Finished(finish, int(usage.get("prompt_tokens") or 0),
                        int(usage.get("completion_tokens") or tokens))

@@ -162,7 +162,7 @@ class ReviewService:
             out.append({"code": "thumbs_down", "text": "The customer gave a thumbs-down"})
         if item.low_confidence:
             out.append({"code": "low_confidence",
-                        "text": f"Confidence {item.confidence:.2f} is below the flag threshold"})
+                        "text": f"Confidence {item.confidence or 0.0:.2f} is below the flag threshold"})
         if item.audit:
             out.append({"code": "audit", "text": f"Random audit sample (drawn with probability {item.audit_rate:.3g}): "
                                                  "judge it like any other answer"})
