@@ -41,6 +41,14 @@ def _prompt_variants(messages: list[dict]) -> list[list[dict]]:
     return [prompt] if short == prompt else [prompt, short]
 
 
+def use_cuda(device: str) -> bool:
+    """`training.device`: "auto" trains on a GPU when torch sees one; "cuda" insists (a clear error
+    on a machine without one, rather than hours on the CPU); "cpu" never uses one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device = 'cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU)")
+    return device != "cpu" and torch.cuda.is_available()
+
+
 def encode(tokenizer, messages: list[dict], max_tokens: int) -> dict | None:  # noqa: ANN001
     """Token ids with labels only on the answer, whole, with its end-of-turn token (so answers learn
     to end). An example over `max_tokens` drops its earlier conversation turns; if the system turn,
@@ -159,7 +167,7 @@ def train_adapter(settings: Settings, train_rows: list[list[dict]], eval_rows: l
         warmup_steps=int(total * cfg.warmup_ratio), lr_scheduler_type="linear", logging_steps=cfg.progress_every_steps,
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, save_only_model=True,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), report_to="none",
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not use_cuda(cfg.device), report_to="none",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
         prediction_loss_only=True,  # never keep eval logits (batch × tokens × 49k vocab) in memory
         train_sampling_strategy="group_by_length",  # batches of similar length: less padding to push through the model

@@ -64,3 +64,15 @@ def test_retrieval_query_joins_the_last_user_turns():
     assert retrieval_query(convo, 2) == "How do I get an IVR password?\nand how long does it take?"
     assert retrieval_query(convo, 5) == retrieval_query(convo, 2)  # fewer turns than asked: all of them
     assert retrieval_query(convo[:2], 2) == "How do I get an IVR password?"
+
+
+def test_training_device_is_explicit_about_cuda():
+    import torch
+
+    from retraining.finetune import use_cuda
+
+    assert use_cuda("cpu") is False
+    assert use_cuda("auto") is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            use_cuda("cuda")

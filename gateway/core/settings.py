@@ -270,6 +270,7 @@ class TrainingSettings(_Section):
     """One adapter training run (retraining/train.py)."""
 
     quantization: Literal["4bit", "none"] = "none"  # "4bit": QLoRA (bitsandbytes nf4); "none": LoRA on fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     lora_r: int = Field(16, ge=1, le=256)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
