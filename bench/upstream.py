@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -65,6 +66,12 @@ def tiny_model() -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)
     return target
+
+
+def cpu_seconds(server: Server) -> float:
+    """User + system CPU time the server process has used so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def level(server: Server, prompts: list[list[dict]], streams: int, requests: int) -> dict:
@@ -127,10 +134,19 @@ def run(model: str, requests: int, rounds: int) -> dict:
                 rows = []
                 for streams in (1, 16):
                     direct, via = [], []
+                    cpu = {"upstream_direct": 0.0, "upstream_via": 0.0, "gateway": 0.0}
                     for _ in range(rounds):  # interleaved: the machine's noise falls on both
+                        b0 = cpu_seconds(upstream)
                         direct.append(level(upstream, prompts, streams, requests))
+                        b1, a1 = cpu_seconds(upstream), cpu_seconds(front)
                         via.append(level(front, prompts, streams, requests))
-                    rows.append({"streams": streams, "direct": merge(direct), "via": merge(via)})
+                        cpu["upstream_direct"] += b1 - b0
+                        cpu["upstream_via"] += cpu_seconds(upstream) - b1
+                        cpu["gateway"] += cpu_seconds(front) - a1
+                    answers = {"upstream_direct": sum(r["requests"] for r in direct)}
+                    answers["upstream_via"] = answers["gateway"] = sum(r["requests"] for r in via)
+                    rows.append({"streams": streams, "direct": merge(direct), "via": merge(via),
+                                 "cpu_ms_per_answer": {k: round(1000 * v / answers[k], 1) for k, v in cpu.items()}})
                     print(f"  {streams:2d} streams: TTFT p50 direct {rows[-1]['direct']['ttft_p50']:.4f} s, "
                           f"via gateway {rows[-1]['via']['ttft_p50']:.4f} s", flush=True)
                 chunks = {"direct": chunks_per_answer(upstream, prompts[0]), "via": chunks_per_answer(front, prompts[0])}
@@ -169,6 +185,12 @@ def report(data: dict) -> str:
         lines.append(f"| {row['streams']} | **added by the gateway** | **{ms(v['ttft_p50'] - d['ttft_p50'])}** | "
                      f"{ms(v['ttft_p99'] - d['ttft_p99'])} | **{ms(v['total_p50'] - d['total_p50'])}** | "
                      f"{ms(v['total_p99'] - d['total_p99'])} | {v['tok_s'] / d['tok_s']:.2f}× | |")
+    lines += ["", "CPU time per answer (ms; the processes share this machine's cores, so the gateway's CPU is time the "
+                  "upstream could not use):", "",
+              "| streams | upstream, direct | upstream, behind the gateway | the gateway itself |", "| ---: | ---: | ---: | ---: |"]
+    for row in data["levels"]:
+        c = row["cpu_ms_per_answer"]
+        lines.append(f"| {row['streams']} | {c['upstream_direct']} | {c['upstream_via']} | {c['gateway']} |")
     c = data["chunks_per_answer"]
     lines += ["", f"Content chunks in one {data['max_tokens']}-token answer: {c['direct']} direct, {c['via']} through the "
                   "gateway (relayed one by one, not buffered)."]
