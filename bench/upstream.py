@@ -8,7 +8,7 @@ gateway's own path: HTTP, auth, validation, PII scrubbing, the relay of every ch
 and the exchange write. The upstream runs a tiny random-weight model by default, so its own time
 is small and the gateway's cost is visible (`--model real` uses the embedded SmolLM2).
 
-    .venv/bin/python bench/upstream.py [--model tiny|real] [--requests 48] [--rounds 3]
+    .venv/bin/python bench/upstream.py [--model tiny|real] [--requests 48] [--rounds 3] [--pin]
 
 Reports p50/p99 of the time to first token and of the whole answer, per level, direct vs through A,
 and the difference; chunks per answer show that A relays the stream chunk by chunk (a buffering
@@ -68,6 +68,15 @@ def tiny_model() -> Path:
     return target
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process onto `cpus` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:
+            pass
+
+
 def cpu_seconds(server: Server) -> float:
     """User + system CPU time the server process has used so far (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -114,7 +123,7 @@ def chunks_per_answer(server: Server, prompt: list[dict]) -> int:
                                                          for c in json.loads(line[6:]).get("choices") or []))
 
 
-def run(model: str, requests: int, rounds: int) -> dict:
+def run(model: str, requests: int, rounds: int, pinned: bool) -> dict:
     base = str(tiny_model()) if model == "tiny" else ""
     model_toml = f'[model]\nbase = "{base}"\n' if base else ""
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +137,10 @@ def run(model: str, requests: int, rounds: int) -> dict:
                 f'upstream_api_key = "{BENCH_KEY}"\nupstream_model = "base"\nupstream_extra_body = {{rag = false}}\n'))
             try:
                 upstream.model = front.model = "base"
+                if pinned:  # the upstream gets a core of its own, as on its own host; the gateway shares the client's
+                    pin(upstream.proc.pid, {0})
+                    pin(front.proc.pid, {1})
+                    pin(os.getpid(), {1})
                 prompts = [[{"role": "user", "content": q}] for q in load_prompts(64)]
                 level(upstream, prompts, 2, 4)  # warm-up both paths
                 level(front, prompts, 2, 4)
@@ -154,7 +167,7 @@ def run(model: str, requests: int, rounds: int) -> dict:
                 front.stop()
         finally:
             upstream.stop()
-    return {"model": model, "max_tokens": MAX_TOKENS, "requests_per_round": requests, "rounds": rounds,
+    return {"model": model, "pinned": pinned, "max_tokens": MAX_TOKENS, "requests_per_round": requests, "rounds": rounds,
             "levels": rows, "chunks_per_answer": chunks}
 
 
@@ -173,7 +186,9 @@ def report(data: dict) -> str:
     ms = lambda v: f"{v * 1000:.1f}"  # noqa: E731
     lines = [f"Upstream: a tellerloop gateway on the {'tiny random-weight' if data['model'] == 'tiny' else 'embedded SmolLM2'} "
              f"model, {data['max_tokens']} tokens per answer, streamed, retrieval off; {data['rounds']} interleaved rounds "
-             f"of {data['requests_per_round']} requests per path and level.", "",
+             f"of {data['requests_per_round']} requests per path and level."
+             + (" The upstream pinned to core 0, the gateway and the client to core 1." if data.get("pinned") else
+                " All processes share every core."), "",
              "| streams | path | TTFT p50 ms | TTFT p99 ms | answer p50 ms | answer p99 ms | tok/s | errors |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in data["levels"]:
@@ -202,9 +217,10 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pin", action="store_true", help="upstream on core 0; gateway and client on core 1")
     parser.add_argument("--from-json")
     args = parser.parse_args()
-    data = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args.model, args.requests, args.rounds)
+    data = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args.model, args.requests, args.rounds, args.pin)
     text = report(data)
     print(text)
     if not args.from_json:

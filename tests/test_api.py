@@ -197,7 +197,8 @@ async def test_models_health_ready_metrics_schema(client):
     assert [m["id"] for m in models["data"]] == ["tellerloop", "base"]
     assert (await client.get("/health")).json() == {"status": "ok"}
     ready = (await client.get("/ready")).json()
-    assert ready["checks"] == {"model": True, "database": True, "knowledge_base": True, "adapters": True}
+    assert ready["checks"] == {"model": True, "database": True, "knowledge_base": True, "adapters": True,
+                               "scheduler_leader": True}  # a single gateway leads its own scheduler
     await client.post("/v1/chat/completions", json=chat(), headers=CLIENT)
     text = (await client.get("/metrics")).text
     for name in ("tellerloop_time_to_first_token_seconds_bucket", "tellerloop_generated_tokens_total",

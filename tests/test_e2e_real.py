@@ -604,3 +604,30 @@ sync_interval_s = 1
         assert server.proc.poll() is None
     finally:
         server.stop()
+
+
+async def test_a_gateway_in_front_of_the_real_server_answers_from_its_own_retrieval(
+        real_server, make_settings, real_model_dir, faq_chroma_dir, tmp_path):
+    """engine.backend = "openai" with the real SmolLM2 upstream: this gateway retrieves and builds
+    the prompt, the upstream process generates, and the confidence comes from its log-probabilities."""
+    from gateway.app import create_app
+    from tests.conftest import ready_client, seed_knowledge
+
+    settings = make_settings(real_model_dir, engine={
+        "backend": "openai", "upstream_url": f"{real_server.base_url}/v1", "upstream_api_key": "dev-admin-key",
+        "upstream_model": "base", "upstream_extra_body": {"rag": False}})
+    seed_knowledge(settings.storage.data_dir, faq_chroma_dir)
+    async with ready_client(create_app(settings), settings) as c:
+        r = await c.post("/v1/chat/completions", headers={"Authorization": "Bearer dev-client-key"},
+                         json={"model": "tellerloop", "max_tokens": 48,
+                               "messages": [{"role": "user", "content": "How do I block my lost debit card?"}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        answer = body["choices"][0]["message"]["content"]
+        assert len(answer.split()) >= 3 and body["variant"] == "base"
+        assert body["retrieval"] == "ok" and "card" in body["sources"][0]["text"].lower()
+        assert body["confidence"] is not None and 0 < body["confidence"] <= 1
+        row = (await c.get(f"/v1/exchanges/{body['exchange_id']}",
+                           headers={"Authorization": "Bearer dev-reviewer-key"})).json()
+        assert row["confidence_parts"]["mean_logprob"] < 0 and row["answer"] == answer
+        assert "card" in row["messages"][0]["content"].lower()  # the entry this gateway retrieved, in its prompt
