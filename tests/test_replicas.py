@@ -39,6 +39,23 @@ async def test_one_holder_at_a_time_and_a_lost_lease_stays_lost(make_settings):
         assert await first.tick()  # released: taken at once, no expiry wait
 
 
+async def test_a_run_on_another_host_is_left_to_that_host(make_settings):
+    """A trainer's pid means something only on its own host: a replica that starts (or starts a run)
+    must not fail another replica's or training host's live run because that pid is not alive here."""
+    from gateway.runs.control import Retrainer
+
+    settings = make_settings()
+    async with open_database(settings) as sessions:
+        retrainer = Retrainer(settings, sessions, kb=lambda: None)
+        run = await retrainer.runs.create("schedule", "scheduler", {}, 0)
+        await retrainer.runs.update(run.id, status="running", pid=2**22 + 12345, host="gateway-2/another-boot")
+        assert await retrainer.mark_interrupted() == 0
+        assert (await retrainer.runs.get(run.id)).status == "running"
+        await retrainer.runs.update(run.id, host=None)  # a row from before hosts were recorded: judged by pid here
+        assert await retrainer.mark_interrupted() == 1
+        assert (await retrainer.runs.get(run.id)).status == "failed"
+
+
 def leader(server) -> bool:  # noqa: ANN001
     return httpx.get(f"{server.base_url}/ready", timeout=5).json()["checks"]["scheduler_leader"]
 

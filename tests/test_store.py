@@ -53,3 +53,31 @@ async def test_sqlite_roundtrip_and_wal(tmp_path):
 async def test_postgres_roundtrip():
     async with fresh_postgres_database("tellerloop_test") as url:
         await roundtrip(url)
+
+
+async def test_an_sqlite_install_with_data_upgrades_through_table_rebuilds(tmp_path):
+    """Migration 0010 rebuilds `exchanges` and `review_items` (SQLite's way of changing a column's
+    nullability) while review items point at exchanges: the rows survive, the references hold, and
+    foreign keys are enforced again afterwards."""
+    from gateway.review.models import ReviewItem
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    await migrate(engine, "0009")
+    row = make_row()
+    now = datetime.now(timezone.utc)
+    async with session_factory(engine)() as s, s.begin():
+        s.add(row)
+        await s.flush()
+        s.add(ReviewItem(exchange_id=row.id, status="open", confidence=0.5, low_confidence=True, thumbs_down=False,
+                         flag_count=0, required_labels=2, created_at=now, created_epoch=now.timestamp(),
+                         updated_at=now, version=0, audit=False))
+    await migrate(engine)
+    async with engine.connect() as conn:
+        assert (await conn.exec_driver_sql("SELECT count(*) FROM review_items")).scalar() == 1
+        assert (await conn.exec_driver_sql("SELECT holder FROM scheduler_lease")).all() == [(None,)]
+        assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+    repo = ExchangeRepository(session_factory(engine))
+    assert (await repo.get(row.id)).answer == "ok"
+    await repo.add(make_row(confidence=None, confidence_parts={"unavailable": "no logprobs"}))  # now nullable
+    await engine.dispose()

@@ -31,7 +31,7 @@ from gateway.core.errors import Conflict
 from gateway.core.settings import Settings
 from gateway.knowledge.store import KnowledgeBase
 from gateway.review.repository import ReviewRepository
-from gateway.runs.repository import RunActive, RunStore, fail_run, run_dir
+from gateway.runs.repository import RunActive, RunStore, fail_run, host_id, run_dir
 from gateway.store.base import as_utc, utcnow
 from retraining import dataset as datasets
 
@@ -107,9 +107,17 @@ class Retrainer:
         """Runs left active by a process that stopped: a trainer still running is adopted (watched
         to its end by this process), a finished one is completed, anything else is failed (and
         retried next slot). Called at start-up and before every new run. Returns how many failed."""
-        n = 0
+        n, here = 0, host_id()
         for run in await self.runs.active():
             if run.id in self._watching:
+                continue
+            if run.host and run.host != here:  # another replica's or training host's: its pid means nothing here
+                age = (utcnow() - as_utc(run.created_at)).total_seconds()
+                if age < self.settings.retraining.timeout_minutes * 60 + 1800:
+                    continue
+                await self._fail(run.id, run.adapter_version,
+                                 f"interrupted: {run.host} stopped watching it (older than retraining.timeout_minutes)")
+                n += 1
                 continue
             if trainer_alive(run.pid, run.id):
                 self._spawn(self._adopt(run.id, run.pid, run.adapter_version))
@@ -244,7 +252,7 @@ class Retrainer:
                     stdout=out, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                     preexec_fn=(lambda: os.nice(nice)) if nice else None, start_new_session=True,
                 )
-            await self.runs.update(run_id, pid=proc.pid, log_path=str(log_path))
+            await self.runs.update(run_id, pid=proc.pid, host=host_id(), log_path=str(log_path))
         except Exception as exc:  # noqa: BLE001 - e.g. no such interpreter, out of file descriptors
             await self._fail(run_id, version, f"could not start the trainer: {type(exc).__name__}: {exc}")
             return

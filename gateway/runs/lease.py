@@ -65,8 +65,10 @@ class Lease:
         return now
 
     async def confirm(self) -> bool:
-        """Before a decision: still the holder, with the same token? (renews the lease)."""
-        return self.held and await self.tick()
+        """Before a decision: still the holder, with the same token (renewing the lease)? A replica
+        that does not hold it takes it here if it is free, so a slot that fires while the leader is
+        being replaced is not skipped by everyone."""
+        return await self.tick()
 
     async def _acquire(self) -> bool:
         now = time.time()
@@ -74,7 +76,8 @@ class Lease:
             result = await s.execute(
                 update(SchedulerLease)
                 .where(SchedulerLease.name == NAME,
-                       or_(SchedulerLease.holder.is_(None), SchedulerLease.expires_epoch < now))
+                       or_(SchedulerLease.holder.is_(None), SchedulerLease.expires_epoch < now,
+                           SchedulerLease.holder == self.holder))  # ours still: retaken after a failed tick
                 .values(holder=self.holder, token=SchedulerLease.token + 1, expires_epoch=now + self.lease_s,
                         acquired_at=utcnow()))
             if result.rowcount != 1:

@@ -30,6 +30,8 @@ class TrainingRun(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # the host (hostname/boot id) whose process runs it: a pid means something only there (migration 0012)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # 1 while active, NULL once terminal; unique, so the database admits one active run (migration 0006)
     active_slot: Mapped[int | None] = mapped_column(Integer, nullable=True)
     log_path: Mapped[str | None] = mapped_column(String(500), nullable=True)

@@ -3,6 +3,7 @@ gateway see each other's runs), their progress, metrics, log path and trainer pi
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import structlog
@@ -15,6 +16,17 @@ from gateway.core.settings import Settings
 from gateway.runs.models import TrainingRun
 from gateway.store.base import utcnow
 from gateway.store.db import is_row_id
+
+
+def host_id() -> str:
+    """This machine, as a run's `host`: its hostname (a container's own) and the kernel's boot id, so
+    a pid recorded before a reboot is not mistaken for a live process after it."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    try:
+        boot_id = boot.read_text().strip()[:36]
+    except OSError:
+        boot_id = "-"
+    return f"{socket.gethostname()}/{boot_id}"
 
 log = structlog.get_logger(__name__)
 ACTIVE_RUN = ("queued", "running", "trained")  # trained: the parent is putting the adapter in service
@@ -39,7 +51,7 @@ class RunStore:
             async with self._sessions() as session, session.begin():
                 run = TrainingRun(status="queued", trigger=trigger, requested_by=requested_by, overrides=overrides,
                                   label_watermark=watermark, progress={}, metrics={}, created_at=utcnow(),
-                                  active_slot=1)
+                                  active_slot=1, host=host_id())
                 session.add(run)
         except IntegrityError:
             active = await self.active()

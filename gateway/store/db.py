@@ -51,13 +51,33 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to head; runs on every start (idempotent)."""
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (head); runs on every start (idempotent).
+
+    On SQLite, a batch ALTER (changing a column's nullability, say) rebuilds the table: copy, drop,
+    rename. With foreign keys enforced, dropping a table other rows point at fails, so they are
+    off while the migration runs (a PRAGMA outside the transaction, which is the only place
+    SQLite honours it), checked afterwards, and on again before the connection goes back to the pool."""
 
     def _upgrade(connection: Connection) -> None:
         cfg = alembic_config(engine.url.render_as_string(hide_password=False))
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
+    sqlite = engine.url.get_backend_name() == "sqlite"
+    async with engine.connect() as conn:
+        if sqlite:
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            await conn.commit()
+        try:
+            await conn.run_sync(_upgrade)
+            await conn.commit()
+            if sqlite:
+                broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).fetchall()
+                if broken:
+                    raise RuntimeError(f"the migration left {len(broken)} rows with dangling references, e.g. {broken[0]}")
+        finally:
+            if sqlite:
+                await conn.rollback()
+                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await conn.commit()
