@@ -16,6 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from gateway.core.settings import ApiKey, Settings
 
 ROLE_RANK = {"client": 0, "reviewer": 1, "admin": 2}
@@ -99,3 +101,9 @@ def check_bind_safety(settings: Settings) -> None:
         )
     if not settings.auth.keys:
         raise UnsafeBindError("no API keys configured ([[auth.keys]]); nobody could use the server")
+
+
+def safe_url(url: str) -> str:
+    """A URL fit for logs and messages: without credentials, query or fragment."""
+    u = httpx.URL(url)
+    return str(u.copy_with(username=None, password=None, query=None, fragment=None))

@@ -34,6 +34,7 @@ import httpx
 import structlog
 
 from gateway.core import metrics
+from gateway.core.security import safe_url
 from gateway.core.settings import EngineSettings
 from gateway.engine.base import (
     EngineFailure,
@@ -49,12 +50,6 @@ from gateway.engine.base import (
 log = structlog.get_logger(__name__)
 
 BASE = "base"
-
-
-def safe_url(url: str) -> str:
-    """The URL without credentials or query, for logs and messages."""
-    u = httpx.URL(url)
-    return str(u.copy_with(username=None, password=None, query=None, fragment=None))
 
 
 def _message(response: httpx.Response) -> str:

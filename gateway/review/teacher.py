@@ -30,6 +30,7 @@ from typing import Callable, Protocol
 import httpx
 import structlog
 
+from gateway.core.security import safe_url
 from gateway.core.settings import TeacherSettings
 from gateway.knowledge.store import Hit, KnowledgeBase
 
@@ -112,7 +113,7 @@ class OpenAITeacher:
         except Exception as exc:  # noqa: BLE001 - down, slow, refused, malformed: no draft, never an error
             self._down_until = time.monotonic() + self.cfg.retry_after_s
             # the URL is logged without credentials or query; the key and the conversation never are
-            log.warning("review.teacher_failed", teacher=self.source, endpoint=_safe_url(self.endpoint),
+            log.warning("review.teacher_failed", teacher=self.source, endpoint=safe_url(self.endpoint),
                         error=str(exc) if isinstance(exc, TeacherError) else type(exc).__name__)
             return None
         return Draft(text.strip() or None, self.source)
@@ -120,11 +121,6 @@ class OpenAITeacher:
 
 class TeacherError(Exception):
     pass
-
-
-def _safe_url(url: str) -> str:
-    u = httpx.URL(url)
-    return str(u.copy_with(username=None, password=None, query=None, fragment=None))
 
 
 def make_teacher(cfg: TeacherSettings, kb: Callable[[], KnowledgeBase | None]) -> Teacher | None:

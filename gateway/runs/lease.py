@@ -18,7 +18,6 @@ the stored expiry: clock skew between hosts must stay well under the lease time 
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 
@@ -28,6 +27,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway.core import metrics
 from gateway.runs.models import SchedulerLease
+from gateway.runs.repository import host_id
 from gateway.store.base import utcnow
 
 log = structlog.get_logger(__name__)
@@ -36,8 +36,9 @@ NAME = "scheduler"
 
 
 def replica_id(port: int) -> str:
-    """This process, recognisably: host, port, pid and a random suffix (a restarted pid is new)."""
-    return f"{socket.gethostname()}:{port}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """This process, recognisably: its host (as runs record it), port, pid and a random suffix (a
+    restarted pid is new)."""
+    return f"{host_id()}:{port}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Lease:
