@@ -176,11 +176,11 @@ def _eval(args: argparse.Namespace) -> int:
     from gateway.core.logging import configure_logging
     from gateway.core.runtime import build_engine, build_knowledge_base
     from gateway.engine.base import EngineError
-    from gateway.knowledge.embeddings import Embedder
     from retraining.evaluate import evaluate, sets_table
 
     settings = _settings(args)
-    sets = _eval_rows(args, settings)
+    sets = _eval_rows(args, settings)  # a bad argument is refused before torch is imported (seconds)
+    from gateway.knowledge.embeddings import Embedder
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -299,6 +299,9 @@ def _export(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     """Without --now: say whether a run is due. With --now: run one cycle in the foreground (works
     with the gateway stopped; beside a running gateway, the database keeps it to one run at a time)."""
+    for name in ("max_steps", "epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     from gateway.core.logging import configure_logging
     from gateway.core.runtime import build_knowledge_base, open_database
     from gateway.runs.control import Retrainer, RunRefused
@@ -306,9 +309,6 @@ def _retrain(args: argparse.Namespace) -> int:
     settings = _settings(args)
     overrides = {k: v for k, v in {"max_steps": args.max_steps, "epochs": args.epochs,
                                    "quantization": args.quantization}.items() if v is not None}
-    for name in ("max_steps", "epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     configure_logging(settings.logging.model_copy(update={"level": "warning"}))
 
     async def run() -> int:

@@ -35,11 +35,14 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.chat.prompting import CONVERSATION_HEADER, build_messages, retrieval_query
 from gateway.core.settings import PROJECT_ROOT, Settings
-from gateway.knowledge.store import KnowledgeBase
 from retraining.evaluate import QA, load_qa
+
+if TYPE_CHECKING:
+    from gateway.knowledge.store import KnowledgeBase
 
 SPLIT_SEED = 20261121  # fixed forever: the frozen split must not move between runs
 CALIBRATION_SEED = 20261201  # fixed forever: the calibration split's seed questions

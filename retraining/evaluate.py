@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from gateway.calibration.calibrator import Calibrator, brier, reliability
 from gateway.chat.confidence import is_looping
@@ -42,8 +42,10 @@ from gateway.chat.prompting import (
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine, Finished, GenerationRequest, TokenEvent
 from gateway.knowledge.documents import normalise_question
-from gateway.knowledge.embeddings import Embedder
-from gateway.knowledge.store import KnowledgeBase
+
+if TYPE_CHECKING:
+    from gateway.knowledge.embeddings import Embedder
+    from gateway.knowledge.store import KnowledgeBase
 
 GOOD_SIMILARITY = 0.75
 _TOKEN = re.compile(r"\w+")

@@ -681,7 +681,8 @@ async def test_scheduler_job_runs_only_when_enough_new_labels(make_settings, tin
 def test_retrain_cli(make_settings, tiny_model_dir, seed_csv, tmp_path):
     cfg = tmp_path / "cli.toml"
     cfg.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[storage]\ndata_dir = "{tmp_path / "var"}"\n'
-                   f'[rag]\nenabled_by_default = false\n[retraining]\nseed_data = "{seed_csv}"\ncontext_in_prompts = false\n'
+                   f'[rag]\nenabled_by_default = false\ndemo_data = ""\n[retraining]\nseed_data = "{seed_csv}"\n'
+                   'context_in_prompts = false\n'
                    'eval_seed_size = 5\neval_limit = 2\neval_max_tokens = 8\nmin_examples = 4\n'
                    '[training]\nbatch_size = 2\ngrad_accum = 1\nnice = 0\n')
     base = [sys.executable, "-m", "gateway.cli", "retrain", "--config", str(cfg)]

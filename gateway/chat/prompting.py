@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from gateway.core.settings import Settings
 from gateway.engine.base import Finished, SamplingParams
-from gateway.knowledge.store import Hit, KnowledgeBase
+
+if TYPE_CHECKING:
+    from gateway.knowledge.store import Hit, KnowledgeBase
 
 NO_CONTEXT = "No information in the bank's records matches this question."
 CONVERSATION_HEADER = "The conversation so far:"  # rag.history = "system": earlier turns quoted under it

@@ -2,25 +2,25 @@
 knowledge base.
 
 One home used by the app, the CLI, the trainer process (offline evaluation), the benchmarks and the
-tests, so nothing below the HTTP layer needs the app factory.
+tests, so nothing below the HTTP layer needs the app factory. The engine and the knowledge base
+are imported where they are built: torch and transformers take seconds to import, and a command
+that only opens the database (promote, export, `retrain` without `--now`) should not wait for them.
 """
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway.core.settings import PROJECT_ROOT, Settings
-from gateway.engine.base import Engine
-from gateway.engine.local import LocalEngine
-from gateway.engine.model_files import resolve_base_model
-from gateway.engine.upstream import UpstreamEngine
-from gateway.knowledge.embeddings import Embedder
-from gateway.knowledge.store import KnowledgeBase, ingest_demo_data
 from gateway.store.db import create_engine, migrate, session_factory
+
+if TYPE_CHECKING:
+    from gateway.engine.base import Engine
+    from gateway.knowledge.store import KnowledgeBase
 
 
 @asynccontextmanager
@@ -40,6 +40,9 @@ async def open_database(settings: Settings, *, migrate_schema: bool = True) -> A
 
 def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> KnowledgeBase:
     """Blocking (loads the embedder, opens Chroma, may ingest the demo FAQ): run it in a thread."""
+    from gateway.knowledge.embeddings import Embedder
+    from gateway.knowledge.store import KnowledgeBase, ingest_demo_data
+
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     embedder = Embedder(settings.rag.embedding_model, batch_size=settings.rag.embedding_batch)
     kb = KnowledgeBase(settings.rag, settings.storage.data_dir, embedder)
@@ -55,8 +58,13 @@ def build_engine(settings: Settings, *, borrowed: bool = False) -> Engine:
     `borrowed`: a process that only borrows a shared upstream (the trainer's evaluation) and must
     unregister only the adapters it registered itself, never one a gateway serves."""
     if settings.engine.backend == "openai":
+        from gateway.engine.upstream import UpstreamEngine
+
         return UpstreamEngine(settings.engine, max_context_tokens=settings.model.max_context_tokens,
                               release_foreign=not borrowed)
+    from gateway.engine.local import LocalEngine
+    from gateway.engine.model_files import resolve_base_model
+
     return LocalEngine(
         partial(resolve_base_model, settings.model.base, settings.storage.data_dir),
         dtype=settings.model.dtype,

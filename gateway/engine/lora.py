@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import PeftConfig
-from peft.utils import load_peft_weights
 from torch import nn
+
+from gateway.core.loading import MODEL_LOAD_LOCK
 
 
 class AdapterFormatError(ValueError):
@@ -88,6 +88,9 @@ class LoraBank:
     # ---- loading ---------------------------------------------------------------------------
     def read(self, name: str, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Read and validate an adapter folder (no model state changes): module name → (A, scale·B)."""
+        with MODEL_LOAD_LOCK:  # PEFT is imported on the first adapter (≈4.6 s): a server without one starts sooner
+            from peft import PeftConfig
+            from peft.utils import load_peft_weights
         try:
             config = PeftConfig.from_pretrained(str(path))
         except Exception as exc:  # noqa: BLE001 - PEFT raises several types for a bad folder

@@ -20,7 +20,7 @@ import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -29,11 +29,13 @@ from gateway.adapters.registry import AdapterRegistry
 from gateway.core import metrics
 from gateway.core.errors import Conflict
 from gateway.core.settings import Settings
-from gateway.knowledge.store import KnowledgeBase
 from gateway.review.repository import ReviewRepository
 from gateway.runs.repository import RunActive, RunStore, fail_run, host_id, run_dir
 from gateway.store.base import as_utc, utcnow
 from retraining import dataset as datasets
+
+if TYPE_CHECKING:
+    from gateway.knowledge.store import KnowledgeBase
 
 log = structlog.get_logger(__name__)
 
