@@ -323,7 +323,7 @@ seed_data = "{seed}"
 eval_seed_size = 4
 calibration_seed_size = 4
 forgetting_probe_size = 4
-eval_max_tokens = 16
+eval_max_tokens = 8
 min_examples = 4
 gate_margin = 1.0   # two training steps prove nothing offline: let live traffic decide
 gate_min_improvement = -1.0
@@ -412,11 +412,15 @@ def wait_run(base: str, run_id: int, timeout: float = 400) -> dict:
     return run
 
 
-def simulate_customers(base: str, prefer: str, until, limit: int = 400) -> bool:
+def simulate_customers(base: str, prefer: str, until, limit: int = 400, concurrency: int = 8) -> bool:
     """Scripted customers: each asks once (sticky by `user`) and rates thumbs-up iff `prefer`
-    answered; stops when `until()` holds (checked every few customers)."""
+    answered; `concurrency` customers at a time (the engine batches them, as it would real ones);
+    stops when `until()` holds (checked after every wave)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     client = {"Authorization": "Bearer dev-client-key"}
-    for i in range(limit):
+
+    def customer(i: int) -> None:
         user = f"customer-{prefer}-{i}-{time.monotonic_ns()}"
         r = httpx.post(f"{base}/v1/chat/completions", headers=client, timeout=60, json={
             "model": "tellerloop", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
@@ -427,8 +431,12 @@ def simulate_customers(base: str, prefer: str, until, limit: int = 400) -> bool:
         f = httpx.post(f"{base}/v1/exchanges/{body['exchange_id']}/feedback", headers=client, timeout=10,
                        json={"rating": rating, "user": user})
         assert f.status_code == 200, f.text
-        if i % 4 == 3 and until():
-            return True
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for wave in range(0, limit, concurrency):
+            list(pool.map(customer, range(wave, min(wave + concurrency, limit))))  # re-raises a failed assert
+            if until():
+                return True
     return until()
 
 

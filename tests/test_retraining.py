@@ -329,7 +329,9 @@ async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings,
     from gateway.core.runtime import build_engine
     from gateway.engine.base import Finished, GenerationRequest
 
-    settings = settings_for(make_settings, real_model_dir if quantization == "4bit" else tiny_model_dir, seed_csv)
+    settings = settings_for(make_settings, real_model_dir if quantization == "4bit" else tiny_model_dir, seed_csv,
+                            # the real model's answers are slow on CPU: the shortest evaluation, no calibrator
+                            **({"eval_max_tokens": 8, "calibration_seed_size": 0} if quantization == "4bit" else {}))
     run, adapter, retrainer = await _run_cycle(settings, quantization)
     assert run.status == "succeeded", (run.error, Path(run.log_path).read_text()[-3000:])
     training = run.metrics["training"]
