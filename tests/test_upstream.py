@@ -309,6 +309,31 @@ async def test_upstream_failures_are_clear_errors(fronting, peer):
     assert (await fronting.post("/v1/chat/completions", json=chat(), headers=CLIENT)).status_code == 200
 
 
+async def test_a_refused_stream_leaves_no_exchange(fronting, peer):
+    """A stream's row is written while the upstream is asked (the two overlap): when the upstream
+    then refuses, the client gets the 4xx/503 and the row is gone, as if it had never been written."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def finish_reasons() -> list[str]:
+        db = create_async_engine(fronting.settings.storage.resolved_database_url)
+        try:
+            async with db.connect() as conn:
+                return sorted((await conn.execute(text("SELECT finish_reason FROM exchanges"))).scalars())
+        finally:
+            await db.dispose()
+
+    for mode, status in (("refuse", 400), ("busy", 503)):
+        peer.mode = mode
+        r = await fronting.post("/v1/chat/completions", json=chat(stream=True), headers=CLIENT)
+        assert r.status_code == status and r.json()["error"]["message"], r.text
+    assert await finish_reasons() == []
+    peer.mode = "no_logprobs"
+    r = await fronting.post("/v1/chat/completions", json=chat(stream=True), headers=CLIENT)
+    assert r.status_code == 200 and "[DONE]" in r.text
+    assert await finish_reasons() == ["stop"]
+
+
 async def test_an_unreachable_upstream_is_not_ready_and_answers_503(make_settings, tiny_model_dir):
     settings = make_settings(tiny_model_dir, engine={"backend": "openai", "upstream_url": f"http://127.0.0.1:{free_port()}/v1",
                                                      "upstream_connect_timeout_s": 0.5},

@@ -121,6 +121,33 @@ class _Run:
             self.tokens.append(event)
 
 
+class _Pending:
+    """The stream of a run whose submit is still in flight (`_start` swaps in the real one)."""
+
+    def __aiter__(self):  # noqa: ANN204
+        raise RuntimeError("the engine call has not finished")
+
+    async def aclose(self) -> None:
+        return None
+
+
+_PENDING = _Pending()
+
+
+async def _close(submitted: asyncio.Future | None, stream: TokenStream) -> None:
+    """Give back what a refused run holds: the engine call in flight (cancelled, or its stream
+    closed if it already answered), or the stream."""
+    if submitted is None:
+        await stream.aclose()
+        return
+    submitted.cancel()
+    try:
+        opened = await submitted
+    except BaseException:  # noqa: BLE001 - cancelled or refused: nothing to close
+        return
+    await opened.aclose()
+
+
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, exchanges: ExchangeRepository, reviews: ReviewRepository,
                  customers: CustomerIds, kb: KnowledgeBase | None = None) -> None:
@@ -249,15 +276,17 @@ class ChatService:
         no_match = hits is not None and is_no_match(self.settings, first)
         messages = build_messages(self.settings, messages, hits)
         request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
+        structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
+        submitted: asyncio.Future[TokenStream] | None = None
         if no_match:  # nothing to answer from: the configured fallback, not an invented answer
             await self._engine_call(self.engine.check, request)  # the same refusals as a generated answer
             metrics.FALLBACKS.inc()
             stream: TokenStream = CannedAnswer(self.settings.rag.fallback_answer)
         else:
-            stream = await self._engine_call(self.engine.submit, request)
-        structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
-        if route.experiment_id is not None:
-            metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
+            # submitted now, awaited after a stream's row is written: the row's write overlaps the
+            # engine's answer to the submit (an upstream's response headers, a network round trip)
+            submitted = asyncio.ensure_future(self._engine_call(self.engine.submit, request))
+            stream = _PENDING
         run = _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
                    sources=None if hits is None else [h.as_source() for h in hits],
                    top_similarity=top,
@@ -271,9 +300,21 @@ class ChatService:
             try:
                 await self.exchanges.open(self._row(run, streaming=True))
             except BaseException:  # StorageUnavailable → 503 before anything was sent
-                await stream.aclose()
+                await _close(submitted, stream)
                 raise
             run.opened = True
+        if submitted is not None:
+            try:
+                run.stream = await submitted
+            except BaseException:  # refused (4xx/503) or cancelled: the request leaves no exchange
+                if run.opened:
+                    try:
+                        await self.exchanges.discard(exchange_id)
+                    except Exception:  # noqa: BLE001 - the refusal is the answer; the gateway's restart settles the row
+                        log.warning("exchange.discard_failed")
+                raise
+        if route.experiment_id is not None:
+            metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
         return run
 
     async def _engine_call(self, call: Callable[[GenerationRequest], Awaitable[T]], request: GenerationRequest) -> T:

@@ -1,7 +1,8 @@
 """structlog setup: JSON lines carrying request_id / exchange_id from contextvars.
 
-Message contents never go to info-level logs: the access log records method, path and status
-only (no bodies, headers or query strings), and the chat service logs ids, counts and scores.
+Message contents never go to info-level logs: the access log (`http.request`, one line per request)
+records method, path, status and duration only (no bodies, headers or query strings), and the chat
+service logs ids, counts and scores.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Awaitable, Callable
 
-from sqlalchemy import select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -100,6 +100,13 @@ class ExchangeRepository:
         """Insert a streaming exchange before its first token; `finalise` completes it."""
         async def work(session: AsyncSession) -> None:
             session.add(exchange)
+        await self._write(work)
+
+    async def discard(self, exchange_id: str) -> None:
+        """Remove a streaming row whose request the engine then refused (nothing was generated or
+        sent): a refused request leaves no exchange, as when the refusal came before the row."""
+        async def work(session: AsyncSession) -> None:
+            await session.execute(delete(Exchange).where(Exchange.id == exchange_id, Exchange.finish_reason == STREAMING))
         await self._write(work)
 
     async def finalise(self, exchange: Exchange, also: SameTransaction | None = None) -> None:
