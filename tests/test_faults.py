@@ -118,7 +118,8 @@ class TcpProxy:
 async def test_database_down_fails_ready_and_refuses_chats_quickly(tmp_path, tiny_model_dir):
     """PostgreSQL behind a relay the test cuts: /ready fails, chats get 503 with Retry-After within
     seconds (stream or not: never an answer that is not recorded), nothing is half-written; when the
-    database is back, the gateway recovers by itself."""
+    database is back, the gateway recovers by itself, and it still stops cleanly on SIGTERM (closing
+    the pool is bounded by storage.connect_timeout_s: it hung on the broken connections before)."""
     import sqlalchemy
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -156,6 +157,9 @@ async def test_database_down_fails_ready_and_refuses_chats_quickly(tmp_path, tin
                     await asyncio.sleep(0.5)
                 back = await c.post("/v1/chat/completions", json=ask, headers=CLIENT)
                 assert back.status_code == 200, back.text
+            # the pool still holds the connections the cut broke: SIGTERM must exit anyway, not hang on them
+            server.proc.terminate()
+            assert server.proc.wait(timeout=20) == 0
         finally:
             server.stop()
             proxy.cut()

@@ -9,10 +9,12 @@ that only opens the database (promote, export, `retrain` without `--now`) should
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, AsyncIterator
 
+import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway.core.settings import PROJECT_ROOT, Settings
@@ -35,7 +37,11 @@ async def open_database(settings: Settings, *, migrate_schema: bool = True) -> A
             await migrate(db)
         yield session_factory(db)
     finally:
-        await db.dispose()
+        try:  # a database that stopped answering must not hold up a process's exit
+            await asyncio.wait_for(db.dispose(), settings.storage.connect_timeout_s)
+        except asyncio.TimeoutError:
+            structlog.get_logger(__name__).warning("database.dispose_timed_out",
+                                                   seconds=settings.storage.connect_timeout_s)
 
 
 def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> KnowledgeBase:
