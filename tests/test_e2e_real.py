@@ -192,6 +192,19 @@ def test_logs_are_json_with_ids_and_no_message_content(real_server, sdk):
     events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     logged = [e for e in events if e.get("event") == "exchange.logged"]
     assert logged and all("request_id" in e and "exchange_id" in e for e in logged)
+    # the access log: one line per request, with its status (a refusal by the auth middleware too)
+    refused = httpx.post(f"{real_server.base_url}/v1/chat/completions", json={}, headers={"X-Request-Id": "no-key-1"})
+    assert refused.status_code == 401
+    chat_id = logged[-1]["request_id"]
+    for _ in range(50):  # the line is written once the response is out: it may land just after
+        access = [json.loads(line) for line in real_server.log().splitlines() if line.startswith("{")]
+        lines = {e["request_id"]: e for e in access if e.get("event") == "http.request" and "request_id" in e}
+        if "no-key-1" in lines:
+            break
+        time.sleep(0.1)
+    assert lines["no-key-1"]["status_code"] == 401 and lines["no-key-1"]["path"] == "/v1/chat/completions"
+    assert lines[chat_id]["status_code"] == 200 and lines[chat_id]["duration_ms"] > 0
+    assert sum(1 for e in access if e.get("request_id") == chat_id and e.get("event") == "http.request") == 1
 
 
 def test_metrics_count_the_traffic(real_server, sdk):
@@ -333,6 +346,8 @@ max_steps = 2
 batch_size = 2
 grad_accum = 1
 learning_rate = 0.005
+[limits]
+requests_per_minute = 0  # the scripted customers come eight at a time
 [experiment]
 challenger_share = 0.5
 min_samples = 6
@@ -463,6 +478,8 @@ enabled_by_default = false
 demo_data = ""
 [retraining]
 enabled = false
+[limits]
+requests_per_minute = 0  # the scripted customers come eight at a time
 [experiment]
 challenger_share = 0.5
 min_samples = 8

@@ -43,7 +43,7 @@ access_log = structlog.get_logger("gateway.access")
 class RequestContextMiddleware:
     """Give every request an id (honouring a sane incoming X-Request-Id), bind it for logs, echo it;
     log one `http.request` line when the request is over (a stream: after its last chunk, or when
-    the client went away; status 0: no response was started)."""
+    the client went away; status 0: the client left before any response was started)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -69,6 +69,9 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # answered by Litestar's outer handler (401/403 from auth, 429): its status
+            status = status or getattr(exc, "status_code", 500)
+            raise
         finally:
             access_log.info("http.request", method=scope["method"], path=scope["path"], status_code=status,
                             duration_ms=round((time.perf_counter() - started) * 1000, 1))

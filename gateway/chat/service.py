@@ -134,20 +134,6 @@ class _Pending:
 _PENDING = _Pending()
 
 
-async def _close(submitted: asyncio.Future | None, stream: TokenStream) -> None:
-    """Give back what a refused run holds: the engine call in flight (cancelled, or its stream
-    closed if it already answered), or the stream."""
-    if submitted is None:
-        await stream.aclose()
-        return
-    submitted.cancel()
-    try:
-        opened = await submitted
-    except BaseException:  # noqa: BLE001 - cancelled or refused: nothing to close
-        return
-    await opened.aclose()
-
-
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, exchanges: ExchangeRepository, reviews: ReviewRepository,
                  customers: CustomerIds, kb: KnowledgeBase | None = None) -> None:
@@ -277,17 +263,11 @@ class ChatService:
         messages = build_messages(self.settings, messages, hits)
         request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
-        submitted: asyncio.Future[TokenStream] | None = None
         if no_match:  # nothing to answer from: the configured fallback, not an invented answer
             await self._engine_call(self.engine.check, request)  # the same refusals as a generated answer
             metrics.FALLBACKS.inc()
-            stream: TokenStream = CannedAnswer(self.settings.rag.fallback_answer)
-        else:
-            # submitted now, awaited after a stream's row is written: the row's write overlaps the
-            # engine's answer to the submit (an upstream's response headers, a network round trip)
-            submitted = asyncio.ensure_future(self._engine_call(self.engine.submit, request))
-            stream = _PENDING
-        run = _Run(exchange_id, req, principal, route, messages, params, stream, started, int(time.time()),
+        run = _Run(exchange_id, req, principal, route, messages, params,
+                   CannedAnswer(self.settings.rag.fallback_answer) if no_match else _PENDING, started, int(time.time()),
                    sources=None if hits is None else [h.as_source() for h in hits],
                    top_similarity=top,
                    retrieval_ms=retrieval_ms,
@@ -296,26 +276,40 @@ class ChatService:
                    stored_query=None if query is None else self.scrubber.scrub(query),
                    stored_messages=self.scrubber.scrub_messages(messages),
                    stored_stop=[self.scrubber.scrub(s) for s in params.stop])
-        if req.stream:  # the row exists before the first token: a stream the client saw is never missing
-            try:
-                await self.exchanges.open(self._row(run, streaming=True))
-            except BaseException:  # StorageUnavailable → 503 before anything was sent
-                await _close(submitted, stream)
-                raise
-            run.opened = True
-        if submitted is not None:
-            try:
+        # submitted now, awaited after a stream's row is written: the row's write overlaps the
+        # engine's answer to the submit (an upstream's response headers, a network round trip)
+        submitted = None if no_match else asyncio.ensure_future(self._engine_call(self.engine.submit, request))
+        try:
+            if req.stream:  # the row exists before the first token: a stream the client saw is never missing
+                await self.exchanges.open(self._row(run, streaming=True))  # StorageUnavailable → 503
+                run.opened = True
+            if submitted is not None:
                 run.stream = await submitted
-            except BaseException:  # refused (4xx/503) or cancelled: the request leaves no exchange
-                if run.opened:
-                    try:
-                        await self.exchanges.discard(exchange_id)
-                    except Exception:  # noqa: BLE001 - the refusal is the answer; the gateway's restart settles the row
-                        log.warning("exchange.discard_failed")
-                raise
+        except BaseException:  # refused (4xx/503), the row not written, or cancelled: nothing is left behind
+            await asyncio.shield(self._abandon(run, submitted))
+            raise
         if route.experiment_id is not None:
             metrics.ROUTED.labels(variant, "challenger" if variant == self.split.challenger else "champion").inc()
         return run
+
+    async def _abandon(self, run: _Run, submitted: asyncio.Future | None) -> None:
+        """Give back what a start that failed holds: the engine call (cancelled, or the stream it
+        already returned closed), and the stream's row (a refused request leaves no exchange)."""
+        if submitted is None:
+            await run.stream.aclose()
+        else:
+            submitted.cancel()  # no-op if it has finished
+            try:
+                opened = await submitted
+            except BaseException:  # noqa: BLE001 - cancelled or refused: nothing was opened
+                opened = None
+            if opened is not None:
+                await opened.aclose()
+        if run.opened:
+            try:
+                await self.exchanges.discard(run.exchange_id)
+            except Exception:  # noqa: BLE001 - the refusal is the answer; the gateway's restart settles the row
+                log.warning("exchange.discard_failed")
 
     async def _engine_call(self, call: Callable[[GenerationRequest], Awaitable[T]], request: GenerationRequest) -> T:
         """`engine.submit` or `engine.check`, its refusals as domain errors (4xx/503)."""

@@ -88,7 +88,10 @@ class LoraBank:
     # ---- loading ---------------------------------------------------------------------------
     def read(self, name: str, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Read and validate an adapter folder (no model state changes): module name → (A, scale·B)."""
-        with MODEL_LOAD_LOCK:  # PEFT is imported on the first adapter (≈4.6 s): a server without one starts sooner
+        # PEFT is imported on the first adapter (≈4.6 s): a server without one starts sooner. Under the
+        # lock every `from_pretrained` holds, so no model load runs during the import; the serving
+        # threads (forward passes, the tokenizer) import nothing from transformers by then.
+        with MODEL_LOAD_LOCK:
             from peft import PeftConfig
             from peft.utils import load_peft_weights
         try:
