@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from gateway.engine.base import Engine
     from gateway.knowledge.store import KnowledgeBase
 
+log = structlog.get_logger(__name__)
+
 
 @asynccontextmanager
 async def open_database(settings: Settings, *, migrate_schema: bool = True) -> AsyncIterator[async_sessionmaker]:
@@ -40,8 +42,7 @@ async def open_database(settings: Settings, *, migrate_schema: bool = True) -> A
         try:  # a database that stopped answering must not hold up a process's exit
             await asyncio.wait_for(db.dispose(), settings.storage.connect_timeout_s)
         except asyncio.TimeoutError:
-            structlog.get_logger(__name__).warning("database.dispose_timed_out",
-                                                   seconds=settings.storage.connect_timeout_s)
+            log.warning("database.dispose_timed_out", seconds=settings.storage.connect_timeout_s)
 
 
 def build_knowledge_base(settings: Settings, ingest_demo: bool = True) -> KnowledgeBase:
