@@ -2,8 +2,9 @@
 (similarity to the reference ≥ 0.75) from bad, per variant (the base model and the bootstrap
 adapter), with and without retrieval, on question sets the calibrator never saw.
 
-For each variant a calibrator is fitted the way the trainer fits one (`retraining/calibrate.py`):
-on its answers to the calibration split (seed Q&A never trained on, apart from the frozen split).
+For each variant two calibrators are fitted the way the trainer fits one (`retraining/calibrate.py`)
+on its answers to the calibration split (seed Q&A never trained on, apart from the frozen split):
+pooled (one model for every answer) and per retrieval mode (`calibration.per_mode`).
 Both scores are then measured, in the same run, on
   * the frozen evaluation split (100 FAQ questions asked verbatim), and
   * customer-style rewordings of frozen questions (`data/eval/reworded_teacher.jsonl`, hand-written):
@@ -77,21 +78,27 @@ async def run(data_dir: Path) -> dict:
                         cache.put(mode, item)
                     cache.save()
                 items[mode] = [cache.get(mode, qa.question) for qa in rows]
-            fitted = fit_from_evaluation(settings, items["calibration_rag"] + items["calibration_no_rag"],
-                                         {}, variant)
+            calibration_items = items["calibration_rag"] + items["calibration_no_rag"]
+            fits = {kind: fit_from_evaluation(settings, calibration_items, {}, variant, per_mode=kind == "per_mode")
+                    for kind in KINDS}
             rows_out = {}
             for mode in ("rag", "no_rag", "reworded_rag", "reworded_no_rag"):
                 labels = [bool(i["good"]) for i in items[mode]]
-                calibrated = [fitted.calibrator.predict(i["confidence"]) for i in items[mode]]
                 formula = [i["confidence"].get("formula", i["confidence"]["score"]) for i in items[mode]]
                 rows_out[mode] = {"good_rate": sum(labels) / len(labels),
-                                  "calibrated": summary(calibrated, labels, fitted.calibrator.threshold),
                                   "formula": summary(formula, labels, settings.review.confidence_threshold)}
-                if variant == "v0001" and mode == "rag":
-                    curves = {"calibrated": reliability(calibrated, labels), "formula (v2)": reliability(formula, labels)}
-            out["variants"][variant] = {"fit": fitted.metrics["cross_validated"], "labels": fitted.metrics["labels"],
-                                        "coefficients": fitted.metrics["coefficients"],
-                                        "threshold": fitted.calibrator.threshold, "sets": rows_out}
+                for kind, fitted in fits.items():
+                    scores = [fitted.calibrator.predict(i["confidence"]) for i in items[mode]]
+                    rows_out[mode][kind] = summary(scores, labels,
+                                                   [fitted.calibrator.threshold_for(i["confidence"]) for i in items[mode]])
+                    if variant == "v0001" and mode == "rag" and kind == "per_mode":
+                        curves = {"calibrated (per mode)": reliability(scores, labels),
+                                  "formula (v2)": reliability(formula, labels)}
+            out["variants"][variant] = {kind: {"fit": f.metrics["cross_validated"], "labels": f.metrics["labels"],
+                                               "coefficients": f.metrics["coefficients"], "modes": f.metrics["modes"],
+                                               "thresholds": f.calibrator.thresholds()}
+                                        for kind, f in fits.items()}
+            out["variants"][variant]["sets"] = rows_out
     finally:
         await engine.stop()
         await db.dispose()
@@ -100,28 +107,32 @@ async def run(data_dir: Path) -> dict:
     return out
 
 
+KINDS = ("pooled", "per_mode")  # one model for every answer, or one per retrieval mode (calibration.per_mode)
 NAMES = {"rag": "frozen split, retrieval on", "no_rag": "frozen split, retrieval off",
          "reworded_rag": "rewordings, retrieval on", "reworded_no_rag": "rewordings, retrieval off"}
 
 
 def table(result: dict) -> str:
-    lines = ["| variant | questions | n | share good | AUROC formula (v2) | AUROC calibrated | Brier formula | "
-             "Brier calibrated | bad flagged: formula @0.45 | calibrated @threshold |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    pct = lambda m, k: "–" if m.get(k) is None else format(m[k], ".0%")  # noqa: E731
+    lines = ["| variant | questions | n | share good | AUROC formula (v2) | AUROC pooled | AUROC per mode | Brier formula "
+             "| Brier pooled | Brier per mode | bad flagged (share flagged): formula @0.45 | pooled | per mode |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for variant, v in result["variants"].items():
         for mode, s in v["sets"].items():
-            f, c = s["formula"], s["calibrated"]
-            fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+            f, p, m = s["formula"], s["pooled"], s["per_mode"]
             lines.append(f"| {variant} | {NAMES[mode]} | {f['n']} | {s['good_rate']:.0%} | {fmt(f['auroc'])} | "
-                         f"**{fmt(c['auroc'])}** | {f['brier']:.3f} | {c['brier']:.3f} | "
-                         f"{'–' if f.get('bad_recall') is None else format(f['bad_recall'], '.0%')} "
-                         f"({'–' if f.get('flagged_share') is None else format(f['flagged_share'], '.0%')} flagged) | "
-                         f"{'–' if c.get('bad_recall') is None else format(c['bad_recall'], '.0%')} "
-                         f"({'–' if c.get('flagged_share') is None else format(c['flagged_share'], '.0%')} flagged) |")
-    fits = "; ".join(f"{k}: fitted on {v['labels']['n']} calibration-split answers ({v['labels']['good']} good), "
-                     f"cross-validated AUROC {v['fit']['auroc']}, threshold {v['threshold']:.3f}"
-                     for k, v in result["variants"].items())
-    return "\n".join(lines) + f"\n\nCalibrators: {fits}. Run time {result['seconds']:.0f} s (answers cached per adapter)."
+                         f"{fmt(p['auroc'])} | **{fmt(m['auroc'])}** | {f['brier']:.3f} | {p['brier']:.3f} | "
+                         f"{m['brier']:.3f} | " + " | ".join(f"{pct(x, 'bad_recall')} ({pct(x, 'flagged_share')})"
+                                                          for x in (f, p, m)) + " |")
+    fits = []
+    for variant, v in result["variants"].items():
+        for kind in KINDS:
+            k = v[kind]
+            thresholds = ", ".join(f"{mode} {t:.3f}" for mode, t in k["thresholds"].items())
+            fits.append(f"{variant} {kind.replace('_', ' ')}: {k['labels']['n']} calibration-split answers "
+                        f"({k['labels']['good']} good), cross-validated AUROC {k['fit']['auroc']}, thresholds {thresholds}")
+    return "\n".join(lines) + f"\n\nCalibrators: {'; '.join(fits)}. Run time {result['seconds']:.0f} s (answers cached per adapter)."
 
 
 def main() -> None:
@@ -137,8 +148,10 @@ def main() -> None:
         "# Calibrated confidence vs the v2 formula\n\n`python bench/calibration.py`. Good = similarity to the "
         "reference ≥ 0.75. Each variant's calibrator is fitted on its own calibration-split answers (never trained "
         "on, apart from the frozen split), with and without retrieval; the rows below are question sets it never "
-        "saw. Bad flagged: share of bad answers under the flag threshold (formula: review.confidence_threshold "
-        "0.45; calibrated: its threshold for calibration.flag_target 0.8), and the share of all answers flagged.\n\n"
+        "saw. Pooled: one model and threshold for every answer; per mode (`calibration.per_mode`, the default): a "
+        "model and threshold per retrieval mode, both fitted on the same answers in the same run. Bad flagged: share "
+        "of bad answers under the flag threshold (formula: review.confidence_threshold 0.45; calibrated: the "
+        "threshold for calibration.flag_target 0.8), and the share of all answers flagged.\n\n"
         + text + "\n\n![reliability](calibration-v0001.svg)\n")
     (RESULTS / "calibration.json").write_text(json.dumps(result, indent=1))
     print(text)

@@ -18,6 +18,8 @@ from gateway.calibration.calibrator import (
     choose_threshold,
     features,
     fit,
+    mode_of,
+    summary,
 )
 from gateway.chat.confidence import score
 from gateway.chat.routing import Route, Split
@@ -62,6 +64,69 @@ def test_fit_learns_the_signal_and_beats_an_uninformative_formula():
     assert all(0 < result.calibrator.predict(p) < 1 for p, _ in fresh)
     assert result.calibrator.predict({**fresh[0][0], "top_similarity": 0.95, "entry_overlap": 1.0}) > \
         result.calibrator.predict({**fresh[0][0], "top_similarity": 0.25, "entry_overlap": 0.1})
+
+
+def synthetic_modes(n: int, seed: int = 0) -> list[tuple[dict, bool]]:
+    """Half the answers with retrieval (good when the top entry is similar: mostly good), half
+    without (good when the model is sure of its tokens): the signals that matter differ by mode."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        logprob = rng.uniform(-1.5, -0.1)
+        parts = {"mean_logprob": logprob, "min_logprob": rng.uniform(-8, -1), "mean_entropy": rng.uniform(0.2, 2.0),
+                 "tokens": rng.randint(5, 90), "truncated": False, "looping": False, "formula": rng.random()}
+        if i % 2 == 0:
+            top = rng.uniform(0.5, 0.95)
+            parts.update(top_similarity=top, second_similarity=top - rng.uniform(0, 0.2),
+                         entry_overlap=rng.uniform(0.3, 1.0))
+            good = rng.random() < 1 / (1 + np.exp(-14 * (top - 0.6)))
+        else:
+            good = rng.random() < 1 / (1 + np.exp(-5 * (logprob + 1.0)))
+        rows.append((parts, good))
+    return rows
+
+
+def per_mode_check(calibrator: Calibrator, rows: list[tuple[dict, bool]], mode: str) -> dict:
+    mine = [(p, y) for p, y in rows if mode_of(p) == mode]
+    return summary([calibrator.predict(p) for p, _ in mine], [y for _, y in mine],
+                   [calibrator.threshold_for(p) for p, _ in mine])
+
+
+def test_per_mode_models_hold_the_flag_target_in_each_mode():
+    rows, fresh = synthetic_modes(400), synthetic_modes(400, seed=1)
+    pooled = fit(rows, c=1.0, rule="bad_recall", target=0.8, per_mode=False).calibrator
+    result = fit(rows, c=1.0, rule="bad_recall", target=0.8, per_mode=True)
+    split = result.calibrator
+    assert set(split.modes) == {"rag", "no_rag"} and not pooled.modes
+    assert result.metrics["modes"]["rag"]["own_model"] and result.metrics["modes"]["rag"]["n"] == 200
+    assert split.thresholds()["rag"] != split.thresholds()["no_rag"]
+    # on answers it never saw: the pooled threshold misses many bad answers with retrieval and
+    # over-flags those without; one threshold per mode catches about the target in each
+    pooled_rag, split_rag = per_mode_check(pooled, fresh, "rag"), per_mode_check(split, fresh, "rag")
+    assert pooled_rag["bad_recall"] < 0.7 <= split_rag["bad_recall"] <= 0.95
+    assert 0.7 <= per_mode_check(split, fresh, "no_rag")["bad_recall"] <= 0.95 < \
+        per_mode_check(pooled, fresh, "no_rag")["bad_recall"]
+    assert split_rag["auroc"] > pooled_rag["auroc"]
+    # stored and read back: the same scores and thresholds in both modes
+    again = Calibrator.from_params(split.params())
+    assert [again.predict(p) for p, _ in fresh] == [split.predict(p) for p, _ in fresh]
+    assert [again.threshold_for(p) for p, _ in fresh] == [split.threshold_for(p) for p, _ in fresh]
+
+
+def test_a_mode_without_enough_labels_uses_the_pooled_model():
+    rows = synthetic_modes(400)
+    rows = [(p, True if mode_of(p) == "no_rag" else y) for p, y in rows]  # no bad answer without retrieval
+    result = fit(rows, c=1.0, rule="bad_recall", target=0.8, per_mode=True)
+    cal = result.calibrator
+    assert set(cal.modes) == {"rag"} and not result.metrics["modes"]["no_rag"]["own_model"]
+    bare = next(p for p, _ in rows if mode_of(p) == "no_rag")
+    assert cal.threshold_for(bare) == cal.threshold == cal.thresholds()["no_rag"]
+    # a row stored before per-mode fits (no "modes") still loads, and scores with the pooled model
+    old = {k: v for k, v in cal.params().items() if k != "modes"}
+    legacy = Calibrator.from_params(old)
+    assert not legacy.modes and legacy.predict(bare) == cal.predict(bare)
+    with pytest.raises(ValueError, match="mode 'sometimes'"):
+        Calibrator.from_params({**cal.params(), "modes": {"sometimes": cal.modes["rag"]}})
 
 
 def test_threshold_rules():
@@ -157,13 +222,16 @@ async def test_serving_scores_with_the_active_calibrator(make_settings, tiny_mod
         parts = record["confidence_parts"]
         assert parts["calibrator"] == row.id
         assert record["confidence"] == pytest.approx(fitted.calibrator.predict(parts), abs=1e-6)
-        assert after["flagged"] == (record["confidence"] < row.threshold)
+        assert after["flagged"] == (record["confidence"] < fitted.calibrator.threshold_for(parts))
+        assert listed[0]["thresholds"] == {"rag": pytest.approx(fitted.calibrator.modes["rag"]["threshold"], abs=1e-6)}
 
         page = await c.get("/console/login?next=/console/stats")  # the console's stats page shows it
         token = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
         stats = await c.post("/console/login", data={"key": "k-r1", "next": "/console/stats", "_csrf_token": token})
         assert stats.status_code == 200 and f"Calibrator #{row.id}" in stats.text
         assert 'id="calibration-base"' in stats.text and "<svg" in stats.text and "AUROC" in stats.text
+        rag_threshold = f'{fitted.calibrator.modes["rag"]["threshold"]:.3f}</strong> with retrieval'
+        assert rag_threshold in stats.text and f'{row.threshold:.3f}</strong> otherwise' in stats.text
 
 
 async def test_refit_on_reviewers_verdicts(make_settings, tiny_model_dir):

@@ -15,7 +15,13 @@ with every exchange, so a calibrator can be fitted on verdicts, and refitted as 
   predictions (each label predicted by a model that did not see it), next to the formula's on the
   same rows;
 * the flag threshold is chosen from the cross-validated scores for a configured target: catch a
-  share of the bad answers (`bad_recall`), or review at most a share of answers (`review_share`).
+  share of the bad answers (`bad_recall`), or review at most a share of answers (`review_share`);
+* one model per retrieval mode (`calibration.per_mode`): answers with retrieval and without differ
+  in which signals matter and in how often they are good. A pooled fit spends its weights on telling
+  the modes apart, and its one threshold, chosen on a calibration mix that is half no-retrieval
+  answers, flagged almost none of the bad answers *with* retrieval (bench/results/calibration.md).
+  Each mode with `min_per_class` good and bad answers gets its own model and threshold, so the flag
+  target holds whatever the traffic's mix; a mode without enough labels uses the pooled model.
 
 Until a variant has a calibrator, the formula is the score and `review.confidence_threshold` flags.
 """
@@ -30,6 +36,13 @@ import numpy as np
 # the raw signals, in order; each is a number for every exchange (a missing signal has a neutral value)
 FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "log_tokens", "truncated", "looping",
             "rag", "top_similarity", "similarity_gap", "entry_overlap")
+MODES = ("rag", "no_rag")  # with retrieval (a top similarity was recorded) or without
+_MODEL_KEYS = ("mean", "scale", "coef", "intercept", "threshold")
+
+
+def mode_of(parts: dict) -> str:
+    """The retrieval mode of one exchange's confidence parts."""
+    return "rag" if parts.get("top_similarity") is not None else "no_rag"
 
 
 def features(parts: dict) -> list[float]:
@@ -53,7 +66,9 @@ def features(parts: dict) -> list[float]:
 
 @dataclass
 class Calibrator:
-    """A fitted calibrator, as stored (the `params` of a `calibrators` row)."""
+    """A fitted calibrator, as stored (the `params` of a `calibrators` row). The top-level numbers
+    are the pooled model; `modes` holds a model of the same shape for each retrieval mode that had
+    enough labels of its own (rows stored before per-mode fits have none: pooled only)."""
 
     features: list[str]
     mean: list[float]
@@ -61,14 +76,27 @@ class Calibrator:
     coef: list[float]
     intercept: float
     threshold: float
+    modes: dict[str, dict] = field(default_factory=dict)
     variant: str = ""
     source: str = ""
     id: int | None = None
 
+    def _model(self, parts: dict) -> dict:
+        return self.modes.get(mode_of(parts)) or {k: getattr(self, k) for k in _MODEL_KEYS}
+
     def predict(self, parts: dict) -> float:
-        x = (np.asarray(features(parts)) - np.asarray(self.mean)) / np.asarray(self.scale)
-        z = float(np.dot(x, self.coef) + self.intercept)
+        m = self._model(parts)
+        x = (np.asarray(features(parts)) - np.asarray(m["mean"])) / np.asarray(m["scale"])
+        z = float(np.dot(x, m["coef"]) + m["intercept"])
         return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+    def threshold_for(self, parts: dict) -> float:
+        """The flag threshold for this exchange: its mode's own, else the pooled one."""
+        return float(self._model(parts)["threshold"])
+
+    def thresholds(self) -> dict[str, float]:
+        """Mode → the threshold that mode's answers are flagged under."""
+        return {mode: float((self.modes.get(mode) or {"threshold": self.threshold})["threshold"]) for mode in MODES}
 
     def params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("id", "variant", "source")}
@@ -77,8 +105,12 @@ class Calibrator:
     def from_params(cls, params: dict, **extra: object) -> "Calibrator":
         if list(params.get("features", [])) != list(FEATURES):
             raise ValueError(f"calibrator features {params.get('features')} do not match this version's {FEATURES}")
-        return cls(**{k: params[k] for k in ("features", "mean", "scale", "coef", "intercept", "threshold")},
-                   **extra)
+        modes = {}
+        for mode, model in (params.get("modes") or {}).items():
+            if mode not in MODES or any(k not in model for k in _MODEL_KEYS):
+                raise ValueError(f"calibrator mode {mode!r} is not one of {MODES} with {_MODEL_KEYS}")
+            modes[mode] = {k: model[k] for k in _MODEL_KEYS}
+        return cls(**{k: params[k] for k in ("features", *_MODEL_KEYS)}, modes=modes, **extra)
 
 
 @dataclass
@@ -127,26 +159,46 @@ def choose_threshold(scores: list[float], labels: list[bool], rule: str, target:
     return float(bad[k]) + 1e-9  # the k-th lowest bad answer is flagged (strictly below)
 
 
-def summary(scores: list[float], labels: list[bool], threshold: float | None = None) -> dict:
+def summary(scores: list[float], labels: list[bool], threshold: float | list[float] | None = None) -> dict:
+    """AUROC, Brier and reliability of scores against labels; with a threshold (one for all rows, or
+    one per row), the share flagged and the share of bad answers caught."""
     out = {"n": len(labels), "good": int(sum(labels)), "auroc": auroc(scores, labels), "brier": brier(scores, labels),
            "reliability": reliability(scores, labels)}
     if threshold is not None:
-        flagged = [x < threshold for x in scores]
+        per_row = threshold if isinstance(threshold, list) else [threshold] * len(scores)
+        flagged = [x < t for x, t in zip(scores, per_row)]
         bad = [f for f, y in zip(flagged, labels) if not y]
         out["flagged_share"] = round(sum(flagged) / len(flagged), 4) if flagged else None
         out["bad_recall"] = round(sum(bad) / len(bad), 4) if bad else None
     return out
 
 
-def fit(rows: list[tuple[dict, bool]], *, c: float, rule: str, target: float, min_per_class: int = 5,
-        formula: list[float] | None = None, variant: str = "", source: str = "") -> Fit:
-    """Fit on (confidence parts, good) rows. `formula`: the v2 scores of the same rows, reported
-    beside the calibrated ones. Raises NotEnoughLabels when a class has fewer than `min_per_class`."""
+def _fit_one(x: np.ndarray, y: np.ndarray, c: float, rule: str, target: float) -> tuple[dict, list[float]]:
+    """One logistic regression: its numbers (threshold from held-out scores) and the held-out scores."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    good = int(y.sum())
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+    folds = min(5, min(good, len(y) - good))
+    held_out = cross_val_predict(model, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+                                 method="predict_proba")[:, 1].tolist()
+    model.fit(x, y)
+    scaler, logistic = model[0], model[1]
+    numbers = {"mean": [float(v) for v in scaler.mean_], "scale": [float(v) if v > 0 else 1.0 for v in scaler.scale_],
+               "coef": [float(v) for v in logistic.coef_[0]], "intercept": float(logistic.intercept_[0]),
+               "threshold": choose_threshold(held_out, [bool(v) for v in y], rule, target), "folds": folds}
+    return numbers, held_out
+
+
+def fit(rows: list[tuple[dict, bool]], *, c: float, rule: str, target: float, min_per_class: int = 5,
+        per_mode: bool = True, formula: list[float] | None = None, variant: str = "", source: str = "") -> Fit:
+    """Fit on (confidence parts, good) rows: the pooled model, and with `per_mode` one model per
+    retrieval mode that has `min_per_class` good and bad answers. `formula`: the v2 scores of the
+    same rows, reported beside the calibrated ones. Raises NotEnoughLabels when a class has fewer
+    than `min_per_class` overall."""
     labels = [bool(y) for _, y in rows]
     good = sum(labels)
     if min(good, len(labels) - good) < min_per_class:
@@ -154,19 +206,31 @@ def fit(rows: list[tuple[dict, bool]], *, c: float, rule: str, target: float, mi
                               "are needed to fit a calibrator")
     x = np.asarray([features(p) for p, _ in rows], dtype=float)
     y = np.asarray(labels, dtype=int)
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
-    folds = min(5, min(good, len(labels) - good))
-    held_out = cross_val_predict(model, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0),
-                                 method="predict_proba")[:, 1].tolist()
-    model.fit(x, y)
-    scaler, logistic = model[0], model[1]
-    threshold = choose_threshold(held_out, labels, rule, target)
-    scale = [float(v) if v > 0 else 1.0 for v in scaler.scale_]
-    calibrator = Calibrator(list(FEATURES), [float(v) for v in scaler.mean_], scale,
-                            [float(v) for v in logistic.coef_[0]], float(logistic.intercept_[0]), threshold,
-                            variant=variant, source=source)
-    metrics = {"cross_validated": summary(held_out, labels, threshold), "folds": folds, "c": c,
-               "rule": rule, "target": target,
+    pooled, held_out = _fit_one(x, y, c, rule, target)
+    modes: dict[str, dict] = {}
+    by_mode: dict[str, dict] = {}
+    row_modes = [mode_of(p) for p, _ in rows]
+    for mode in MODES:
+        index = [i for i, m in enumerate(row_modes) if m == mode]
+        mode_good = sum(labels[i] for i in index)
+        own = per_mode and min(mode_good, len(index) - mode_good) >= min_per_class
+        if own:
+            numbers, mode_held_out = _fit_one(x[index], y[index], c, rule, target)
+            modes[mode] = {k: numbers[k] for k in _MODEL_KEYS}
+            for i, score in zip(index, mode_held_out):
+                held_out[i] = score
+        if index:
+            by_mode[mode] = {"n": len(index), "good": mode_good, "own_model": own}
+    calibrator = Calibrator(list(FEATURES), *(pooled[k] for k in _MODEL_KEYS), modes=modes, variant=variant,
+                            source=source)
+    thresholds = [calibrator.threshold_for(p) for p, _ in rows]
+    for mode, info in by_mode.items():
+        index = [i for i, m in enumerate(row_modes) if m == mode]
+        info["cross_validated"] = summary([held_out[i] for i in index], [labels[i] for i in index],
+                                          [thresholds[i] for i in index])
+        info["threshold"] = round(calibrator.thresholds()[mode], 6)
+    metrics = {"cross_validated": summary(held_out, labels, thresholds), "folds": pooled["folds"], "c": c,
+               "rule": rule, "target": target, "per_mode": per_mode, "modes": by_mode,
                "coefficients": dict(zip(FEATURES, [round(v, 4) for v in calibrator.coef]))}
     if formula is not None:
         metrics["formula"] = summary(formula, labels)

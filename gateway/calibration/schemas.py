@@ -17,7 +17,11 @@ class CalibratorView(BaseModel):
     source: Literal["calibration_split", "reviews", "shipped"]
     labels: int = Field(description="labelled answers it was fitted on")
     good: int
-    threshold: float = Field(description="answers scoring below this are flagged for review")
+    threshold: float = Field(description="answers scoring below this are flagged for review (the pooled model's; "
+                                         "a retrieval mode in `thresholds` uses its own)")
+    thresholds: dict[str, float] = Field(default_factory=dict,
+                                         description="retrieval mode (rag, no_rag) → the threshold of that mode's own "
+                                                     "model, for the modes that had enough labels for one")
     active: bool
     created_at: str | None
     metrics: dict[str, Any] = Field(description="cross-validated AUROC/Brier/reliability, the formula's, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import structlog
 
-from gateway.calibration.calibrator import NotEnoughLabels, fit, summary
+from gateway.calibration.calibrator import NotEnoughLabels, fit, mode_of, summary
 from gateway.calibration.diagram import reliability_svg
 from gateway.calibration.models import CalibratorRow
 from gateway.calibration.repository import Calibrators
@@ -22,9 +22,21 @@ from gateway.store.base import iso_utc
 log = structlog.get_logger(__name__)
 
 
+def mode_thresholds(row: CalibratorRow) -> dict[str, float]:
+    """Retrieval mode → its own threshold, for the modes that have their own model."""
+    return {mode: round(float(m["threshold"]), 6) for mode, m in ((row.params or {}).get("modes") or {}).items()
+            if isinstance(m, dict) and "threshold" in m}
+
+
+def share_threshold(scores: list[float], share: float) -> float:
+    """The score under which `share` of these answers fall."""
+    ordered = sorted(scores)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
 def calibrator_view(row: CalibratorRow) -> dict:
     return {"id": row.id, "variant": row.variant, "source": row.source, "labels": row.labels, "good": row.good,
-            "threshold": round(row.threshold, 6), "active": row.active, "created_at": iso_utc(row.created_at),
+            "threshold": round(row.threshold, 6), "thresholds": mode_thresholds(row), "active": row.active, "created_at": iso_utc(row.created_at),
             "metrics": row.metrics}
 
 
@@ -41,14 +53,18 @@ class CalibrationService:
                                  f"calibration.min_labels = {cfg.min_labels} are needed to refit", code="too_few_labels")
         try:
             fitted = fit(rows, c=cfg.c, rule=cfg.flag_rule, target=cfg.flag_target, min_per_class=cfg.min_per_class,
-                         formula=[p.get("formula", 0.0) for p, _ in rows], variant=variant, source="reviews")
+                         per_mode=cfg.per_mode, formula=[p.get("formula", 0.0) for p, _ in rows], variant=variant, source="reviews")
         except NotEnoughLabels as exc:
             raise InvalidRequest(f"{variant}: {exc}", code="too_few_labels") from None
         if cfg.flag_rule == "review_share":  # the share is of traffic, not of the (biased) reviewed sample
             recent = await self.calibrators.recent_parts(variant, self.settings.review.stats_recent_exchanges)
             if len(recent) >= cfg.min_labels:
-                scores = sorted(fitted.calibrator.predict(p) for p in recent)
-                fitted.calibrator.threshold = scores[min(len(scores) - 1, int(cfg.flag_target * len(scores)))]
+                fitted.calibrator.threshold = share_threshold([fitted.calibrator.predict(p) for p in recent],
+                                                              cfg.flag_target)
+                for mode, model in fitted.calibrator.modes.items():  # each mode reviews that share of its traffic
+                    mine = [fitted.calibrator.predict(p) for p in recent if mode_of(p) == mode]
+                    if len(mine) >= cfg.min_labels:
+                        model["threshold"] = share_threshold(mine, cfg.flag_target)
                 fitted.metrics["threshold_from"] = f"{len(recent)} recent exchanges"
         good = sum(y for _, y in rows)
         row = await self.calibrators.add(variant, "reviews", fitted, len(rows), good)
@@ -85,7 +101,8 @@ class CalibrationService:
         labels = [y for _, y in rows]
         out = {"variant": variant, "formula": summary([p.get("formula", 0.0) for p, _ in rows], labels)}
         if active is not None:
-            out["calibrated"] = summary([active.predict(p) for p, _ in rows], labels, active.threshold)
+            out["calibrated"] = summary([active.predict(p) for p, _ in rows], labels,
+                                        [active.threshold_for(p) for p, _ in rows])
             out["calibrator_id"] = active.id
         return out
 

@@ -459,8 +459,8 @@ class ChatService:
         conf = score_confidence(run.logprobs, run.text, fin.finish_reason, self.settings.confidence,
                                 top_similarity=run.top_similarity, sources=run.sources, entropies=run.entropies,
                                 calibrator=calibrator)
-        threshold = calibrator.threshold if calibrator else self.settings.review.confidence_threshold
         score, parts = conf.score, conf.parts()
+        threshold = calibrator.threshold_for(parts) if calibrator else self.settings.review.confidence_threshold
         if run.logprobs_missing and not run.logprobs:
             # an upstream that streams no log-probabilities: the score is unknown, not 0 (which would
             # flag every answer); the exchange is still logged, and audits still sample it

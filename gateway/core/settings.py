@@ -183,6 +183,7 @@ class CalibrationSettings(_Section):
 
     enabled: bool = True
     c: float = Field(1.0, gt=0.0)  # inverse L2 strength of the logistic regression
+    per_mode: bool = True  # one model and threshold per retrieval mode (with / without); pooled where a mode lacks labels
     min_labels: int = Field(50, ge=10)  # reviewed verdicts on a variant before a refit on them
     min_per_class: int = Field(5, ge=2)  # ...with at least this many good and bad answers
     max_labels: int = Field(5000, ge=10)  # newest verdicts a refit uses
