@@ -269,9 +269,33 @@ async def test_refit_on_reviewers_verdicts(make_settings, tiny_model_dir):
         assert record["confidence_parts"]["calibrator"] == view["id"]
 
 
+def test_audit_estimate_weights_each_verdict_by_its_draw_probability():
+    from scipy.stats import binomtest
+
+    from gateway.review.audit import estimate, estimates
+
+    same = [(0.05, i < 14) for i in range(20)]  # one rate: the plain share and Wilson's interval
+    e = estimate(same, 0.95)
+    ci = binomtest(14, 20).proportion_ci(0.95, method="wilson")
+    assert e["share_good"] == e["share_good_unweighted"] == 0.7 and e["n_effective"] == 20
+    assert (e["low"], e["high"]) == (pytest.approx(ci.low, abs=1e-4), pytest.approx(ci.high, abs=1e-4))
+    # audited at 50 % while an experiment ran (all good), at 5 % otherwise (all bad): each verdict at
+    # 5 % stands for ten times as many answers
+    mixed = [(0.5, True)] * 10 + [(0.05, False)] * 10
+    e = estimate(mixed, 0.95)
+    assert e["share_good_unweighted"] == 0.5 and e["share_good"] == pytest.approx(20 / 220, abs=1e-4)
+    assert e["n_effective"] == pytest.approx(220 ** 2 / (10 * 4 + 10 * 400), abs=0.01)
+    assert e["low"] < e["share_good"] < e["high"]
+    rows = estimates([("v1", 0.1, "resolved", "approve"), ("v1", 0.1, "resolved", "correct"),
+                      ("v1", 0.1, "pending", None), ("v2", 0.2, "claimed", None)], 0.9)
+    assert [(r["variant"], r["audited"], r["resolved"], r["good"], r["share_good"]) for r in rows] == \
+        [("v1", 3, 2, 1, 0.5), ("v2", 1, 0, 0, None)]
+
+
 async def test_audit_sample_queues_a_share_of_all_answers(make_settings, tiny_model_dir):
     # nothing is doubted (threshold 0): every queued item is the audit sample's
-    settings, app = await _client(make_settings, tiny_model_dir, review={"audit_share": 0.5, "confidence_threshold": 0.0})
+    settings, app = await _client(make_settings, tiny_model_dir, review={"audit_share": 0.5, "confidence_threshold": 0.0,
+                                                                         "required_reviews": 1})
     async with ready_client(app, settings) as c:
         for i in range(60):
             assert (await c.post("/v1/chat/completions", json=ask(i), headers=H["app"])).status_code == 200
@@ -280,3 +304,18 @@ async def test_audit_sample_queues_a_share_of_all_answers(make_settings, tiny_mo
         item = (await c.get(f"/v1/review/items/{queue[0]['id']}", headers=H["boss"])).json()
         assert item["audit"] is True and item["audit_rate"] == 0.5
         assert [r["code"] for r in item["reasons"]] == ["audit"] and item["priority_parts"]["audit"] == 1.0
+        # resolved audit items estimate the variant's share of good answers, on the API and the console
+        for n, queued in enumerate(queue[:10]):
+            verdict = {"verdict": "approve"} if n < 7 else {"verdict": "reject"}
+            assert (await c.post(f"/v1/review/items/{queued['id']}/labels", json=verdict,
+                                 headers=H["r1"])).status_code == 201
+        stats = (await c.get("/v1/review/stats", headers=H["boss"])).json()
+        assert stats["audit"] == [{"variant": "base", "audited": len(queue), "resolved": 10, "good": 7,
+                                   "share_good": 0.7, "low": pytest.approx(0.3968, abs=1e-4),
+                                   "high": pytest.approx(0.8922, abs=1e-4), "share_good_unweighted": 0.7,
+                                   "n_effective": 10.0, "confidence": 0.95}]
+        page = await c.get("/console/login?next=/console/stats")
+        token = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+        html = (await c.post("/console/login", data={"key": "k-r1", "next": "/console/stats",
+                                                     "_csrf_token": token})).text
+        assert 'id="audit-table"' in html and "<strong>70.0%</strong>" in html and "39.7–89.2% (95%)" in html

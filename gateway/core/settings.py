@@ -239,6 +239,7 @@ class ReviewSettings(_Section):
     weight_age_per_hour: float = Field(0.02, ge=0.0)
     weight_audit: float = Field(1.0, ge=0.0)  # audit items are reviewed too, or the sample is biased again
     audit_share: float = Field(0.05, ge=0.0, le=1.0)  # random share of all answers queued as audit items
+    audit_confidence: float = Field(0.95, gt=0.0, lt=1.0)  # the interval on each variant's audited share of good answers
     claim_ttl_s: int = Field(600, ge=10)
     correction_similarity: float = Field(0.85, ge=0.0, le=1.0)
     max_answer_chars: int = Field(8000, ge=100)

@@ -405,6 +405,14 @@ class ReviewRepository:
                 .values(draft=draft, draft_source=source, draft_score=score, version=ReviewItem.version + 1))
             return result.rowcount == 1
 
+    async def audit_items(self) -> list[tuple[str, float, str, str | None]]:
+        """(variant, audit_rate, status, resolution) of every audit item, for the audit estimates."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                select(Exchange.variant, ReviewItem.audit_rate, ReviewItem.status, ReviewItem.resolution)
+                .join(Exchange, Exchange.id == ReviewItem.exchange_id).where(ReviewItem.audit))
+            return [(variant, rate, status, resolution) for variant, rate, status, resolution in rows]
+
     async def draft_outcomes(self) -> dict[str, dict[str, int]]:
         """Per draft source: `asked` (items the teacher was asked about), `drafted` (of those, with a
         draft), `shown` (items whose draft was judged by at least one label) and the labels' draft

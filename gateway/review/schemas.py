@@ -409,6 +409,24 @@ class TeacherStats(BaseModel):
                                                           "its history)")
 
 
+class AuditEstimate(BaseModel):
+    """One variant's share of good answers, estimated from its resolved audit items (gateway/review/audit.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str
+    audited: int = Field(description="audit items drawn for this variant's answers")
+    resolved: int = Field(description="of those, resolved (pending ones do not count yet)")
+    good: int = Field(description="resolved as approve (the answer stood)")
+    share_good: float | None = Field(description="weighted by 1 / audit_rate (Hájek): the share of all the variant's "
+                                                 "answers that are good; null before the first resolution")
+    low: float | None = Field(description="Wilson interval at `confidence`, on the effective sample size")
+    high: float | None
+    share_good_unweighted: float | None = Field(description="good / resolved, for comparison")
+    n_effective: float = Field(description="Kish's effective sample size of the weighted verdicts")
+    confidence: float = Field(description="review.audit_confidence")
+
+
 class ReviewStats(BaseModel):
     """GET /v1/review/stats."""
 
@@ -420,3 +438,5 @@ class ReviewStats(BaseModel):
     pairs: list[ReviewerPairAgreement]
     confidence_histogram: ConfidenceHistogram
     teacher: TeacherStats = Field(description="the teacher's drafts and how reviewers treated them")
+    audit: list[AuditEstimate] = Field(description="per variant, the share of good answers the random audit sample "
+                                                   "estimates (unbiased, unlike the rest of the queue)")

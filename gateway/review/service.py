@@ -42,6 +42,7 @@ from gateway.exchanges.repository import exchange_record
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import KnowledgeBase
 from gateway.review.agreement import cohen_kappa, consensus_group, percent_agreement
+from gateway.review.audit import estimates as audit_estimates
 from gateway.review.models import (
     Feedback,
     Flag,
@@ -475,6 +476,7 @@ class ReviewService:
             "confidence_histogram": {"exchanges": len(confidences), "threshold": self.cfg.confidence_threshold,
                                      "bins": bins},
             "teacher": await self.teacher_stats(),
+            "audit": audit_estimates(await self.repo.audit_items(), self.cfg.audit_confidence),
         }
 
     async def teacher_stats(self) -> dict:
