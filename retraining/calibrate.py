@@ -17,7 +17,8 @@ def fit_from_evaluation(settings: Settings, calibration_items: list[dict], froze
     cfg = settings.calibration
     rows = [(i["confidence"], bool(i["good"])) for i in calibration_items]
     result = fit(rows, c=cfg.c, rule=cfg.flag_rule, target=cfg.flag_target, min_per_class=cfg.min_per_class,
-                 per_mode=cfg.per_mode if per_mode is None else per_mode, formula=[i["confidence"].get("formula", i["confidence"]["score"]) for i in calibration_items],
+                 per_mode=cfg.per_mode if per_mode is None else per_mode,
+                 formula=[i["confidence"].get("formula", i["confidence"]["score"]) for i in calibration_items],
                  variant=variant, source="calibration_split")
     checks = {}
     for mode, items in frozen.items():

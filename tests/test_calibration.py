@@ -127,6 +127,12 @@ def test_a_mode_without_enough_labels_uses_the_pooled_model():
     assert not legacy.modes and legacy.predict(bare) == cal.predict(bare)
     with pytest.raises(ValueError, match="mode 'sometimes'"):
         Calibrator.from_params({**cal.params(), "modes": {"sometimes": cal.modes["rag"]}})
+    # a row this version cannot score with is refused at load (serving skips it), never at predict time
+    for broken in ({"modes": ["rag"]}, {"modes": {"rag": {**cal.modes["rag"], "coef": [1.0]}}},
+                   {"modes": {"rag": {**cal.modes["rag"], "threshold": "high"}}}, {"mean": cal.mean[:-1]},
+                   {"scale": [0.0] * len(FEATURES)}, {"intercept": float("nan")}):
+        with pytest.raises(ValueError):
+            Calibrator.from_params({**cal.params(), **broken})
 
 
 def test_threshold_rules():

@@ -81,11 +81,21 @@ class Calibrator:
     source: str = ""
     id: int | None = None
 
+    def _pooled(self) -> dict:
+        return {k: getattr(self, k) for k in _MODEL_KEYS}
+
     def _model(self, parts: dict) -> dict:
-        return self.modes.get(mode_of(parts)) or {k: getattr(self, k) for k in _MODEL_KEYS}
+        return self.modes.get(mode_of(parts)) or self._pooled()
 
     def predict(self, parts: dict) -> float:
-        m = self._model(parts)
+        return self._score(parts, self._model(parts))
+
+    def predict_pooled(self, parts: dict) -> float:
+        """The pooled model's score, whatever the mode (what a mode without its own model gets)."""
+        return self._score(parts, self._pooled())
+
+    @staticmethod
+    def _score(parts: dict, m: dict) -> float:
         x = (np.asarray(features(parts)) - np.asarray(m["mean"])) / np.asarray(m["scale"])
         z = float(np.dot(x, m["coef"]) + m["intercept"])
         return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
@@ -103,14 +113,41 @@ class Calibrator:
 
     @classmethod
     def from_params(cls, params: dict, **extra: object) -> "Calibrator":
-        if list(params.get("features", [])) != list(FEATURES):
-            raise ValueError(f"calibrator features {params.get('features')} do not match this version's {FEATURES}")
+        """Read stored params; ValueError for anything this version cannot score with (a foreign
+        feature list, a vector of the wrong length, a malformed mode), so a bad row is skipped, not
+        served."""
+        if not isinstance(params, dict) or list(params.get("features", [])) != list(FEATURES):
+            features_seen = params.get("features") if isinstance(params, dict) else None
+            raise ValueError(f"calibrator features {features_seen} do not match this version's {FEATURES}")
+        stored_modes = params.get("modes") or {}
+        if not isinstance(stored_modes, dict):
+            raise ValueError("calibrator modes must be an object of retrieval mode → model")
         modes = {}
-        for mode, model in (params.get("modes") or {}).items():
-            if mode not in MODES or any(k not in model for k in _MODEL_KEYS):
-                raise ValueError(f"calibrator mode {mode!r} is not one of {MODES} with {_MODEL_KEYS}")
-            modes[mode] = {k: model[k] for k in _MODEL_KEYS}
-        return cls(**{k: params[k] for k in ("features", *_MODEL_KEYS)}, modes=modes, **extra)
+        for mode, model in stored_modes.items():
+            if mode not in MODES:
+                raise ValueError(f"calibrator mode {mode!r} is not one of {MODES}")
+            modes[mode] = _checked(model, f"mode {mode!r}")
+        return cls(list(FEATURES), **_checked(params, "pooled model"), modes=modes, **extra)
+
+
+def _checked(model: object, what: str) -> dict:
+    """One stored model's numbers, checked: three vectors as long as FEATURES, two numbers."""
+    if not isinstance(model, dict) or any(k not in model for k in _MODEL_KEYS):
+        raise ValueError(f"calibrator {what} needs {_MODEL_KEYS}")
+    out = {}
+    for key in ("mean", "scale", "coef"):
+        vector = model[key]
+        if (not isinstance(vector, list) or len(vector) != len(FEATURES)
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vector)):
+            raise ValueError(f"calibrator {what}: {key} must be {len(FEATURES)} finite numbers")
+        out[key] = [float(v) for v in vector]
+    if any(v == 0 for v in out["scale"]):
+        raise ValueError(f"calibrator {what}: scale has a zero")
+    for key in ("intercept", "threshold"):
+        if not isinstance(model[key], (int, float)) or not math.isfinite(model[key]):
+            raise ValueError(f"calibrator {what}: {key} must be a finite number")
+        out[key] = float(model[key])
+    return out
 
 
 @dataclass

@@ -9,8 +9,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from gateway.calibration.calibrator import Calibrator, Fit
 from gateway.calibration.models import CalibratorRow
 from gateway.exchanges.models import Exchange
-from gateway.review.audit import GOOD_RESOLUTIONS
-from gateway.review.models import ReviewItem
+from gateway.review.models import GOOD_RESOLUTIONS, ReviewItem
 from gateway.store.base import utcnow
 from gateway.store.db import is_row_id
 

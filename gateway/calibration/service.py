@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import structlog
 
-from gateway.calibration.calibrator import NotEnoughLabels, fit, mode_of, summary
+from gateway.calibration.calibrator import (
+    Calibrator,
+    NotEnoughLabels,
+    fit,
+    mode_of,
+    summary,
+)
 from gateway.calibration.diagram import reliability_svg
 from gateway.calibration.models import CalibratorRow
 from gateway.calibration.repository import Calibrators
@@ -23,9 +29,13 @@ log = structlog.get_logger(__name__)
 
 
 def mode_thresholds(row: CalibratorRow) -> dict[str, float]:
-    """Retrieval mode → its own threshold, for the modes that have their own model."""
-    return {mode: round(float(m["threshold"]), 6) for mode, m in ((row.params or {}).get("modes") or {}).items()
-            if isinstance(m, dict) and "threshold" in m}
+    """Retrieval mode → its own threshold, for the modes that have their own model (none for a row
+    this version cannot read: serving skips it too)."""
+    try:
+        calibrator = Calibrator.from_params(row.params)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {mode: round(float(m["threshold"]), 6) for mode, m in calibrator.modes.items()}
 
 
 def share_threshold(scores: list[float], share: float) -> float:
@@ -53,19 +63,28 @@ class CalibrationService:
                                  f"calibration.min_labels = {cfg.min_labels} are needed to refit", code="too_few_labels")
         try:
             fitted = fit(rows, c=cfg.c, rule=cfg.flag_rule, target=cfg.flag_target, min_per_class=cfg.min_per_class,
-                         per_mode=cfg.per_mode, formula=[p.get("formula", 0.0) for p, _ in rows], variant=variant, source="reviews")
+                         per_mode=cfg.per_mode, formula=[p.get("formula", 0.0) for p, _ in rows], variant=variant,
+                         source="reviews")
         except NotEnoughLabels as exc:
             raise InvalidRequest(f"{variant}: {exc}", code="too_few_labels") from None
         if cfg.flag_rule == "review_share":  # the share is of traffic, not of the (biased) reviewed sample
             recent = await self.calibrators.recent_parts(variant, self.settings.review.stats_recent_exchanges)
-            if len(recent) >= cfg.min_labels:
-                fitted.calibrator.threshold = share_threshold([fitted.calibrator.predict(p) for p in recent],
-                                                              cfg.flag_target)
-                for mode, model in fitted.calibrator.modes.items():  # each mode reviews that share of its traffic
-                    mine = [fitted.calibrator.predict(p) for p in recent if mode_of(p) == mode]
-                    if len(mine) >= cfg.min_labels:
-                        model["threshold"] = share_threshold(mine, cfg.flag_target)
-                fitted.metrics["threshold_from"] = f"{len(recent)} recent exchanges"
+            cal, from_traffic = fitted.calibrator, {}
+            for mode, model in cal.modes.items():  # a mode with its own model: that share of its own traffic
+                mine = [cal.predict(p) for p in recent if mode_of(p) == mode]
+                if len(mine) >= cfg.min_labels:
+                    model["threshold"] = share_threshold(mine, cfg.flag_target)
+                    from_traffic[mode] = len(mine)
+            # the pooled threshold flags the modes without a model of their own, scored pooled
+            rest = [p for p in recent if mode_of(p) not in cal.modes] or recent
+            if len(rest) >= cfg.min_labels:
+                cal.threshold = share_threshold([cal.predict_pooled(p) for p in rest], cfg.flag_target)
+                from_traffic["pooled"] = len(rest)
+            # which thresholds came from recent traffic (the others: the reviewed sample's held-out scores,
+            # at which the cross-validated flagged share and recall were measured)
+            fitted.metrics["threshold_from_recent_exchanges"] = from_traffic
+            for mode, info in fitted.metrics.get("modes", {}).items():
+                info["threshold"] = round(cal.thresholds()[mode], 6)
         good = sum(y for _, y in rows)
         row = await self.calibrators.add(variant, "reviews", fitted, len(rows), good)
         log.info("calibration.refit", variant=variant, labels=len(rows), good=good, calibrator_id=row.id,

@@ -20,7 +20,7 @@ import math
 from statistics import NormalDist
 from typing import Sequence
 
-GOOD_RESOLUTIONS = ("approve",)  # a resolved item whose answer stood; correct / reject = bad
+from gateway.review.models import GOOD_RESOLUTIONS
 
 
 def wilson(share: float, n: float, confidence: float) -> tuple[float, float]:

@@ -22,6 +22,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from gateway.exchanges import models as _exchanges  # noqa: F401 - the "exchanges" table its foreign keys name
 from gateway.store.base import Base
 
+# a resolved item's `resolution` that means the model's answer stood (good); correct / reject = bad —
+# what the calibrator learns from and the audit estimate counts
+GOOD_RESOLUTIONS = ("approve",)
+
 
 class Feedback(Base):
     """A client's rating of one exchange: one per exchange, changeable (changes are in the audit log)."""
