@@ -70,7 +70,7 @@ def main() -> None:
     ]
     lines = ["# The evaluation sets, base vs champion (bench/eval_sets.py)", "",
              "`tellerloop eval` with retrieval and the shipped defaults (hybrid search, `query_turns` 2, earlier turns quoted in the system prompt, fallback at "
-             f"0.49 similarity, `top_k` 1), greedy; {args.champion} is the shipped adapter. AUROC is the confidence's "
+             f"0.49 similarity, `top_k` {load_settings().rag.top_k}), greedy; {args.champion} is the champion. AUROC is the confidence's "
              "over generated answers (fallbacks are not the model's).", "",
              *([args.note, ""] if args.note else []),
              sets_table(variants), "", "| target (champion) | measured | met |", "| --- | ---: | --- |"]
