@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import sys
 import time
@@ -31,7 +32,10 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
 
-async def run(data_dir: Path) -> dict:
+async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = None) -> dict:
+    """`adapter_dir`: answer as v0001 with this adapter folder (e.g. the shipped one) instead of the
+    data dir's registered v0001; the data dir still provides the splits, which depend only on the
+    seed data."""
     from gateway.adapters.registry import AdapterRegistry
     from gateway.calibration.calibrator import reliability, summary
     from gateway.calibration.diagram import reliability_svg
@@ -57,7 +61,13 @@ async def run(data_dir: Path) -> dict:
     embedder = kb.embedder
     engine = build_engine(settings)
     await engine.start()
-    await engine.load_adapter("v0001", str(await registry.verify("v0001")))
+    if adapter_dir is not None:
+        files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(adapter_dir.iterdir())
+                 if p.name != "manifest.json"}
+        await engine.load_adapter("v0001", str(adapter_dir))
+    else:
+        files = adapter.files
+        await engine.load_adapter("v0001", str(await registry.verify("v0001")))
     sets = {"calibration_rag": (calibration, True), "calibration_no_rag": (calibration, False),
             "rag": (frozen, True), "no_rag": (frozen, False),
             "reworded_rag": (reworded, True), "reworded_no_rag": (reworded, False)}
@@ -65,8 +75,8 @@ async def run(data_dir: Path) -> dict:
     out: dict = {"variants": {}, "sizes": {k: len(v[0]) for k, v in sets.items()}}
     curves = {}
     try:
-        for variant in ("base", "v0001"):
-            cache = EvalCache(settings, variant, adapter.files if variant != "base" else None)
+        for variant in variants:
+            cache = EvalCache(settings, variant, files if variant != "base" else None)
             items = {}
             for mode, (rows, rag) in sets.items():
                 missing = [qa for qa in rows if cache.get(mode, qa.question) is None]
@@ -79,7 +89,9 @@ async def run(data_dir: Path) -> dict:
                     cache.save()
                 items[mode] = [cache.get(mode, qa.question) for qa in rows]
             calibration_items = items["calibration_rag"] + items["calibration_no_rag"]
-            fits = {kind: fit_from_evaluation(settings, calibration_items, {}, variant, per_mode=kind == "per_mode")
+            frozen_items = {"rag": items["rag"], "no_rag": items["no_rag"]}  # the fit's own check, as the trainer's
+            fits = {kind: fit_from_evaluation(settings, calibration_items, frozen_items, variant,
+                                              per_mode=kind == "per_mode")
                     for kind in KINDS}
             rows_out = {}
             for mode in ("rag", "no_rag", "reworded_rag", "reworded_no_rag"):
@@ -99,6 +111,7 @@ async def run(data_dir: Path) -> dict:
                                                "thresholds": f.calibrator.thresholds()}
                                         for kind, f in fits.items()}
             out["variants"][variant]["sets"] = rows_out
+            out.setdefault("fits", {})[variant] = fits["per_mode"]
     finally:
         await engine.stop()
         await db.dispose()
@@ -138,8 +151,27 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-dir", default=str(ROOT / ".cache" / "bootstrap"))
+    parser.add_argument("--variant", action="append", choices=["base", "v0001"],
+                        help="measure only these (default: both)")
+    parser.add_argument("--adapter-dir", help="answer as v0001 with this adapter folder (e.g. data/adapters/bootstrap)")
+    parser.add_argument("--update-shipped", action="store_true",
+                        help="with --adapter-dir data/adapters/bootstrap: store v0001's per-mode fit as the shipped "
+                             "adapter's calibrator (its manifest)")
     args = parser.parse_args()
-    result = asyncio.run(run(Path(args.data_dir)))
+    adapter_dir = Path(args.adapter_dir).resolve() if args.adapter_dir else None
+    result = asyncio.run(run(Path(args.data_dir), args.variant or ["base", "v0001"], adapter_dir))
+    fits = result.pop("fits")
+    if args.update_shipped:
+        shipped = ROOT / "data" / "adapters" / "bootstrap"
+        if adapter_dir != shipped.resolve() or "v0001" not in fits:
+            raise SystemExit("--update-shipped needs --adapter-dir data/adapters/bootstrap and the v0001 variant")
+        manifest_path = shipped / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        fitted = fits["v0001"]
+        manifest["calibrator"] = {"params": fitted.calibrator.params(), "metrics": fitted.metrics,
+                                  "labels": fitted.metrics["labels"]["n"], "good": fitted.metrics["labels"]["good"]}
+        manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"stored the per-mode calibrator in {manifest_path}")
     text = table(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if result.get("svg"):
