@@ -135,7 +135,7 @@ def table(result: dict) -> str:
         for mode, s in v["sets"].items():
             f, p, m = s["formula"], s["pooled"], s["per_mode"]
             lines.append(f"| {variant} | {NAMES[mode]} | {f['n']} | {s['good_rate']:.0%} | {fmt(f['auroc'])} | "
-                         f"{fmt(p['auroc'])} | **{fmt(m['auroc'])}** | {f['brier']:.3f} | {p['brier']:.3f} | "
+                         f"{fmt(p['auroc'])} | {fmt(m['auroc'])} | {f['brier']:.3f} | {p['brier']:.3f} | "
                          f"{m['brier']:.3f} | " + " | ".join(f"{pct(x, 'bad_recall')} ({pct(x, 'flagged_share')})"
                                                           for x in (f, p, m)) + " |")
     fits = []
