@@ -7,8 +7,10 @@ on its answers to the calibration split (seed Q&A never trained on, apart from t
 pooled (one model for every answer) and per retrieval mode (`calibration.per_mode`).
 Both scores are then measured, in the same run, on
   * the frozen evaluation split (100 FAQ questions asked verbatim), and
-  * customer-style rewordings of frozen questions (`data/eval/reworded_teacher.jsonl`, hand-written):
-    retrieval misses more on them, so confident wrong answers appear.
+  * customer-style rewordings of frozen questions (`data/eval/reworded_teacher.jsonl`, 30, hand-written):
+    retrieval misses more on them, so confident wrong answers appear, and
+  * the 126 rewordings of `tellerloop eval --set reworded` (`data/eval/reworded.jsonl`), retrieval on:
+    more bad answers, so a steadier AUROC.
 
     .venv/bin/python bench/calibration.py [--data-dir .cache/bootstrap]
 
@@ -55,8 +57,9 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
     read = lambda name: [json.loads(x) for x in (snap / name).read_text().splitlines() if x.strip()]  # noqa: E731
     frozen = [QA(r["question"], r["answer"]) for r in read("eval.jsonl")]
     calibration = [QA(r["question"], r["answer"]) for r in read("calibration.jsonl")]
-    reworded = [QA(r["question"], r["answer"]) for r in
-                (json.loads(x) for x in (ROOT / "data/eval/reworded_teacher.jsonl").read_text().splitlines() if x.strip())]
+    jsonl = lambda name: [QA(r["question"], r["answer"]) for r in  # noqa: E731
+                          (json.loads(x) for x in (ROOT / "data/eval" / name).read_text().splitlines() if x.strip())]
+    reworded, reworded_set = jsonl("reworded_teacher.jsonl"), jsonl("reworded.jsonl")
     kb = await asyncio.to_thread(build_knowledge_base, settings)
     embedder = kb.embedder
     engine = build_engine(settings)
@@ -70,7 +73,8 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
         await engine.load_adapter("v0001", str(await registry.verify("v0001")))
     sets = {"calibration_rag": (calibration, True), "calibration_no_rag": (calibration, False),
             "rag": (frozen, True), "no_rag": (frozen, False),
-            "reworded_rag": (reworded, True), "reworded_no_rag": (reworded, False)}
+            "reworded_rag": (reworded, True), "reworded_no_rag": (reworded, False),
+            "reworded_set_rag": (reworded_set, True)}
     started = time.perf_counter()
     out: dict = {"variants": {}, "sizes": {k: len(v[0]) for k, v in sets.items()}}
     curves = {}
@@ -94,7 +98,7 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
                                               per_mode=kind == "per_mode")
                     for kind in KINDS}
             rows_out = {}
-            for mode in ("rag", "no_rag", "reworded_rag", "reworded_no_rag"):
+            for mode in NAMES:
                 labels = [bool(i["good"]) for i in items[mode]]
                 formula = [i["confidence"].get("formula", i["confidence"]["score"]) for i in items[mode]]
                 rows_out[mode] = {"good_rate": sum(labels) / len(labels),
@@ -122,7 +126,8 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
 
 KINDS = ("pooled", "per_mode")  # one model for every answer, or one per retrieval mode (calibration.per_mode)
 NAMES = {"rag": "frozen split, retrieval on", "no_rag": "frozen split, retrieval off",
-         "reworded_rag": "rewordings, retrieval on", "reworded_no_rag": "rewordings, retrieval off"}
+         "reworded_rag": "rewordings, retrieval on", "reworded_no_rag": "rewordings, retrieval off",
+         "reworded_set_rag": "the reworded evaluation set, retrieval on"}
 
 
 def table(result: dict) -> str:

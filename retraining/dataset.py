@@ -190,7 +190,7 @@ class FrozenSplit:
     def calibration(cls, settings: Settings, frozen: "FrozenSplit") -> "FrozenSplit":
         """The calibration split: `calibration_seed_size` seed questions, apart from the frozen
         split and never trained on, on which every candidate's answers are scored against the
-        references to fit its confidence calibrator (`retraining/calibration.py`). Created once."""
+        references to fit its confidence calibrator (`retraining/calibrate.py`). Created once."""
         split = cls(settings.storage.data_dir / "datasets" / "calibration_split.jsonl",
                     settings.retraining.near_duplicate_similarity)
         if not split.path.is_file():
