@@ -106,7 +106,7 @@ class Calibrator:
 
     def thresholds(self) -> dict[str, float]:
         """Mode → the threshold that mode's answers are flagged under."""
-        return {mode: float((self.modes.get(mode) or {"threshold": self.threshold})["threshold"]) for mode in MODES}
+        return {mode: float((self.modes.get(mode) or self._pooled())["threshold"]) for mode in MODES}
 
     def params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("id", "variant", "source")}
@@ -247,8 +247,8 @@ def fit(rows: list[tuple[dict, bool]], *, c: float, rule: str, target: float, mi
     modes: dict[str, dict] = {}
     by_mode: dict[str, dict] = {}
     row_modes = [mode_of(p) for p, _ in rows]
-    for mode in MODES:
-        index = [i for i, m in enumerate(row_modes) if m == mode]
+    indices = {mode: [i for i, m in enumerate(row_modes) if m == mode] for mode in MODES}
+    for mode, index in indices.items():
         mode_good = sum(labels[i] for i in index)
         own = per_mode and min(mode_good, len(index) - mode_good) >= min_per_class
         if own:
@@ -262,7 +262,7 @@ def fit(rows: list[tuple[dict, bool]], *, c: float, rule: str, target: float, mi
                             source=source)
     thresholds = [calibrator.threshold_for(p) for p, _ in rows]
     for mode, info in by_mode.items():
-        index = [i for i, m in enumerate(row_modes) if m == mode]
+        index = indices[mode]
         info["cross_validated"] = summary([held_out[i] for i in index], [labels[i] for i in index],
                                           [thresholds[i] for i in index])
         info["threshold"] = round(calibrator.thresholds()[mode], 6)

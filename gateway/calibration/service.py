@@ -14,6 +14,7 @@ import structlog
 from gateway.calibration.calibrator import (
     Calibrator,
     NotEnoughLabels,
+    choose_threshold,
     fit,
     mode_of,
     summary,
@@ -38,15 +39,10 @@ def mode_thresholds(row: CalibratorRow) -> dict[str, float]:
     return {mode: round(float(m["threshold"]), 6) for mode, m in calibrator.modes.items()}
 
 
-def share_threshold(scores: list[float], share: float) -> float:
-    """The score under which `share` of these answers fall."""
-    ordered = sorted(scores)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
 def calibrator_view(row: CalibratorRow) -> dict:
     return {"id": row.id, "variant": row.variant, "source": row.source, "labels": row.labels, "good": row.good,
-            "threshold": round(row.threshold, 6), "thresholds": mode_thresholds(row), "active": row.active, "created_at": iso_utc(row.created_at),
+            "threshold": round(row.threshold, 6), "thresholds": mode_thresholds(row), "active": row.active,
+            "created_at": iso_utc(row.created_at),
             "metrics": row.metrics}
 
 
@@ -73,12 +69,13 @@ class CalibrationService:
             for mode, model in cal.modes.items():  # a mode with its own model: that share of its own traffic
                 mine = [cal.predict(p) for p in recent if mode_of(p) == mode]
                 if len(mine) >= cfg.min_labels:
-                    model["threshold"] = share_threshold(mine, cfg.flag_target)
+                    model["threshold"] = choose_threshold(mine, [], "review_share", cfg.flag_target)
                     from_traffic[mode] = len(mine)
             # the pooled threshold flags the modes without a model of their own, scored pooled
             rest = [p for p in recent if mode_of(p) not in cal.modes] or recent
             if len(rest) >= cfg.min_labels:
-                cal.threshold = share_threshold([cal.predict_pooled(p) for p in rest], cfg.flag_target)
+                cal.threshold = choose_threshold([cal.predict_pooled(p) for p in rest], [], "review_share",
+                                                 cfg.flag_target)
                 from_traffic["pooled"] = len(rest)
             # which thresholds came from recent traffic (the others: the reviewed sample's held-out scores,
             # at which the cross-validated flagged share and recall were measured)
