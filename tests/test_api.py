@@ -48,8 +48,12 @@ async def test_stream_text_equals_logged_answer(client):
     async with client.stream("POST", "/v1/chat/completions", json=chat(stream=True, logprobs=True), headers=CLIENT) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
         exchange_id = r.headers["x-exchange-id"]
-        payloads = [line[len("data: "):] async for line in r.aiter_lines() if line.startswith("data: ")]
+        raw = b"".join([chunk async for chunk in r.aiter_raw()]).decode()
+    events = raw.split("\r\n\r\n")  # SSE framing: one `data:` line per event, a blank line after each
+    assert events[-1] == "" and all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+    payloads = [e[len("data: "):] for e in events[:-1]]
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)

@@ -180,16 +180,20 @@ async def test_the_dynamic_lora_api_refuses_clearly(make_settings, tiny_model_di
 
 # ---- an upstream that behaves differently from ours --------------------------------------------
 class Peer:
-    """A small OpenAI-compatible HTTP server whose next answers the test scripts."""
+    """A small OpenAI-compatible HTTP/1.1 server (keep-alive, chunked streams, as vLLM's) whose next
+    answers the test scripts."""
 
     def __init__(self) -> None:
         self.mode = "no_logprobs"
         self.requests: list[dict] = []
+        self.chat_ports: list[int] = []  # the client port of each chat: one port = one reused connection
         self.loras: set[str] = set()
         self.lora_calls: list[tuple[str, str]] = []
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args) -> None:  # noqa: ANN002
                 pass
 
@@ -213,9 +217,11 @@ class Peer:
                     peer.lora_calls.append((action, body["lora_name"]))
                     (peer.loras.add if action == "load" else peer.loras.discard)(body["lora_name"])
                     self.send_response(200)
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return None
                 peer.requests.append(body)
+                peer.chat_ports.append(self.client_address[1])
                 mode = peer.mode
                 if mode == "refuse":
                     return self._send(400, {"error": {"message": "This model's maximum context length is 4096 tokens",
@@ -224,11 +230,15 @@ class Peer:
                     return self._send(429, {"error": {"message": "too many requests", "code": 429}})
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
 
-                def event(obj: dict) -> None:
-                    self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+                def frame(data: bytes) -> None:
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                     self.wfile.flush()
+
+                def event(obj: dict) -> None:
+                    frame(f"data: {json.dumps(obj)}\n\n".encode())
 
                 for word in ("You ", "can ", "block ", "it."):
                     event({"id": "x", "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
@@ -239,7 +249,8 @@ class Peer:
                         return
                 event({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
                 event({"id": "x", "choices": [], "usage": {"prompt_tokens": 21, "completion_tokens": 4}})
-                self.wfile.write(b"data: [DONE]\n\n")
+                frame(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")  # the end of the chunked body: the connection stays open
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -286,6 +297,16 @@ async def test_an_upstream_without_logprobs_leaves_confidence_unavailable_not_ze
     assert (await fronting.get("/v1/review/stats", headers=REVIEWER)).status_code == 200
     page = await fronting.get(f"/console/items/{queue['data'][0]['id']}", headers=REVIEWER)
     assert page.status_code in (200, 303)
+
+
+async def test_finished_answers_give_their_connection_back_to_the_pool(fronting, peer):
+    """An answer's body is read to its end after [DONE], so the next chat reuses the connection
+    instead of paying a new TCP connection before its first token."""
+    for stream in (False, True, False):
+        async with fronting.stream("POST", "/v1/chat/completions", json=chat(stream=stream), headers=CLIENT) as r:
+            assert r.status_code == 200
+            await r.aread()
+    assert len(peer.chat_ports) == 3 and len(set(peer.chat_ports)) == 1, peer.chat_ports
 
 
 async def test_upstream_failures_are_clear_errors(fronting, peer):

@@ -6,7 +6,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
-from litestar.response import ServerSentEvent
+from litestar.response import Stream
 
 from gateway.api.auth import require
 from gateway.chat.protocol import (
@@ -15,7 +15,7 @@ from gateway.chat.protocol import (
     ModelCard,
     ModelList,
 )
-from gateway.chat.service import ChatService
+from gateway.chat.service import ChatService, sse_events
 
 
 class ChatController(Controller):
@@ -28,12 +28,16 @@ class ChatController(Controller):
                                        "a text/event-stream of chat.completion.chunk objects ending with data: [DONE]")})
     async def create(
         self, request: Request, data: JSONBody[ChatCompletionRequest], chat_service: NamedDependency[ChatService]
-    ) -> Response | ServerSentEvent:
+    ) -> Response | Stream:
         session = request.headers.get(chat_service.settings.experiment.session_header)
         run = await chat_service.start(data, request.user, session=session[:200] if session else None)
         headers = {"X-Exchange-Id": run.exchange_id, "X-Variant": run.route.variant}
         if data.stream:
-            return ServerSentEvent(chat_service.stream(run), headers={**headers, "Cache-Control": "no-cache"})
+            # litestar's ServerSentEvent hops to a worker thread before the first event and rebuilds
+            # every event through a StringIO; the payloads are single-line JSON, framed directly
+            return Stream(sse_events(chat_service.stream(run)), media_type="text/event-stream",
+                          headers={**headers, "Cache-Control": "no-cache", "Connection": "keep-alive",
+                                   "X-Accel-Buffering": "no"})
         return Response(await chat_service.complete(run), headers=headers)
 
     @get("/models", summary="The logical model and the variants served")

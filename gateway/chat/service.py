@@ -8,6 +8,7 @@ The row is committed before the non-stream body is returned and before a stream'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import random
@@ -71,6 +72,14 @@ from gateway.review.repository import ReviewRepository
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+
+async def sse_events(payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    """Server-sent-event framing (`data: …` and a blank line, CRLF as litestar writes it) of payloads
+    that hold no line break (JSON from `json.dumps`, or `[DONE]`)."""
+    async with contextlib.aclosing(payloads):  # a client gone mid-stream closes the chat's stream at once
+        async for payload in payloads:
+            yield f"data: {payload}\r\n\r\n".encode()
 
 
 @dataclass

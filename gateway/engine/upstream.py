@@ -50,6 +50,7 @@ from gateway.engine.base import (
 log = structlog.get_logger(__name__)
 
 BASE = "base"
+_DRAIN_S = 1.0  # how long the rest of a finished answer's body may take before the connection is dropped
 
 
 def _message(response: httpx.Response) -> str:
@@ -406,8 +407,9 @@ class UpstreamStream:
     async def _read(self) -> AsyncIterator[TokenEvent | Finished]:
         finish, usage, tokens = None, {}, 0
         timeout = self._engine.cfg.upstream_read_timeout_s
+        lines = self._response.aiter_lines()
         try:
-            async for line in self._response.aiter_lines():
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -450,3 +452,12 @@ class UpstreamStream:
             raise EngineFailure(f"the upstream ended the answer with finish_reason {finish!r}")
         yield Finished(finish, int(usage.get("prompt_tokens") or 0),
                        int(usage.get("completion_tokens") or tokens))
+        # the answer is complete; read the body to its end (normally only the chunked terminator) so
+        # the connection goes back to the pool: closing it unread drops it, and every answer then paid
+        # a new TCP connection before its first token (bench/upstream.py's profile)
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                async for _ in lines:
+                    pass
+        except (TimeoutError, httpx.HTTPError):
+            pass  # an upstream that keeps the body open after [DONE]: the connection is dropped on close
