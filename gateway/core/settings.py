@@ -102,6 +102,8 @@ class EngineSettings(_Section):
     upstream_adapter_dir: str = ""  # the adapter store as the upstream sees it (shared volume); empty → our path
     upstream_connect_timeout_s: float = Field(5.0, gt=0.0)
     upstream_read_timeout_s: float = Field(60.0, gt=0.0)  # longest wait for the next streamed chunk
+    # after [DONE], how long the rest of the body may take: read to its end, the connection is reused
+    upstream_drain_timeout_s: float = Field(1.0, ge=0.0)
     upstream_max_connections: int = Field(128, ge=1)  # httpx pool: streams in flight to the upstream
     upstream_health_interval_s: float = Field(2.0, gt=0.0)  # /v1/models poll: readiness, re-registering adapters
     upstream_extra_body: dict[str, Any] = Field(default_factory=dict)  # merged into every chat request
@@ -109,7 +111,9 @@ class EngineSettings(_Section):
     max_batch: int = Field(64, ge=1)  # 64 streams: 191 tok/s vs 100 at 16 (bench/results/serve.md)
     torch_threads: int = Field(0, ge=0)
     prefill_chunk_tokens: int = Field(512, ge=16)  # prompt tokens read per step between decode steps
-    kv_block_tokens: int = Field(128, ge=8)  # the KV slots grow by this many tokens at a time
+    # the KV slots grow by this many tokens at a time: 64 holds peak RSS at 64 streams 0.2-0.5 GB under 128 at
+    # the same throughput (bench/results/serve-kv-block.md)
+    kv_block_tokens: int = Field(64, ge=8)
     prefix_cache_entries: int = Field(8, ge=0)  # shared prompt prefixes (system prompt) kept as KV; 0 → off
     prefix_min_tokens: int = Field(32, ge=1)  # shortest shared prefix worth storing
     retry_after_s: int = Field(2, ge=1)

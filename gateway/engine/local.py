@@ -141,7 +141,7 @@ class LocalEngine:
         max_queue: int = 64,
         torch_threads: int = 0,
         prefill_chunk_tokens: int = 512,
-        kv_block_tokens: int = 128,
+        kv_block_tokens: int = 64,
         prefix_cache_entries: int = 8,
         prefix_min_tokens: int = 32,
     ) -> None:

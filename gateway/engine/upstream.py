@@ -50,7 +50,6 @@ from gateway.engine.base import (
 log = structlog.get_logger(__name__)
 
 BASE = "base"
-_DRAIN_S = 1.0  # how long the rest of a finished answer's body may take before the connection is dropped
 
 
 def _message(response: httpx.Response) -> str:
@@ -456,7 +455,7 @@ class UpstreamStream:
         # the connection goes back to the pool: closing it unread drops it, and every answer then paid
         # a new TCP connection before its first token (bench/upstream.py's profile)
         try:
-            async with asyncio.timeout(_DRAIN_S):
+            async with asyncio.timeout(self._engine.cfg.upstream_drain_timeout_s):
                 async for _ in lines:
                     pass
         except (TimeoutError, httpx.HTTPError):
