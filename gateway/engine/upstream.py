@@ -374,14 +374,23 @@ class UpstreamEngine:
         raise EngineUnavailable(f"the upstream answered HTTP {status}: {message}")
 
 
+_DRAINS: set[asyncio.Task] = set()  # finished answers' bodies being read to their end (kept from GC)
+
+
 class UpstreamStream:
-    """One upstream answer as TokenEvents then one Finished. Closing it (also before the first
-    token) closes the connection, which is how an OpenAI-compatible server is told to stop."""
+    """One upstream answer as TokenEvents then one Finished. Closing it before the answer is
+    complete (also before the first token) closes the connection, which is how an OpenAI-compatible
+    server is told to stop. Closing a complete answer reads the rest of its body (normally only the
+    chunked terminator) in the background, bounded by `engine.upstream_drain_timeout_s`, so the
+    connection goes back to the pool: closed unread, httpx drops it, and every answer paid a new
+    TCP connection before its first token (bench/upstream.py's profile)."""
 
     def __init__(self, engine: UpstreamEngine, response: httpx.Response, variant: str) -> None:
         self._engine, self._response, self._variant = engine, response, variant
+        self._lines = response.aiter_lines()
         self._events = self._read()
         self._closed = False
+        self._complete = False  # the Finished event was read: the connection may be reused
 
     def __aiter__(self) -> "UpstreamStream":
         return self
@@ -399,16 +408,30 @@ class UpstreamStream:
         self._closed = True
         try:
             await self._events.aclose()
-            await self._response.aclose()
+            if self._complete:
+                task = asyncio.create_task(self._drain(), name="tellerloop-upstream-drain")
+                _DRAINS.add(task)
+                task.add_done_callback(_DRAINS.discard)
+            else:
+                await self._response.aclose()
         finally:
             self._engine._finished(self._variant)
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(self._engine.cfg.upstream_drain_timeout_s):
+                async for _ in self._lines:
+                    pass
+        except (TimeoutError, httpx.HTTPError, httpx.StreamError):
+            pass  # an upstream that keeps the body open after [DONE]: the connection is dropped below
+        finally:
+            await self._response.aclose()
 
     async def _read(self) -> AsyncIterator[TokenEvent | Finished]:
         finish, usage, tokens = None, {}, 0
         timeout = self._engine.cfg.upstream_read_timeout_s
-        lines = self._response.aiter_lines()
         try:
-            async for line in lines:
+            async for line in self._lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -449,14 +472,6 @@ class UpstreamStream:
             raise EngineFailure("the upstream stream ended without finishing the answer")
         if finish in ("abort", "error"):  # vLLM: the request was aborted or failed upstream
             raise EngineFailure(f"the upstream ended the answer with finish_reason {finish!r}")
+        self._complete = True
         yield Finished(finish, int(usage.get("prompt_tokens") or 0),
                        int(usage.get("completion_tokens") or tokens))
-        # the answer is complete; read the body to its end (normally only the chunked terminator) so
-        # the connection goes back to the pool: closing it unread drops it, and every answer then paid
-        # a new TCP connection before its first token (bench/upstream.py's profile)
-        try:
-            async with asyncio.timeout(self._engine.cfg.upstream_drain_timeout_s):
-                async for _ in lines:
-                    pass
-        except (TimeoutError, httpx.HTTPError):
-            pass  # an upstream that keeps the body open after [DONE]: the connection is dropped on close
