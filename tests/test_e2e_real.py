@@ -252,6 +252,8 @@ def test_follow_up_and_out_of_coverage_on_the_real_model(real_server, sdk):
     assert resp.choices[0].message.content.strip() and resp.model_extra.get("fallback") is None
     row = exchange(real_server, resp.model_extra["exchange_id"])
     assert row["retrieval_query"] == f"{convo[0]['content']}\n{convo[2]['content']}"
+    assert row["messages"][-1]["content"] == row["retrieval_query"]  # rag.history = "query": asked as one question
+    assert row["conversation"] == convo[:2]  # reviewers still see the turns as the customer had them
     alone = sdk.chat.completions.create(model="tellerloop", messages=[convo[2]], max_tokens=32)
     assert alone.model_extra["sources"][:1] != resp.model_extra["sources"][:1]  # alone it is not found
 

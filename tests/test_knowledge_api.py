@@ -9,6 +9,7 @@ import pytest
 from gateway.app import create_app
 
 from .conftest import ROOT, ready_client, seed_knowledge
+from .test_roles_console import sign_in
 
 CLIENT = {"Authorization": "Bearer dev-client-key"}
 REVIEWER = {"Authorization": "Bearer dev-reviewer-key"}
@@ -55,10 +56,20 @@ async def test_a_follow_up_is_searched_with_the_question_it_follows(client):
     assert r["sources"][0]["question"].startswith("How should I get the IVR Password")
     row = (await client.get(f"/v1/exchanges/{r['exchange_id']}", headers=REVIEWER)).json()
     assert row["retrieval_query"] == f"{FAQ_Q}\nand what if that does not work?"  # rag.query_turns = 2
-    # rag.history = "system": the earlier turns are quoted above the entries, the model answers one turn
+    # rag.history = "query": the model is asked the retrieval query as one customer question...
     assert [m["role"] for m in row["messages"]] == ["system", "user"]
-    assert "The conversation so far:\nCustomer: How should I get the IVR Password" in row["messages"][0]["content"]
-    assert "Assistant: You can ask for it by SMS." in row["messages"][0]["content"]
+    assert row["messages"][1]["content"] == row["retrieval_query"]
+    # ...and the conversation as the customer had it is kept for reviewers
+    assert row["conversation"] == convo[:2]
+    r = await client.post(f"/v1/exchanges/{r['exchange_id']}/flags", json={"reason": "check"}, headers=REVIEWER)
+    assert r.status_code == 201
+    await sign_in(client, "dev-reviewer-key")
+    queue = (await client.get("/v1/review/queue", headers=REVIEWER)).json()["data"]
+    page = (await client.get(f"/console/items/{queue[0]['id']}")).text
+    assert 'id="earlier-turns"' in page and "You can ask for it by SMS." in page
+    single = (await client.post("/v1/chat/completions", headers=CLIENT, json={
+        "model": "tellerloop", "messages": convo[:1], "max_tokens": 4})).json()
+    assert (await client.get(f"/v1/exchanges/{single['exchange_id']}", headers=REVIEWER)).json()["conversation"] is None
 
 
 @pytest.mark.parametrize("stream", [False, True])

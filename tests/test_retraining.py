@@ -156,6 +156,7 @@ def test_seed_prompts_with_several_shuffled_entries_and_an_earlier_turn(make_set
 
     settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, mode="cumulative",
                             train_top_k=3, shuffle_entries=True, conversation_share=1.0)
+    settings = settings.model_copy(update={"rag": settings.rag.model_copy(update={"history": "system"})})
     kb = seed_kb(settings, seed_csv)
     from retraining.evaluate import load_qa
 

@@ -66,6 +66,32 @@ def test_retrieval_query_joins_the_last_user_turns():
     assert retrieval_query(convo[:2], 2) == "How do I get an IVR password?"
 
 
+@pytest.mark.parametrize("history", ["query", "last", "system", "turns"])
+def test_how_a_conversation_reaches_the_model_with_retrieval(history):
+    """rag.history: the prompt a follow-up is answered from (the entries always in the system prompt)."""
+    from gateway.chat.prompting import CONVERSATION_HEADER, build_messages
+    from gateway.core.settings import load_settings
+    from gateway.knowledge.store import Hit
+
+    settings = load_settings(None, rag={"history": history})
+    hit = Hit("1", "Q: IVR?\nA: By SMS.", 0.9, {"kind": "qa", "question": "IVR?", "answer": "By SMS."})
+    convo = [{"role": "user", "content": "How do I get an IVR password?"}, {"role": "assistant", "content": "By SMS."},
+             {"role": "user", "content": "and how long does it take?"}]
+    built = build_messages(settings, convo, [hit])
+    system, rest = built[0]["content"], built[1:]
+    assert "Question: IVR?" in system
+    expected = {
+        "query": [{"role": "user", "content": "How do I get an IVR password?\nand how long does it take?"}],
+        "last": [{"role": "user", "content": "and how long does it take?"}],
+        "system": [{"role": "user", "content": "and how long does it take?"}],
+        "turns": convo,
+    }[history]
+    assert rest == expected
+    assert (CONVERSATION_HEADER in system) == (history == "system")
+    assert build_messages(settings, convo[:1], [hit])[1:] == convo[:1]  # a single question: as asked
+    assert build_messages(settings, convo, None)[1:] == convo  # retrieval off: the turns as sent
+
+
 def test_training_device_is_explicit_about_cuda():
     import torch
 

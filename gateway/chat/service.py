@@ -111,6 +111,7 @@ class _Run:
     error: str | None = None  # why generation failed (finish_reason "error")
     opened: bool = False  # a streaming row exists (finalise it rather than insert)
     stored_messages: list[dict[str, str]] = field(default_factory=list)  # scrubbed once, for every write
+    stored_conversation: list[dict[str, str]] | None = None  # the earlier turns as the client sent them, scrubbed
     stored_stop: list[str] = field(default_factory=list)
 
     def add(self, event: TokenEvent | Finished) -> None:
@@ -269,6 +270,7 @@ class ChatService:
                 metrics.RETRIEVAL_FAILURES.inc()
                 retrieval_failed = True
         no_match = hits is not None and is_no_match(self.settings, first)
+        earlier = [m for m in messages if m["role"] != "system"][:-1]  # the conversation before the last turn
         messages = build_messages(self.settings, messages, hits)
         request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
@@ -284,6 +286,7 @@ class ChatService:
                    else "no_match" if no_match else "ok",
                    stored_query=None if query is None else self.scrubber.scrub(query),
                    stored_messages=self.scrubber.scrub_messages(messages),
+                   stored_conversation=self.scrubber.scrub_messages(earlier) if earlier else None,
                    stored_stop=[self.scrubber.scrub(s) for s in params.stop])
         # submitted now, awaited after a stream's row is written: the row's write overlaps the
         # engine's answer to the submit (an upstream's response headers, a network round trip)
@@ -437,6 +440,7 @@ class ChatService:
             model_requested=run.request.model,
             variant=run.route.variant,
             messages=run.stored_messages,
+            conversation=run.stored_conversation,
             answer="" if streaming else self.scrubber.scrub(run.text),
             finish_reason=fin.finish_reason,
             error=run.error,

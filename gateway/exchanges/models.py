@@ -25,7 +25,9 @@ class Exchange(Base):
     user: Mapped[str | None] = mapped_column(String(200), index=True)
     model_requested: Mapped[str] = mapped_column(String(200))
     variant: Mapped[str] = mapped_column(String(100), index=True)
-    messages: Mapped[list] = mapped_column(JSON)
+    messages: Mapped[list] = mapped_column(JSON)  # the prompt the model saw (scrubbed): what training learns from
+    # the turns before the customer's last message as the client sent them (scrubbed); None for one question
+    conversation: Mapped[list | None] = mapped_column(JSON, nullable=True)
     answer: Mapped[str] = mapped_column(Text)
     # streaming (the row exists, the answer is coming) → stop | length | cancelled | error
     finish_reason: Mapped[str] = mapped_column(String(20))

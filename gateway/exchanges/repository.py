@@ -37,6 +37,7 @@ def exchange_record(row: Exchange) -> dict:
         "model": row.model_requested,
         "variant": row.variant,
         "messages": row.messages,
+        "conversation": row.conversation,
         "answer": row.answer,
         "finish_reason": row.finish_reason,
         "error": row.error,

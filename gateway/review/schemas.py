@@ -159,6 +159,9 @@ class ExchangeLog(BaseModel):
     variant: str = Field(description="what served it: 'base' or an adapter version")
     messages: list[ExchangeMessage] = Field(description="the prompt as sent to the model (system prompt and "
                                                         "retrieved context included)")
+    conversation: list[ExchangeMessage] | None = Field(
+        None, description="the turns before the customer's last message, as the client sent them (PII-scrubbed); "
+                          "null for a single question. The prompt may carry them differently (rag.history)")
     answer: str
     finish_reason: str = Field(description="streaming (still answering), stop, length, cancelled or error")
     error: str | None = Field(description="why an `error` exchange failed")
