@@ -78,6 +78,7 @@ class Resolved:
     resolved_at: str  # ISO
     messages: list[dict]  # as the model saw them (system prompt with context, the conversation)
     answer: str
+    conversation: list[dict] | None = None  # the earlier turns as the customer had them (exchanges.conversation)
 
     @property
     def review_key(self) -> str:
@@ -111,10 +112,11 @@ def last_question(messages: list[dict]) -> str:
     return content.rsplit("Customer question: ", 1)[-1]  # rag.layout = "user" puts the context first
 
 
-def conversation_key(messages: list[dict]) -> str:
+def conversation_key(messages: list[dict], conversation: list[dict] | None = None) -> str:
     """A single question keys on its text; a follow-up on every customer and assistant turn —
-    sent as chat turns, or quoted in the system prompt (`rag.history = "system"`)."""
-    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
+    sent as chat turns, quoted in the system prompt (`rag.history = "system"`), or, when the prompt
+    holds only the question (`"query"`, `"last"`), the exchange's stored `conversation`."""
+    turns = [m for m in [*(conversation or []), *messages] if m.get("role") in ("user", "assistant")]
     system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
     quoted = system.split(CONVERSATION_HEADER, 1)[1].split("\n\n", 1)[0] if CONVERSATION_HEADER in system else ""
     if sum(m["role"] == "user" for m in turns) <= 1 and not quoted:
@@ -293,7 +295,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
 
     rows = sorted(resolved, key=lambda r: (r.resolved_at, r.item_id))
     questions = [scrubber.scrub(last_question(row.messages)) for row in rows]
-    keys = [conversation_key(row.messages) for row in rows]
+    keys = [conversation_key(row.messages, row.conversation) for row in rows]
     for row, question, key in zip(rows, questions, keys):  # first the split grows (single questions only)...
         if question.strip() and not key.startswith("conversation:") and in_eval_share(question, cfg.eval_share):
             split.add({"question": question, "answer": scrubber.scrub(row.answer), "source": "review",

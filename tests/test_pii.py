@@ -317,3 +317,18 @@ def test_banking77_utterances_come_out_unchanged():
         texts = [row["text"] for row in csv.DictReader(fh)]
     assert len(texts) > 10_000
     assert [t for t in texts if S.scrub(t) != t] == []
+
+
+def test_a_conversation_is_scrubbed_across_its_turns():
+    """A secret split over two turns is caught as in one text; where a placeholder swallows the turn
+    boundary, the turns are kept as one scrubbed message rather than split unscrubbed."""
+    s = Scrubber()
+    split = s.scrub_conversation([{"role": "user", "content": "my password is"},
+                                  {"role": "user", "content": "hunter2pass ok"}])
+    assert split == [{"role": "user", "content": "my password is"}, {"role": "user", "content": "[PASSWORD] ok"}]
+    assert s.scrub_messages([{"role": "user", "content": "hunter2pass ok"}])[0]["content"] == "hunter2pass ok"
+    card = s.scrub_conversation([{"role": "user", "content": "card 4111 1111"},
+                                 {"role": "user", "content": "1111 1111 thanks"}])
+    assert card == [{"role": "user", "content": "card [CARD] thanks"}] and "4111" not in json.dumps(card)
+    kept = [{"role": "user", "content": "\nline one\nline two\n"}, {"role": "assistant", "content": "ok"}]
+    assert s.scrub_conversation(kept) == kept  # nothing to scrub: the turns come back exactly

@@ -142,11 +142,25 @@ def test_keys_follow_ups_and_non_latin_questions(make_settings, tiny_model_dir, 
         {"role": "user", "content": "yes please"}], a)
         for i, (q, a) in enumerate([("Can I get a cheque book?", "It is posted in a week."),
                                     ("Can I close my FD early?", "Yes, with a penalty.")])]
-    snap = ds.build(settings, rows + quoted, kb=None)
+    # rag.history = "query" (the default): the prompt holds the turns joined as one question; the
+    # exchange's `conversation` says it is a follow-up
+    joined = [ds.Resolved(7 + i, "2026-11-01T00:00:00", [
+        {"role": "system", "content": "sys\n\nentries"}, {"role": "user", "content": f"{q}\nyes please"}], a,
+        conversation=[{"role": "user", "content": q}, {"role": "assistant", "content": "Yes."}])
+        for i, (q, a) in enumerate([("Can I pay by cheque?", "Yes, at a branch."),
+                                    ("Can I stop a cheque?", "Yes, in NetBanking.")])]
+    snap = ds.build(settings, rows + quoted + joined, kb=None)
     answers = {e.messages[-1]["content"] for e in snap.train if e.source == "review"}
     assert answers == {"Your card is on its way.", "Your new limit applies tomorrow.", "В приложении.", "Онлайн.",
-                       "It is posted in a week.", "Yes, with a penalty."}
+                       "It is posted in a week.", "Yes, with a penalty.", "Yes, at a branch.", "Yes, in NetBanking."}
+    # every reviewed single question would join the frozen split at eval_share 1; follow-ups never do
+    everything = settings.model_copy(update={"retraining": settings.retraining.model_copy(update={"eval_share": 1.0})})
+    snap = ds.build(everything, rows + quoted + joined, kb=None, bootstrap=True)
+    frozen = {r.answer for r in snap.eval_rows}
+    assert {"В приложении.", "Онлайн."} <= frozen and not frozen & {a for r in quoted + joined for a in [r.answer]}
     assert ds.conversation_key(quoted[0].messages).startswith("conversation:")  # never put in the frozen split
+    assert ds.conversation_key(joined[0].messages, joined[0].conversation).startswith("conversation:")
+    assert not ds.conversation_key(joined[0].messages).startswith("conversation:")  # without it: a single question
 
 
 def test_seed_prompts_with_several_shuffled_entries_and_an_earlier_turn(make_settings, tiny_model_dir, seed_csv):

@@ -270,7 +270,8 @@ class ChatService:
                 metrics.RETRIEVAL_FAILURES.inc()
                 retrieval_failed = True
         no_match = hits is not None and is_no_match(self.settings, first)
-        earlier = [m for m in messages if m["role"] != "system"][:-1]  # the conversation before the last turn
+        turns = [m for m in messages if m["role"] != "system"]
+        earlier, last = turns[:-1], turns[-1:]  # the conversation before the customer's last turn, and that turn
         messages = build_messages(self.settings, messages, hits)
         request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
@@ -286,7 +287,7 @@ class ChatService:
                    else "no_match" if no_match else "ok",
                    stored_query=None if query is None else self.scrubber.scrub(query),
                    stored_messages=self.scrubber.scrub_messages(messages),
-                   stored_conversation=self.scrubber.scrub_messages(earlier) if earlier else None,
+                   stored_conversation=self.scrubber.scrub_conversation(earlier + last)[:-1] if earlier else None,
                    stored_stop=[self.scrubber.scrub(s) for s in params.stop])
         # submitted now, awaited after a stream's row is written: the row's write overlaps the
         # engine's answer to the submit (an upstream's response headers, a network round trip)

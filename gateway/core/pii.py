@@ -172,6 +172,20 @@ class Scrubber:
     def scrub_messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         return [{**m, "content": self.scrub(m.get("content", ""))} for m in messages]
 
+    def scrub_conversation(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Scrub turns together, so a secret given across turns ("my password is" / "hunter2pass") is
+        caught as in one text: the contents are joined by a record separator (whitespace to the
+        patterns), scrubbed once and split again. Where a placeholder swallowed a separator, the
+        turns are kept as one user message of the scrubbed text: the structure gives way, not the
+        customer's data."""
+        sep = "\n\x1e\n"
+        contents = [(m.get("content") or "").replace("\x1e", " ") for m in messages]
+        scrubbed = self.scrub(sep.join(contents)) or ""
+        parts = scrubbed.split(sep)
+        if len(parts) != len(messages) or "\x1e" in scrubbed.replace(sep, ""):
+            return [{"role": "user", "content": scrubbed.replace("\x1e", "")}]
+        return [{**m, "content": part} for m, part in zip(messages, parts)]
+
     def _kept(self, run: str, protect) -> str:  # noqa: ANN001
         """Protect every kept number inside a digit run ("1800 200 1999 / 1860 2000 700" is two)."""
         positions = [i for i, ch in enumerate(run) if ch.isdecimal()]
