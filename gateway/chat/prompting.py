@@ -50,13 +50,13 @@ def build_messages(settings: Settings, messages: list[dict[str, str]], hits: lis
         system = messages.pop(0)["content"]
     if hits is not None:
         context = f"{settings.rag.instruction}\n\n{format_entries(hits, settings.rag.max_entry_chars, settings.rag.entry_format)}"
-        if settings.rag.history in ("last", "query") and len(messages) > 1 and messages[-1]["role"] == "user":
-            # "last": earlier turns steer retrieval only; "query": the model is asked the retrieval
-            # query itself (the last user turns joined) as one customer question
-            question = (retrieval_query(messages, settings.rag.query_turns) if settings.rag.history == "query"
-                        else messages[-1]["content"])
-            messages = [{"role": "user", "content": question}]
-        if settings.rag.history == "system" and len(messages) > 1 and messages[-1]["role"] == "user":
+        history = settings.rag.history
+        follow_up = len(messages) > 1 and messages[-1]["role"] == "user"
+        if follow_up and history == "query":  # the retrieval query itself (the last user turns joined)
+            messages = [{"role": "user", "content": retrieval_query(messages, settings.rag.query_turns)}]
+        elif follow_up and history == "last":  # earlier turns steer retrieval only
+            messages = messages[-1:]
+        elif follow_up and history == "system":
             # earlier turns quoted above the entries: the model answers one customer turn, the shape
             # of every prompt it was fine-tuned on (as chat turns it echoes the last assistant turn)
             speaker = {"user": "Customer", "assistant": "Assistant"}

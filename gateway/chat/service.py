@@ -270,8 +270,7 @@ class ChatService:
                 metrics.RETRIEVAL_FAILURES.inc()
                 retrieval_failed = True
         no_match = hits is not None and is_no_match(self.settings, first)
-        turns = [m for m in messages if m["role"] != "system"]
-        earlier, last = turns[:-1], turns[-1:]  # the conversation before the customer's last turn, and that turn
+        turns = [m for m in messages if m["role"] != "system"]  # the conversation as the client sent it
         messages = build_messages(self.settings, messages, hits)
         request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
@@ -287,7 +286,7 @@ class ChatService:
                    else "no_match" if no_match else "ok",
                    stored_query=None if query is None else self.scrubber.scrub(query),
                    stored_messages=self.scrubber.scrub_messages(messages),
-                   stored_conversation=self.scrubber.scrub_conversation(earlier + last)[:-1] if earlier else None,
+                   stored_conversation=self.scrubber.scrub_conversation(turns)[:-1] if len(turns) > 1 else None,
                    stored_stop=[self.scrubber.scrub(s) for s in params.stop])
         # submitted now, awaited after a stream's row is written: the row's write overlaps the
         # engine's answer to the submit (an upstream's response headers, a network round trip)
