@@ -73,6 +73,16 @@ async def test_pii_never_reaches_the_log(client):
     assert "[CARD]" in row["messages"][-1]["content"] and row["user"].startswith("u_")
 
 
+async def test_a_card_number_split_across_turns_is_scrubbed_and_the_conversation_kept(client):
+    body = chat()
+    body["messages"] = [{"role": "user", "content": "my card is 4111 1111"},
+                        {"role": "user", "content": "1111 1111, is it blocked?"}]
+    r = await client.post("/v1/chat/completions", json=body, headers=CLIENT)
+    row = (await client.get(f"/v1/exchanges/{r.json()['exchange_id']}", headers=REVIEWER)).json()
+    assert "4111" not in json.dumps(row)
+    assert row["conversation"] == [{"role": "user", "content": "my card is [CARD], is it blocked?"}]
+
+
 async def test_customer_ids_are_keyed_hashes_that_never_collide(client):
     """Two customers with e-mail ids used to collide as "[EMAIL]"; keyed hashes keep them apart and
     the same customer always gets the same id (feedback ownership, sticky routing)."""

@@ -271,6 +271,9 @@ class ChatService:
                 retrieval_failed = True
         no_match = hits is not None and is_no_match(self.settings, first)
         turns = [m for m in messages if m["role"] != "system"]  # the conversation as the client sent it
+        scrubbed = self.scrubber.scrub_conversation(turns) if len(turns) > 1 else []
+        # the earlier turns; where scrubbing had to merge the turns into one, that one scrubbed message
+        conversation = (scrubbed[:-1] if len(scrubbed) == len(turns) else scrubbed) or None
         messages = build_messages(self.settings, messages, hits)
         request = GenerationRequest(exchange_id, messages, params, adapter=None if variant == "base" else variant)
         structlog.contextvars.bind_contextvars(exchange_id=exchange_id, variant=variant)
@@ -286,7 +289,7 @@ class ChatService:
                    else "no_match" if no_match else "ok",
                    stored_query=None if query is None else self.scrubber.scrub(query),
                    stored_messages=self.scrubber.scrub_messages(messages),
-                   stored_conversation=self.scrubber.scrub_conversation(turns)[:-1] if len(turns) > 1 else None,
+                   stored_conversation=conversation,
                    stored_stop=[self.scrubber.scrub(s) for s in params.stop])
         # submitted now, awaited after a stream's row is written: the row's write overlaps the
         # engine's answer to the submit (an upstream's response headers, a network round trip)
