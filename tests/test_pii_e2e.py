@@ -55,8 +55,11 @@ def test_no_customer_data_reaches_the_database_export_training_data_or_log(real_
         i, row = i_row
         user = emails[i % len(emails)] if i % 2 else f"+44 7911 {123000 + i}"  # ids that are themselves PII
         stop = [p["value"] for p in row["pii"] if p["kind"] in LONG][:4] or None
+        messages = [{"role": "user", "content": row["text"]}]
+        if i % 3 == 0:  # the message as the earlier turn of a conversation (stored in `conversation` too)
+            messages += [{"role": "assistant", "content": "Thank you."}, {"role": "user", "content": "what now?"}]
         r = httpx.post(f"{base}/v1/chat/completions", headers=CLIENT, timeout=300, json={
-            "model": "tellerloop", "messages": [{"role": "user", "content": row["text"]}], "max_tokens": 2,
+            "model": "tellerloop", "messages": messages, "max_tokens": 2,
             "rag": False, "user": user, "stop": stop})
         assert r.status_code == 200, r.text
         return r.json()["exchange_id"], user, row
@@ -83,14 +86,15 @@ def test_no_customer_data_reaches_the_database_export_training_data_or_log(real_
 
     # 1. the database: each exchange's own stored text loses all of its message's data...
     db = sqlite3.connect(f"file:{real_server.data_dir / 'tellerloop.db'}?mode=ro", uri=True)
-    stored = {eid: (msgs, answer, params, user) for eid, msgs, answer, params, user in
-              db.execute("SELECT id, messages, answer, params, user FROM exchanges")}
+    stored = {eid: (msgs, conv, answer, params, user) for eid, msgs, conv, answer, params, user in
+              db.execute("SELECT id, messages, conversation, answer, params, user FROM exchanges")}
     per_row = []
     for exchange_id, user, row in sent:
-        messages, answer, params, stored_user = stored[exchange_id]
-        per_row += leaks(row, f"{messages}\n{answer}\n{params}")
+        messages, conversation, answer, params, stored_user = stored[exchange_id]
+        per_row += leaks(row, f"{messages}\n{conversation}\n{answer}\n{params}")
         assert re.fullmatch(r"u_[0-9a-f]{40}", stored_user), stored_user  # a keyed hash, nothing of the id
     assert per_row == []
+    assert sum(conv is not None for _, conv, *_ in stored.values()) >= len(sent) // 3  # conversations were stored
     # ...and no identifier of the corpus is anywhere in any column of any table
     tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     dump = "\n".join(str(value) for table in tables for record in db.execute(f'SELECT * FROM "{table}"')
