@@ -1,10 +1,10 @@
-"""Does a cheaper dtype change the answers? float32 (the baseline) against bfloat16, same run.
+"""Does a cheaper dtype change the answers? float32 (the baseline) against bfloat16 and bf16-mixed, same run.
 
 `tellerloop eval` on the same seeded sample of FAQ questions with retrieval, greedy, once per dtype
 (each in its own process, each timed); then per question: identical answer or not, and the paired
 similarity difference with its bootstrap interval (`retraining.gate.paired`, the gate's own test).
 
-    .venv/bin/python bench/dtype_quality.py [--limit 100] [--adapter v0001 --data-dir var]
+    .venv/bin/python bench/dtype_quality.py [--limit 100] [--adapter v0001 --data-dir var] [--set verbatim]
 Writes bench/results/dtype_quality.json and .md.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "bf16-mixed")
 
 
 def run_eval(dtype: str, args: argparse.Namespace, work: Path) -> tuple[dict, float]:
@@ -30,8 +30,11 @@ def run_eval(dtype: str, args: argparse.Namespace, work: Path) -> tuple[dict, fl
     config.write_text(f'[model]\ndtype = "{dtype}"\n[engine]\nmax_batch = {args.concurrency}\n')
     out = work / f"{dtype}.json"
     cmd = [sys.executable, "-m", "gateway.cli", "eval", "--config", str(config), "--data-dir", args.data_dir or str(work / "var"),
-           "--data", str(ROOT / "data" / "bank_faq" / "faq.csv"), "--rag", "--limit", str(args.limit),
-           "--max-tokens", "96", "--concurrency", str(args.concurrency), "--out", str(out)]
+           "--rag", "--max-tokens", "96", "--concurrency", str(args.concurrency), "--out", str(out)]
+    if args.set:  # a whole evaluation set (the frozen split's questions: `verbatim`)
+        cmd += ["--set", args.set]
+    else:
+        cmd += ["--data", str(ROOT / "data" / "bank_faq" / "faq.csv"), "--limit", str(args.limit)]
     if args.adapter:
         cmd += ["--adapter", args.adapter]
     started = time.perf_counter()
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--adapter", default="", help="evaluate this adapter version (needs --data-dir)")
     parser.add_argument("--data-dir", default="")
+    parser.add_argument("--set", default="", help="an evaluation set instead of --limit FAQ questions (e.g. verbatim)")
     parser.add_argument("--out", default=str(RESULTS / "dtype_quality"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +64,7 @@ def main() -> None:
                      "identical_answers": sum(a["answer"] == b["answer"] for a, b in zip(items, base_items)),
                      "vs_float32": comparison})
     lines = ["# Answer quality by dtype (`bench/dtype_quality.py`)", "",
-             f"{args.limit} FAQ questions with retrieval, greedy, max 96 tokens, {args.adapter or 'base model'}; "
+             f"{('the ' + args.set + ' evaluation set') if args.set else str(args.limit) + ' FAQ questions'} with retrieval, greedy, max 96 tokens, {args.adapter or 'base model'}; "
              "baseline float32 in the same run.", "",
              "| dtype | eval s | similarity | good rate | identical answers | Δ similarity vs float32 [95 % CI] | sign test p |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
@@ -70,7 +74,7 @@ def main() -> None:
                      f"{r['summary']['good_rate']:.2f} | {r['identical_answers']}/{c['n']} | "
                      f"{c['mean_difference']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] | {c['sign_test_p']} |")
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"limit": args.limit, "adapter": args.adapter, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"limit": args.limit, "set": args.set, "adapter": args.adapter, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

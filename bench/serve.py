@@ -16,8 +16,8 @@ Systems (each a fresh server process, started and stopped here):
   * `hf-serve-cb`  - `transformers serve --continuous-batching` on the same converted model
                      (`--hf-dtype`, float32 by default like the gateway)
   * `before`       - the gateway at an earlier git ref (`--before REF`), the same-run baseline
-  * `tellerloop-bf16` - the gateway with `model.dtype = "bfloat16"` (not the default: see
-                     bench/dtype_quality.py for what it costs in answer quality)
+  * `tellerloop-fp32`, `tellerloop-bf16`, `tellerloop-bf16-mixed` - the gateway with that
+                     `model.dtype` (bench/dtype_quality.py: what each costs in answer quality)
 Peers are baselines only, never part of the product.
 
 Scenarios: "plain" (system prompt + question) and "rag" (the gateway retrieves from the demo FAQ
@@ -138,6 +138,10 @@ def wait_until(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+# the gateway with the shipped defaults ("tellerloop") or with one `model.dtype`
+GATEWAY_DTYPES = {"tellerloop-fp32": "float32", "tellerloop-bf16": "bfloat16", "tellerloop-bf16-mixed": "bf16-mixed"}
 
 
 def start_gateway(work: Path, rag: bool, extra_toml: str = "", root: Path = ROOT) -> Server:
@@ -369,7 +373,7 @@ def report(data: dict) -> str:
                     f"{fmt(row['itl_p50'], 'ms')} | {fmt(row['itl_p99'], 'ms')} | {row['errors']} | "
                     f"{entry['peak_rss'] / 2**30:.2f} GB |")
         ours = systems.get("tellerloop", {}).get("levels", [])
-        for peer in ("before", "llama.cpp", "hf-serve-cb", "tellerloop-bf16"):
+        for peer in ("before", "llama.cpp", "hf-serve-cb", *GATEWAY_DTYPES):
             theirs = {r["streams"]: r for r in systems.get(peer, {}).get("levels", [])}
             ratios = [f"{r['streams']}: {r['tok_s'] / theirs[r['streams']]['tok_s']:.2f}×" for r in ours
                       if r["streams"] in theirs and theirs[r["streams"]]["tok_s"]]
@@ -447,8 +451,9 @@ def main() -> None:
         for name in systems:
             print(f"[{scenario}] {name}", flush=True)
             try:
-                if name in ("tellerloop", "tellerloop-bf16"):
-                    extra = args.extra_toml + ('\n[model]\ndtype = "bfloat16"\n' if name == "tellerloop-bf16" else "")
+                if name == "tellerloop" or name in GATEWAY_DTYPES:
+                    dtype = GATEWAY_DTYPES.get(name)
+                    extra = args.extra_toml + (f'\n[model]\ndtype = "{dtype}"\n' if dtype else "")
                     server = start_gateway(work, rag=scenario == "rag", extra_toml=extra)
                     server.name = name
                     sent = prompts["plain"]  # with retrieval on, the gateway adds the context itself

@@ -300,3 +300,45 @@ async def test_a_shared_system_prompt_is_read_once_and_answers_do_not_change(tin
     assert hits[0] == 0 and hits[8] >= 8  # every request after the first of each variant reused it
     assert results[8] == results[0]
     assert results[0][0] == results[0][1]  # and batching changes nothing either
+
+
+async def test_bf16_mixed_stores_the_projections_in_bf16_and_batches_like_alone(tiny_model_dir, tiny_adapters):
+    """`bf16-mixed`: the decoder's projections are held in bfloat16 (fewer weight bytes than the
+    float32 engine), base and adapter rows still decode together exactly as they do alone, and the
+    base answer is the one plain transformers gives with the same bf16 projections and head (the
+    engine's slot path adds no error of its own)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gateway.engine.precision import bf16_projections
+
+    eng = LocalEngine(str(tiny_model_dir), dtype="bf16-mixed", max_batch=8, max_context_tokens=512)
+    full = LocalEngine(str(tiny_model_dir), dtype="float32", max_batch=2, max_context_tokens=512)
+    await eng.start()
+    await full.start()
+    try:
+        await eng.load_adapter("a1", tiny_adapters["a1"])
+        await full.load_adapter("a1", tiny_adapters["a1"])
+        sizes, fp32_sizes = eng.weight_bytes(), full.weight_bytes()
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        projections = sum(m.weight.numel() for layer in model.model.layers for m in layer.modules()
+                          if type(m) is torch.nn.Linear)
+        # projections 4 → 2 bytes each; the output head gains a bf16 copy beside the float32 (tied) one
+        assert sizes["base"] == fp32_sizes["base"] - projections * 2 + model.lm_head.weight.numel() * 2
+        assert sizes["a1"] == fp32_sizes["a1"]  # LoRA matrices stay float32
+
+        plan = [(variant, q) for q in QUESTIONS[:4] for variant in (None, "a1")]
+        alone = [await run_on(eng, v, q) for v, q in plan]
+        together = await asyncio.gather(*[run_on(eng, v, q) for v, q in plan])
+        assert [t for t, _ in together] == [t for t, _ in alone]
+        assert [alone[i][0] for i in (0, 2)] != [alone[i][0] for i in (1, 3)]  # the adapter is applied
+
+        bf16_projections(model)
+        ids = eng.encode([{"role": "user", "content": QUESTIONS[0]}])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None)
+        reference = out[0, len(ids):].tolist()
+        assert alone[0][0] == reference[: len(alone[0][0])] and alone[0][0]
+    finally:
+        await eng.stop()
+        await full.stop()

@@ -50,11 +50,14 @@ from gateway.engine.base import (
     UnknownAdapter,
 )
 from gateway.engine.lora import LoraBank
+from gateway.engine.precision import MIXED, bf16_projections
 from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
 
 log = structlog.get_logger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `model.dtype` → the dtype the model is loaded in; "bf16-mixed" loads float32 and then stores the
+# decoder's projections in bfloat16 (`precision.py`)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, MIXED: torch.float32}
 
 
 @dataclass(eq=False)
@@ -149,7 +152,8 @@ class LocalEngine:
         self._model_source = model  # a path, or a callable resolving one (e.g. the one-time GGUF conversion)
         self.model_path = model if isinstance(model, str) else ""
         self.max_context_tokens = max_context_tokens
-        self._dtype = _DTYPES[dtype]
+        self._dtype = _DTYPES[dtype]  # of the residual stream, the KV cache and the output head
+        self._mixed = dtype == MIXED
         self._max_batch = max_batch
         self._chunk_tokens = prefill_chunk_tokens
         self._kv_block = kv_block_tokens
@@ -278,6 +282,8 @@ class LocalEngine:
                 self.model_path, dtype=self._dtype, local_files_only=True, attn_implementation=ATTENTION
             )
         llama_parts(model)
+        if self._mixed:
+            bf16_projections(model)
         self.model = model.eval()
         self._bank = LoraBank(self.model)
         tok = self.tokenizer
@@ -293,7 +299,7 @@ class LocalEngine:
         log.info(
             "engine.loaded",
             model=self.model_path,
-            dtype=str(self._dtype),
+            dtype=MIXED if self._mixed else str(self._dtype),
             seconds=round(time.perf_counter() - started, 2),
             parameters=sum(p.numel() for p in model.parameters()),
         )
