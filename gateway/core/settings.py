@@ -80,7 +80,7 @@ class ModelSettings(_Section):
     name: str = "tellerloop"
     # "bf16-mixed": the decoder's projections and the head in bfloat16, the rest float32 (gateway/engine/precision.py):
     # float32's answers, 1.25-1.35x its throughput with retrieval, but no faster on plain prompts and a higher peak
-    # RSS, so not the default yet (docs/benchmarks.md, "Answer quality by dtype")
+    # RSS, so not the default yet (docs/benchmarks.md, "Answer quality and speed by dtype")
     dtype: Literal["float32", "bfloat16", "float16", "bf16-mixed"] = "float32"
     system_prompt: str = "You are a helpful customer support assistant for a retail bank."
     max_context_tokens: int = Field(2048, ge=16)

@@ -5,7 +5,7 @@ A decode step on this CPU streams every weight once; the seven projections of ea
 matmul runs on the CPU's AVX512-BF16 dot products (oneDNN accumulates in float32). What plain
 `bfloat16` also rounds — the residual stream summed over 30 layers, the norms, attention, the KV
 cache and the output head — stays float32 here, and that is where most of plain bf16's answer
-changes came from (bench/results/dtype_quality.md: the greedy answers that stay identical to
+changes came from (bench/results/dtype_quality-v0001*.md: the greedy answers that stay identical to
 float32's, bf16 vs bf16-mixed). Each projection rounds its input to bfloat16 and returns float32.
 LoRA deltas (`lora.BatchedLoraLinear`) stay float32 on the float32 input. The output head is read in
 bf16 too, with the leading logits recomputed in float32 (`Bf16Head`).
