@@ -74,7 +74,7 @@ def main() -> None:
                      f"{r['summary']['good_rate']:.2f} | {r['identical_answers']}/{c['n']} | "
                      f"{c['mean_difference']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] | {c['sign_test_p']} |")
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"limit": args.limit, "set": args.set, "adapter": args.adapter, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"limit": None if args.set else args.limit, "set": args.set, "adapter": args.adapter, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

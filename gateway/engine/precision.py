@@ -61,16 +61,13 @@ class Bf16Head(nn.Module):
         return logits.scatter_(-1, top, exact)
 
 
-def bf16_projections(model: nn.Module) -> int:
+def bf16_projections(model: nn.Module) -> None:
     """Swap every `nn.Linear` inside the decoder layers for a `Bf16Linear`, and the output head for a
-    `Bf16Head` (the embeddings stay float32); returns how many projections were swapped."""
-    swapped = 0
+    `Bf16Head` (the embeddings stay float32)."""
     for layer in model.model.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
                     setattr(parent, name, Bf16Linear(child))
-                    swapped += 1
     if type(model.lm_head) is nn.Linear:
         model.lm_head = Bf16Head(model.lm_head)
-    return swapped
