@@ -1,6 +1,6 @@
 """What serving a challenger beside the champion costs: throughput, memory, load time.
 
-Rows (each in its own fresh process, the real SmolLM2, float32, greedy):
+Rows (each in its own fresh process, the real SmolLM2 in `--dtype` (the product's default), greedy):
   * `champion only`     - 16 concurrent requests, all on one adapter (the baseline)
   * `champion + challenger` - the same 16 requests split 50/50 between two adapters (one batch)
   * `base model only`   - the same requests with no adapter: what applying LoRA per row costs
@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_throughput import QUESTIONS  # noqa: E402  (the same 16 banking questions)
+from gateway.core.settings import ModelSettings  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -52,11 +53,11 @@ def make_adapter(model_dir: Path, out: Path, seed: int) -> None:
     model.save_pretrained(out)
 
 
-async def run_row(model_dir: str, adapters: list[str], requests: int, max_tokens: int) -> dict:
+async def run_row(model_dir: str, adapters: list[str], requests: int, max_tokens: int, dtype: str) -> dict:
     from gateway.engine.base import Finished, GenerationRequest, SamplingParams
     from gateway.engine.local import LocalEngine
 
-    engine = LocalEngine(model_dir, dtype="float32", max_batch=requests, max_queue=requests * 2)
+    engine = LocalEngine(model_dir, dtype=dtype, max_batch=requests, max_queue=requests * 2)
     await engine.start()
     rss = [rss_bytes()]
     load_s = []
@@ -95,13 +96,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default=ModelSettings().dtype, help="model.dtype (default: the product's)")
     ap.add_argument("--out", default="bench/results/ab_serving.md")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--adapters", nargs="*", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(asyncio.run(run_row(args.model, args.adapters, args.requests, args.max_tokens))))
+        print(json.dumps(asyncio.run(run_row(args.model, args.adapters, args.requests, args.max_tokens, args.dtype))))
         return
 
     from gateway.engine.model_files import convert_embedded
@@ -115,7 +117,7 @@ def main() -> None:
         for _ in range(args.repeats):  # rows interleaved, so drifting machine load hits all of them
             for label, adapters in (("champion only", paths[:1]), ("champion + challenger", paths), ("base model only", [])):
                 out = subprocess.run([sys.executable, __file__, "--row", label, "--model", str(model_dir),
-                                      "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+                                      "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype,
                                       "--adapters", *map(str, adapters)], capture_output=True, text=True, check=True)
                 runs.setdefault(label, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(label, runs[label][-1]["tok_s"], flush=True)
@@ -126,7 +128,7 @@ def main() -> None:
         "# Serving a challenger beside the champion",
         "",
         f"{platform.processor() or platform.machine()}, {args.requests} concurrent requests × {args.max_tokens} tokens, "
-        f"real SmolLM2-135M float32, greedy; each row in a fresh process, {args.repeats} interleaved repeats, "
+        f"real SmolLM2-135M {args.dtype}, greedy; each row in a fresh process, {args.repeats} interleaved repeats, "
         "the median shown (all runs in the last column).",
         "",
         "| row | tokens/s | ratio vs champion only | adapter load (read) s | weight MB per variant | RSS growth at load MB | RSS after the run MB | all runs tok/s |",

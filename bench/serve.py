@@ -8,13 +8,14 @@ completion tokens per second, time to first token (TTFT) p50/p99, inter-token la
 p50/p99, errors; per system: peak RSS of the server process (VmHWM).
 
 Systems (each a fresh server process, started and stopped here):
-  * `tellerloop`   - `tellerloop serve` with the shipped defaults (logging, confidence, PII
+  * `tellerloop`   - `tellerloop serve` with the shipped defaults (`bf16-mixed`, logging, confidence, PII
                      scrubbing, review queue all on), retrieval off in the "plain" scenario
   * `llama.cpp`    - `llama-server -np <max streams> -cb -t <cores>` on the GGUF the product ships
                      (Q4_1), built from the llama-cpp-python sdist's vendored source (AMX off:
                      this VM traps AMX instructions); cached under .cache/bench/
   * `hf-serve-cb`  - `transformers serve --continuous-batching` on the same converted model
-                     (`--hf-dtype`, float32 by default like the gateway)
+                     (`--hf-dtype`: float32 by default; bfloat16 is the like-for-like
+                     peer of the gateway's default `bf16-mixed`)
   * `before`       - the gateway at an earlier git ref (`--before REF`), the same-run baseline
   * `tellerloop-fp32`, `tellerloop-bf16`, `tellerloop-bf16-mixed` - the gateway with that
                      `model.dtype` (bench/dtype_quality.py: what each costs in answer quality)

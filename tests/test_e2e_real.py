@@ -582,6 +582,7 @@ def test_two_real_adapters_and_the_base_decode_in_one_batch(tmp_path, real_model
     server = start_server(tmp_path, f"""
 [model]
 base = "{real_model_dir}"
+dtype = "float32"  # exact batched = alone holds in float32 (bench/batch_agreement.py: bf16-mixed)
 [rag]
 enabled_by_default = false
 demo_data = ""

@@ -302,15 +302,46 @@ async def test_a_shared_system_prompt_is_read_once_and_answers_do_not_change(tin
     assert results[0][0] == results[0][1]  # and batching changes nothing either
 
 
-async def test_bf16_mixed_stores_the_projections_in_bf16_and_batches_like_alone(tiny_model_dir, tiny_adapters):
-    """`bf16-mixed`: the decoder's projections are held in bfloat16 (fewer weight bytes than the
-    float32 engine), base and adapter rows still decode together exactly as they do alone, and the
-    base answer is the one plain transformers gives with the same bf16 projections and head (the
-    engine's slot path adds no error of its own)."""
+def test_bf16_head_recomputes_the_leading_logits_exactly():
+    """The bf16 head's leading logits are float32's own values, so greedy decoding picks float32's
+    token; the rest keep their bf16 approximation."""
+    import torch
+
+    from gateway.engine.precision import Bf16Head
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(5000, 64), torch.randn(3, 64)
+    exact = x @ weight.T
+    head = Bf16Head(weight, weight, exact_top=16)
+    logits = head(x)
+    assert head.weight16.dtype == torch.bfloat16
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    top = logits.topk(16, dim=-1).indices
+    assert torch.allclose(logits.gather(-1, top), exact.gather(-1, top), atol=1e-5)
+    assert not torch.allclose(logits, exact, atol=1e-5)  # the others are bf16 approximations
+    assert torch.allclose(logits, exact, rtol=0.02, atol=0.1)
+
+
+def test_bf16_mixed_reads_the_float32_embedding_from_the_checkpoint(tiny_model_dir, tmp_path):
+    """The float32 residual stream starts from the checkpoint's own float32 values; a checkpoint
+    without safetensors files falls back to the loaded bf16 tensor, upcast."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gateway.engine.precision import bf16_projections
+    from gateway.engine.precision import read_float32
+
+    stored = AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.embed_tokens.weight.detach()
+    rounded = stored.to(torch.bfloat16)
+    assert torch.equal(read_float32(tiny_model_dir, "model.embed_tokens.weight", rounded), stored)
+    assert torch.equal(read_float32(tmp_path, "model.embed_tokens.weight", rounded), rounded.float())
+
+
+async def test_bf16_mixed_keeps_the_residual_stream_float32_and_batches_like_alone(tiny_model_dir, tiny_adapters):
+    """`bf16-mixed`: the decoder weights and the LoRA matrices in bfloat16 (half float32's bytes),
+    the embedding matrix kept float32 (the residual stream and the exact head read it); base and
+    adapter rows decode together exactly as they do alone; and the answers track the float32
+    engine's (same first token, its log-prob within 0.05)."""
+    from transformers import AutoModelForCausalLM
 
     eng = LocalEngine(str(tiny_model_dir), dtype="bf16-mixed", max_batch=8, max_context_tokens=512)
     full = LocalEngine(str(tiny_model_dir), dtype="float32", max_batch=2, max_context_tokens=512)
@@ -320,12 +351,14 @@ async def test_bf16_mixed_stores_the_projections_in_bf16_and_batches_like_alone(
         await eng.load_adapter("a1", tiny_adapters["a1"])
         await full.load_adapter("a1", tiny_adapters["a1"])
         sizes, fp32_sizes = eng.weight_bytes(), full.weight_bytes()
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-        projections = sum(m.weight.numel() for layer in model.model.layers for m in layer.modules()
-                          if type(m) is torch.nn.Linear)
-        # projections 4 → 2 bytes each; the output head gains a bf16 copy beside the float32 (tied) one
-        assert sizes["base"] == fp32_sizes["base"] - projections * 2 + model.lm_head.weight.numel() * 2
-        assert sizes["a1"] == fp32_sizes["a1"]  # LoRA matrices stay float32
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        params = sum(p.numel() for p in model.parameters())
+        embed = model.model.embed_tokens.weight.numel()  # tied with the head
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        assert fp32_sizes["base"] == params * 4 + buffers
+        # bf16 weights, the embedding also in float32 (+2 bytes each), the head's bf16 copy (+2)
+        assert sizes["base"] - buffers == params * 2 + embed * 4
+        assert sizes["a1"] * 2 == fp32_sizes["a1"]  # LoRA matrices in bf16 too
 
         plan = [(variant, q) for q in QUESTIONS[:4] for variant in (None, "a1")]
         alone = [await run_on(eng, v, q) for v, q in plan]
@@ -333,12 +366,10 @@ async def test_bf16_mixed_stores_the_projections_in_bf16_and_batches_like_alone(
         assert [t for t, _ in together] == [t for t, _ in alone]
         assert [alone[i][0] for i in (0, 2)] != [alone[i][0] for i in (1, 3)]  # the adapter is applied
 
-        bf16_projections(model)
-        ids = eng.encode([{"role": "user", "content": QUESTIONS[0]}])
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None)
-        reference = out[0, len(ids):].tolist()
-        assert alone[0][0] == reference[: len(alone[0][0])] and alone[0][0]
+        reference = [await run_on(full, v, q) for v, q in plan]
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(alone, reference):
+            assert tokens[0] == ref_tokens[0]
+            assert logprobs[0] == pytest.approx(ref_logprobs[0], abs=0.05)
     finally:
         await eng.stop()
         await full.stop()

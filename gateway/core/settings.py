@@ -78,10 +78,11 @@ class StorageSettings(_Section):
 class ModelSettings(_Section):
     base: str = ""
     name: str = "tellerloop"
-    # "bf16-mixed": the decoder's projections and the head in bfloat16, the rest float32 (gateway/engine/precision.py):
-    # float32's answers, 1.25-1.35x its throughput with retrieval, but no faster on plain prompts and a higher peak
-    # RSS, so not the default yet (docs/benchmarks.md, "Answer quality and speed by dtype")
-    dtype: Literal["float32", "bfloat16", "float16", "bf16-mixed"] = "float32"
+    # "bf16-mixed" (the default): bfloat16 weights, attention, KV and LoRA with a float32 residual stream and
+    # an exact head (gateway/engine/precision.py): float32's answers on the frozen split and the rewordings at
+    # plain bfloat16's speed; "float32" is the reference; "bfloat16" rounds the residual stream and the head too
+    # (docs/benchmarks.md, "Answer quality and speed by dtype")
+    dtype: Literal["float32", "bfloat16", "float16", "bf16-mixed"] = "bf16-mixed"
     system_prompt: str = "You are a helpful customer support assistant for a retail bank."
     max_context_tokens: int = Field(2048, ge=16)
     default_max_tokens: int = Field(256, ge=1)

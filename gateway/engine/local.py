@@ -50,14 +50,14 @@ from gateway.engine.base import (
     UnknownAdapter,
 )
 from gateway.engine.lora import LoraBank
-from gateway.engine.precision import MIXED, bf16_projections
+from gateway.engine.precision import MIXED, mix_precision
 from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
 
 log = structlog.get_logger(__name__)
 
-# `model.dtype` → the dtype the model is loaded in; "bf16-mixed" loads float32 and then stores the
-# decoder's projections in bfloat16 (`precision.py`)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, MIXED: torch.float32}
+# `model.dtype` → the dtype the model is loaded in (and of its KV slots); "bf16-mixed" loads bfloat16 and
+# then reads the embedding matrix again in float32 for the residual stream and the exact head (`precision.py`)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, MIXED: torch.bfloat16}
 
 
 @dataclass(eq=False)
@@ -152,7 +152,7 @@ class LocalEngine:
         self._model_source = model  # a path, or a callable resolving one (e.g. the one-time GGUF conversion)
         self.model_path = model if isinstance(model, str) else ""
         self.max_context_tokens = max_context_tokens
-        self._dtype = _DTYPES[dtype]  # of the residual stream, the KV cache and the output head
+        self._dtype = _DTYPES[dtype]  # of the weights and the KV cache (bf16-mixed: not of the residual stream)
         self._mixed = dtype == MIXED
         self._max_batch = max_batch
         self._chunk_tokens = prefill_chunk_tokens
@@ -283,7 +283,7 @@ class LocalEngine:
             )
         llama_parts(model)
         if self._mixed:
-            bf16_projections(model)
+            mix_precision(model, self.model_path)
         self.model = model.eval()
         self._bank = LoraBank(self.model)
         tok = self.tokenizer

@@ -83,7 +83,7 @@ class LoraBank:
         self.routing = RowRouting()
         self.adapters: dict[str, LoadedAdapter] = {}
         self._wrapped: dict[str, BatchedLoraLinear] = {}
-        self._dtype = next(model.parameters()).dtype
+        self._dtype = next(model.model.layers.parameters()).dtype  # of the projections (bf16-mixed: bf16)
 
     # ---- loading ---------------------------------------------------------------------------
     def read(self, name: str, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

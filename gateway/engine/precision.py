@@ -1,41 +1,47 @@
-"""`model.dtype = "bf16-mixed"`: the decoder's projections in bfloat16, everything else in float32.
+"""`model.dtype = "bf16-mixed"`: bfloat16 compute, with a float32 residual stream and an exact head.
 
-A decode step on this CPU streams every weight once; the seven projections of each decoder layer
-(q/k/v/o, gate/up/down) are ~80 % of the bytes. Stored in bfloat16 they are half the bytes, and the
-matmul runs on the CPU's AVX512-BF16 dot products (oneDNN accumulates in float32). What plain
-`bfloat16` also rounds — the residual stream summed over 30 layers, the norms, attention, the KV
-cache and the output head — stays float32 here, and that is where most of plain bf16's answer
-changes came from (bench/results/dtype_quality-v0001*.md: the greedy answers that stay identical to
-float32's, bf16 vs bf16-mixed). Each projection rounds its input to bfloat16 and returns float32.
-LoRA deltas (`lora.BatchedLoraLinear`) stay float32 on the float32 input. The output head is read in
-bf16 too, with the leading logits recomputed in float32 (`Bf16Head`).
+A decode step on this CPU streams every weight once, so halving the weight bytes (bfloat16, run on
+the CPU's AVX512-BF16 dot products with float32 accumulation in oneDNN) is the largest speed lever
+there is. Plain `bfloat16` also rounds the two things greedy answers are most sensitive to:
 
-An option, not the default: measured it keeps float32's answers and is 1.25-1.35x faster with
-retrieval, but no faster on short prompts, and the float32 load before the conversion raises the
-peak RSS (docs/benchmarks.md, "Answer quality and speed by dtype").
+* the residual stream, the running sum every layer adds to (30 roundings of the sum for
+  SmolLM2-135M), and
+* the output head's logits, where a rounding reorders near-tied candidates for the next token.
+
+Here those two stay float32 and everything else is bfloat16, the split llama.cpp makes too (f32
+activations, low-precision weights and KV): the model is loaded in bfloat16; the embedding matrix is
+read again in float32 from the checkpoint, so the residual stream starts and stays float32 (each
+layer's bf16 output is added to it in float32); each layer's norms hand bf16 to the attention and
+MLP blocks (`Bf16Out`), whose projections, rotary tables, attention, KV slots and LoRA deltas are
+bf16; the final norm runs on the float32 stream, and `Bf16Head` reads the head in bf16 and
+recomputes each row's leading logits in float32 from the float32 matrix.
+
+The float32 model is never materialised: the peak memory is the bf16 model plus one float32
+vocabulary matrix.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 MIXED = "bf16-mixed"
 
 
-class Bf16Linear(nn.Linear):
-    """`nn.Linear` holding its weight in bfloat16; float32 in, float32 out."""
+class Bf16Out(nn.Module):
+    """A norm whose output is handed on in bfloat16 (it reads the float32 residual stream)."""
 
-    def __init__(self, base: nn.Linear) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = nn.Parameter(base.weight.detach().to(torch.bfloat16), requires_grad=False)
-        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().to(torch.bfloat16),
-                                                                requires_grad=False)
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        return self.norm(x).to(torch.bfloat16)
 
 
 class Bf16Head(nn.Module):
@@ -48,10 +54,11 @@ class Bf16Head(nn.Module):
     rows) and written back: the argmax is float32's whenever it is among them; the others keep their
     bf16 value (softmax normalisation, sampling)."""
 
-    def __init__(self, base: nn.Linear, exact_top: int = 16) -> None:
+    def __init__(self, weight16: torch.Tensor, exact: torch.Tensor, exact_top: int = 16) -> None:
         super().__init__()
-        self.exact = base.weight  # float32, shared with the embeddings when the model ties them
-        self.weight16 = nn.Parameter(base.weight.detach().to(torch.bfloat16), requires_grad=False)
+        # a buffer, not a parameter: the model's parameter count stays the checkpoint's
+        self.register_buffer("weight16", weight16.detach().to(torch.bfloat16), persistent=False)
+        self.exact = exact  # float32 [vocab, hidden]; the embedding matrix itself when the model ties them
         self.exact_top = exact_top
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,13 +68,28 @@ class Bf16Head(nn.Module):
         return logits.scatter_(-1, top, exact)
 
 
-def bf16_projections(model: nn.Module) -> None:
-    """Swap every `nn.Linear` inside the decoder layers for a `Bf16Linear`, and the output head for a
-    `Bf16Head` (the embeddings stay float32)."""
-    for layer in model.model.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, Bf16Linear(child))
-    if type(model.lm_head) is nn.Linear:
-        model.lm_head = Bf16Head(model.lm_head)
+def read_float32(model_dir: str | Path, name: str, loaded: torch.Tensor) -> torch.Tensor:
+    """Tensor `name` of the checkpoint as float32, read from its safetensors file(s); where there are
+    none (a `.bin` checkpoint) or the name is not there, the loaded bf16 tensor upcast."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        file = model_dir / (json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors")
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name).float()
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return loaded.detach().float()
+
+
+def mix_precision(model: nn.Module, model_dir: str | Path) -> None:
+    """Turn a Llama-layout model loaded in bfloat16 into the mixed layout described above."""
+    inner = model.model
+    tied = model.lm_head.weight is inner.embed_tokens.weight
+    embed = read_float32(model_dir, "model.embed_tokens.weight", inner.embed_tokens.weight)
+    exact = embed if tied else read_float32(model_dir, "lm_head.weight", model.lm_head.weight)
+    weight16 = model.lm_head.weight
+    inner.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
+    model.lm_head = Bf16Head(weight16, exact)
+    for layer in inner.layers:
+        layer.input_layernorm = Bf16Out(layer.input_layernorm)
+        layer.post_attention_layernorm = Bf16Out(layer.post_attention_layernorm)

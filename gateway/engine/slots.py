@@ -232,7 +232,8 @@ def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> tor
     cache.plan = plan
     inner = model.model
     hidden = inner.embed_tokens(ids[None, :])
-    position_embeddings = inner.rotary_emb(hidden, position_ids=positions)
+    # in the KV dtype: bf16-mixed keeps a float32 residual stream but bf16 attention (precision.py)
+    position_embeddings = tuple(t.to(cache.dtype) for t in inner.rotary_emb(hidden, position_ids=positions))
     for layer in inner.layers:
         hidden = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=cache,
                        position_embeddings=position_embeddings, slot_plan=plan)
