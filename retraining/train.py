@@ -183,7 +183,9 @@ def _eval_fingerprint(settings: Settings) -> str:
 class EvalCache:
     """Per-question evaluation results of sealed adapters (and the base model), so a champion's
     answers on the frozen split are computed once, not again in every cycle's gate. Greedy decoding
-    makes them a pure function of (adapter files, question, settings fingerprint)."""
+    makes them a function of (adapter files, question, settings fingerprint): exactly in float32; in
+    bf16-mixed up to the rare near-tie a different batch composition flips (bench/results/batch_agreement.md),
+    so reusing the first computed answers is as good as recomputing them."""
 
     def __init__(self, settings: Settings, version: str, files: dict | None) -> None:
         identity = json.dumps({"v": version, "files": files or {}, "fp": _eval_fingerprint(settings)}, sort_keys=True)

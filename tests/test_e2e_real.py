@@ -1,6 +1,7 @@
 """End to end: the real SmolLM2 in a real `tellerloop serve` process, driven by the official openai SDK."""
 
 import asyncio
+import difflib
 import json
 import time
 
@@ -106,7 +107,12 @@ def test_eight_concurrent_requests_get_distinct_correct_rows(real_server):
 
 
 def test_same_question_batched_or_alone_gives_same_answer(real_server, sdk):
-    """No cross-talk: a greedy answer does not depend on what else is in the batch."""
+    """No cross-talk: a greedy answer does not depend on what else is in the batch. In the default
+    bf16-mixed the matmul kernels round a row differently by batch size, which can flip a near-tie
+    in an answer (bench/results/batch_agreement.md: 27/32 identical), so a batched answer that differs
+    must still be this question's answer, closer to it than to its neighbours'; another row's keys or
+    values leaking in gives another answer
+    (exact equality, per adapter, is tested in float32: test_two_real_adapters_...)."""
     q = [{"role": "user", "content": "What is a fixed deposit?"}]
     alone = sdk.chat.completions.create(model="tellerloop", messages=q, max_tokens=24).choices[0].message.content
     client = openai.AsyncOpenAI(base_url=f"{real_server.base_url}/v1", api_key="dev-client-key", max_retries=0)
@@ -117,8 +123,15 @@ def test_same_question_batched_or_alone_gives_same_answer(real_server, sdk):
         target = client.chat.completions.create(model="tellerloop", messages=q, max_tokens=24)
         return await asyncio.gather(*others, target)
 
-    batched = asyncio.run(main())[-1].choices[0].message.content
-    assert batched == alone
+    *others, target = asyncio.run(main())
+    batched = target.choices[0].message.content
+
+    def similar(a: str, b: str) -> float:
+        return difflib.SequenceMatcher(None, a, b).ratio()
+
+    if batched != alone:  # a bf16 near-tie flipped: still this question's answer, not a neighbour's
+        assert similar(batched, alone) >= 0.5, (batched, alone)
+        assert all(similar(batched, alone) > similar(batched, o.choices[0].message.content) for o in others)
 
 
 def test_sdk_content_parts_and_default_fields(real_server, sdk):

@@ -312,7 +312,7 @@ def test_bf16_head_recomputes_the_leading_logits_exactly():
     torch.manual_seed(0)
     weight, x = torch.randn(5000, 64), torch.randn(3, 64)
     exact = x @ weight.T
-    head = Bf16Head(weight, weight, exact_top=16)
+    head = Bf16Head(weight, weight, tied=True, exact_top=16)
     logits = head(x)
     assert head.weight16.dtype == torch.bfloat16
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
@@ -336,11 +336,38 @@ def test_bf16_mixed_reads_the_float32_embedding_from_the_checkpoint(tiny_model_d
     assert torch.equal(read_float32(tmp_path, "model.embed_tokens.weight", rounded), rounded.float())
 
 
-async def test_bf16_mixed_keeps_the_residual_stream_float32_and_batches_like_alone(tiny_model_dir, tiny_adapters):
+def test_bf16_mixed_untied_head_and_unsupported_layers(tiny_model_dir, tmp_path):
+    """An untied head keeps its own float32 matrix beside the float32 embedding (and the
+    parameter count stays the checkpoint's); a layer that is not the Llama pre-norm one is refused with the dtypes that work."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from gateway.engine.precision import mix_precision
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(5)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "untied")
+    stored = AutoModelForCausalLM.from_pretrained(tmp_path / "untied")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "untied", dtype=torch.bfloat16)
+    mix_precision(model, tmp_path / "untied")
+    assert torch.equal(model.lm_head.exact, stored.lm_head.weight.detach())
+    assert torch.equal(model.model.embed_tokens.weight, stored.model.embed_tokens.weight.detach())
+    assert torch.equal(model.model.norm.weight, stored.model.norm.weight.detach())
+    assert model.lm_head.exact.dtype == torch.float32 and model.lm_head.weight16.dtype == torch.bfloat16
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in stored.parameters())
+
+    odd = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    odd.model.layers[0].pre_feedforward_layernorm = torch.nn.Identity()
+    with pytest.raises(ValueError, match="float32"):
+        mix_precision(odd, tiny_model_dir)
+
+
+async def test_bf16_mixed_keeps_the_residual_stream_float32_and_tracks_float32(tiny_model_dir, tiny_adapters):
     """`bf16-mixed`: the decoder weights and the LoRA matrices in bfloat16 (half float32's bytes),
     the embedding matrix kept float32 (the residual stream and the exact head read it); base and
-    adapter rows decode together exactly as they do alone; and the answers track the float32
-    engine's (same first token, its log-prob within 0.05)."""
+    adapter rows batched track the same rows alone and the float32 engine (same first token, its
+    log-prob within 0.05)."""
     from transformers import AutoModelForCausalLM
 
     eng = LocalEngine(str(tiny_model_dir), dtype="bf16-mixed", max_batch=8, max_context_tokens=512)
@@ -354,21 +381,23 @@ async def test_bf16_mixed_keeps_the_residual_stream_float32_and_batches_like_alo
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         params = sum(p.numel() for p in model.parameters())
         embed = model.model.embed_tokens.weight.numel()  # tied with the head
+        norm = model.model.norm.weight.numel()
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         assert fp32_sizes["base"] == params * 4 + buffers
-        # bf16 weights, the embedding also in float32 (+2 bytes each), the head's bf16 copy (+2)
-        assert sizes["base"] - buffers == params * 2 + embed * 4
+        # bf16 weights; the embedding and the final norm in float32 (+2 bytes each); the head's bf16 copy (+2)
+        assert sizes["base"] - buffers == params * 2 + embed * 4 + norm * 2
         assert sizes["a1"] * 2 == fp32_sizes["a1"]  # LoRA matrices in bf16 too
 
         plan = [(variant, q) for q in QUESTIONS[:4] for variant in (None, "a1")]
         alone = [await run_on(eng, v, q) for v, q in plan]
         together = await asyncio.gather(*[run_on(eng, v, q) for v, q in plan])
-        assert [t for t, _ in together] == [t for t, _ in alone]
-        assert [alone[i][0] for i in (0, 2)] != [alone[i][0] for i in (1, 3)]  # the adapter is applied
-
         reference = [await run_on(full, v, q) for v, q in plan]
-        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(alone, reference):
-            assert tokens[0] == ref_tokens[0]
+        assert [alone[i][0] for i in (0, 2)] != [alone[i][0] for i in (1, 3)]  # the adapter is applied
+        # bf16 kernels block by batch size, so only float32 is exact batched = alone (tested above);
+        # here every row's first token and its log-prob agree batched, alone and with float32
+        for (tokens, logprobs), (b_tokens, b_logprobs), (ref_tokens, ref_logprobs) in zip(alone, together, reference):
+            assert tokens[0] == b_tokens[0] == ref_tokens[0]
+            assert logprobs[0] == pytest.approx(b_logprobs[0], abs=0.05)
             assert logprobs[0] == pytest.approx(ref_logprobs[0], abs=0.05)
     finally:
         await eng.stop()

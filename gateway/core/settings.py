@@ -79,8 +79,8 @@ class ModelSettings(_Section):
     base: str = ""
     name: str = "tellerloop"
     # "bf16-mixed" (the default): bfloat16 weights, attention, KV and LoRA with a float32 residual stream and
-    # an exact head (gateway/engine/precision.py): float32's answers on the frozen split and the rewordings at
-    # plain bfloat16's speed; "float32" is the reference; "bfloat16" rounds the residual stream and the head too
+    # an exact head (gateway/engine/precision.py): float32's answer quality on the frozen split and the rewordings
+    # (not every answer word for word) at 1.6-2x float32's throughput; "float32" is the reference; "bfloat16" rounds the residual stream and the head too
     # (docs/benchmarks.md, "Answer quality and speed by dtype")
     dtype: Literal["float32", "bfloat16", "float16", "bf16-mixed"] = "bf16-mixed"
     system_prompt: str = "You are a helpful customer support assistant for a retail bank."

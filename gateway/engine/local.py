@@ -138,7 +138,7 @@ class LocalEngine:
         self,
         model: str | Callable[[], str],
         *,
-        dtype: str = "float32",
+        dtype: str = MIXED,
         max_context_tokens: int = 2048,
         max_batch: int = 8,
         max_queue: int = 64,
@@ -284,6 +284,9 @@ class LocalEngine:
         llama_parts(model)
         if self._mixed:
             mix_precision(model, self.model_path)
+        if self._dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+            log.warning("engine.bf16_emulated", dtype=MIXED if self._mixed else "bfloat16",
+                        hint="this CPU lacks AVX512-BF16: bf16 matmuls are emulated; model.dtype = \"float32\" may be faster")
         self.model = model.eval()
         self._bank = LoraBank(self.model)
         tok = self.tokenizer

@@ -14,10 +14,13 @@ read again in float32 from the checkpoint, so the residual stream starts and sta
 layer's bf16 output is added to it in float32); each layer's norms hand bf16 to the attention and
 MLP blocks (`Bf16Out`), whose projections, rotary tables, attention, KV slots and LoRA deltas are
 bf16; the final norm runs on the float32 stream, and `Bf16Head` reads the head in bf16 and
-recomputes each row's leading logits in float32 from the float32 matrix.
+recomputes each row's leading logits in float32 from the float32 matrix (the final norm's weight is
+float32 too).
 
 The float32 model is never materialised: the peak memory is the bf16 model plus one float32
-vocabulary matrix.
+vocabulary matrix (two for a model with an untied head). The speed rests on the CPU's bf16 dot
+products (AVX512-BF16 or AMX); without them oneDNN emulates bf16 and `float32` may be faster
+(`LocalEngine` logs `engine.bf16_emulated`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import structlog
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+log = structlog.get_logger(__name__)
 
 MIXED = "bf16-mixed"
 
@@ -54,12 +60,15 @@ class Bf16Head(nn.Module):
     rows) and written back: the argmax is float32's whenever it is among them; the others keep their
     bf16 value (softmax normalisation, sampling)."""
 
-    def __init__(self, weight16: torch.Tensor, exact: torch.Tensor, exact_top: int = 16) -> None:
+    def __init__(self, weight16: torch.Tensor, exact: torch.Tensor, *, tied: bool, exact_top: int = 20) -> None:
         super().__init__()
-        # a buffer, not a parameter: the model's parameter count stays the checkpoint's
+        # the bf16 copy is a buffer, so the model's parameter count stays the checkpoint's
         self.register_buffer("weight16", weight16.detach().to(torch.bfloat16), persistent=False)
-        self.exact = exact  # float32 [vocab, hidden]; the embedding matrix itself when the model ties them
-        self.exact_top = exact_top
+        if tied:  # float32 [vocab, hidden]: the embedding matrix itself, a parameter there
+            self.exact = exact
+        else:  # the head's own float32 matrix
+            self.exact = nn.Parameter(exact, requires_grad=False)
+        self.exact_top = exact_top  # the API's largest top_logprobs (20) are exact too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.to(torch.bfloat16), self.weight16).float()
@@ -70,26 +79,35 @@ class Bf16Head(nn.Module):
 
 def read_float32(model_dir: str | Path, name: str, loaded: torch.Tensor) -> torch.Tensor:
     """Tensor `name` of the checkpoint as float32, read from its safetensors file(s); where there are
-    none (a `.bin` checkpoint) or the name is not there, the loaded bf16 tensor upcast."""
+    none (a `.bin` checkpoint) or the name is not there, the loaded bf16 tensor upcast (logged: the
+    stream then starts from bf16-rounded values)."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     try:
         file = model_dir / (json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors")
         with safe_open(str(file), framework="pt") as f:
             return f.get_tensor(name).float()
-    except (OSError, KeyError, ValueError, SafetensorError):
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        log.warning("engine.float32_weight_unavailable", tensor=name, model=str(model_dir), reason=str(exc)[:200])
         return loaded.detach().float()
 
 
 def mix_precision(model: nn.Module, model_dir: str | Path) -> None:
     """Turn a Llama-layout model loaded in bfloat16 into the mixed layout described above."""
     inner = model.model
+    for layer in inner.layers:  # exactly two pre-norms per layer (Llama, Qwen2, Mistral; not Gemma, OLMo2)
+        norms = {name for name, child in layer.named_children() if "norm" in name.lower()}
+        if norms != {"input_layernorm", "post_attention_layernorm"}:
+            raise ValueError(f"model.dtype = \"{MIXED}\" needs the Llama pre-norm layer; {type(layer).__name__} has "
+                             f"{sorted(norms)}: use \"float32\" or \"bfloat16\"")
     tied = model.lm_head.weight is inner.embed_tokens.weight
     embed = read_float32(model_dir, "model.embed_tokens.weight", inner.embed_tokens.weight)
     exact = embed if tied else read_float32(model_dir, "lm_head.weight", model.lm_head.weight)
     weight16 = model.lm_head.weight
     inner.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
-    model.lm_head = Bf16Head(weight16, exact)
+    # the final norm scales the float32 stream right before the head: its weight in float32 too
+    inner.norm.weight = nn.Parameter(read_float32(model_dir, "model.norm.weight", inner.norm.weight), requires_grad=False)
+    model.lm_head = Bf16Head(weight16, exact, tied=tied)
     for layer in inner.layers:
         layer.input_layernorm = Bf16Out(layer.input_layernorm)
         layer.post_attention_layernorm = Bf16Out(layer.post_attention_layernorm)
