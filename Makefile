@@ -43,7 +43,7 @@ test: install browser
 bench-deps: install
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 
-# ~30 min: the gateway vs llama.cpp vs transformers serve, 1/4/16/64 streams, plain and with retrieval
+# ~40 min: the gateway (default and float32) vs llama.cpp vs transformers serve, 1/4/16/64 streams, plain and with retrieval
 bench-serve: bench-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
 

@@ -14,8 +14,8 @@ Systems (each a fresh server process, started and stopped here):
                      (Q4_1), built from the llama-cpp-python sdist's vendored source (AMX off:
                      this VM traps AMX instructions); cached under .cache/bench/
   * `hf-serve-cb`  - `transformers serve --continuous-batching` on the same converted model
-                     (`--hf-dtype`: float32 by default; bfloat16 is the like-for-like
-                     peer of the gateway's default `bf16-mixed`)
+                     (`--hf-dtype`: bfloat16 by default, the like-for-like peer of the
+                     gateway's default `bf16-mixed`)
   * `before`       - the gateway at an earlier git ref (`--before REF`), the same-run baseline
   * `tellerloop-fp32`, `tellerloop-bf16`, `tellerloop-bf16-mixed` - the gateway with that
                      `model.dtype` (bench/dtype_quality.py: what each costs in answer quality)
@@ -26,7 +26,7 @@ itself; the peers are sent the very messages it builds: system prompt with the r
 so prefill cost is compared like for like. Also the gateway's own overhead: `max_tokens=1`
 requests, server time not spent in the model.
 
-    .venv/bin/python bench/serve.py                      # everything (~30 min on 2 cores)
+    .venv/bin/python bench/serve.py                      # everything (~40 min on 2 cores)
     .venv/bin/python bench/serve.py --systems tellerloop --levels 1,16 --scenarios plain
 Writes bench/results/serve.json, serve.md and serve.png.
 """
@@ -415,11 +415,11 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--systems", default="tellerloop,llama.cpp,hf-serve-cb")
+    parser.add_argument("--systems", default="tellerloop,tellerloop-fp32,llama.cpp,hf-serve-cb")
     parser.add_argument("--scenarios", default="plain,rag")
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--per-stream", type=int, default=2)
-    parser.add_argument("--hf-dtype", default="float32")
+    parser.add_argument("--hf-dtype", default="bfloat16")
     parser.add_argument("--extra-toml", default="", help="appended to the gateway's config (e.g. engine overrides)")
     parser.add_argument("--before", default="", help="git ref of an earlier engine, served as system 'before' "
                         "(checked out into a temporary worktree) — the same-run baseline for the engine rebuild")

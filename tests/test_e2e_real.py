@@ -106,7 +106,7 @@ def test_eight_concurrent_requests_get_distinct_correct_rows(real_server):
     assert len(users) == 8
 
 
-def test_same_question_batched_or_alone_gives_same_answer(real_server, sdk):
+def test_same_question_batched_or_alone_gives_its_own_answer(real_server, sdk):
     """No cross-talk: a greedy answer does not depend on what else is in the batch. In the default
     bf16-mixed the matmul kernels round a row differently by batch size, which can flip a near-tie
     in an answer (bench/results/batch_agreement.md: 27/32 identical), so a batched answer that differs
@@ -637,7 +637,7 @@ sync_interval_s = 1
         for (_, lp_alone), (_, lp_together) in zip(alone, together):
             assert lp_together == pytest.approx(lp_alone, abs=2e-3)
         by_variant = {v: [alone[i] for i, (pv, _) in enumerate(plan) if pv == v] for v in ("v0001", "v0002", "base")}
-        assert by_variant["v0001"] != by_variant["v0002"] != by_variant["base"]
+        assert len({repr(by_variant[v]) for v in ("v0001", "v0002", "base")}) == 3  # each variant its own answers
         metrics = httpx.get(f"{base}/metrics", headers=admin, timeout=10).text
         sizes = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith("tellerloop_variant_weight_bytes{")}
