@@ -55,12 +55,13 @@ async def run_dtype(dtype: str, n: int, max_tokens: int, batch: int) -> dict:
         events = [e async for e in stream if isinstance(e, TokenEvent)]
         return [e.token_id for e in events], [e.logprob for e in events]
 
+    asked = questions(n)
     try:
         started = time.perf_counter()
-        alone = [await answer(q) for q in questions(n)]
+        alone = [await answer(q) for q in asked]
         alone_s = time.perf_counter() - started
         started = time.perf_counter()
-        together = await asyncio.gather(*[answer(q) for q in questions(n)])
+        together = await asyncio.gather(*[answer(q) for q in asked])
         together_s = time.perf_counter() - started
     finally:
         await engine.stop()
