@@ -8,17 +8,20 @@ completion tokens per second, time to first token (TTFT) p50/p99, inter-token la
 p50/p99, errors; per system: peak RSS of the server process (VmHWM).
 
 Systems (each a fresh server process, started and stopped here):
-  * `tellerloop`   - `tellerloop serve` with the shipped defaults (`bf16-mixed`, logging, confidence, PII
+  * `tellerloop`   - `tellerloop serve` with the shipped defaults (`model.dtype = "auto"`: bf16-mixed on a
+                     CPU with bf16 instructions, else float32 with prepacked weights; logging, confidence, PII
                      scrubbing, review queue all on), retrieval off in the "plain" scenario
   * `llama.cpp`    - `llama-server -np <max streams> -cb -t <cores>` on the GGUF the product ships
-                     (Q4_1), built from the llama-cpp-python sdist's vendored source (AMX off:
-                     this VM traps AMX instructions); cached under .cache/bench/
+                     (Q4_1), built from the llama-cpp-python sdist's vendored source for this
+                     CPU's instruction sets (AMX off: the Intel VMs here trap it); cached under .cache/bench/
   * `hf-serve-cb`  - `transformers serve --continuous-batching` on the same converted model
-                     (`--hf-dtype`: bfloat16 by default, the like-for-like peer of the
-                     gateway's default `bf16-mixed`)
+                     (`--hf-dtype auto`: bfloat16 where the CPU has bf16 instructions, else
+                     float32: the dtype the gateway's default computes in)
   * `before`       - the gateway at an earlier git ref (`--before REF`), the same-run baseline
   * `tellerloop-fp32`, `tellerloop-bf16`, `tellerloop-bf16-mixed` - the gateway with that
                      `model.dtype` (bench/dtype_quality.py: what each costs in answer quality)
+  * `tellerloop-fp32-mkl` - float32 with plain `nn.Linear`s (MKL; `engine.prepack_rows = 0`): the
+                     float32 engine before prepacking (gateway/engine/packed.py)
 Peers are baselines only, never part of the product.
 
 Scenarios: "plain" (system prompt + question) and "rag" (the gateway retrieves from the demo FAQ
@@ -141,8 +144,13 @@ def wait_until(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
-# the gateway with the shipped defaults ("tellerloop") or with one `model.dtype`
-GATEWAY_DTYPES = {"tellerloop-fp32": "float32", "tellerloop-bf16": "bfloat16", "tellerloop-bf16-mixed": "bf16-mixed"}
+# the gateway with the shipped defaults ("tellerloop") or with these overrides of its config
+GATEWAY_VARIANTS = {
+    "tellerloop-fp32": '[model]\ndtype = "float32"\n',
+    "tellerloop-fp32-mkl": '[model]\ndtype = "float32"\n[engine]\nprepack_rows = 0\n',  # plain nn.Linear (MKL)
+    "tellerloop-bf16": '[model]\ndtype = "bfloat16"\n',
+    "tellerloop-bf16-mixed": '[model]\ndtype = "bf16-mixed"\n',
+}
 
 
 def start_gateway(work: Path, rag: bool, extra_toml: str = "", root: Path = ROOT) -> Server:
@@ -167,9 +175,37 @@ def start_gateway(work: Path, rag: bool, extra_toml: str = "", root: Path = ROOT
     return server
 
 
+def cpu_flags() -> set[str]:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+        return set(line.split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def cpu_name() -> str:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def llama_cpu_flags() -> list[str]:
+    """ggml's instruction sets for this CPU. Not GGML_NATIVE: on the Intel VMs here it would pick the
+    AMX kernels, which the VM traps (SIGILL); and not a fixed AVX-512 set: an AVX2-only CPU (the AMD
+    EPYC machines here) dies on those."""
+    have = cpu_flags()
+    wanted = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "AVX512": "avx512f",
+              "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16"}
+    return [f"-DGGML_{option}={'ON' if flag in have else 'OFF'}" for option, flag in wanted.items()]
+
+
 def build_llama_server() -> Path | None:
-    """llama-server from the llama-cpp-python sdist's vendored llama.cpp (cached). None if it fails."""
-    folder = CACHE / ("llama.cpp-" + LLAMA_CPP_SDIST.split("==")[1])
+    """llama-server from the llama-cpp-python sdist's vendored llama.cpp (cached per instruction
+    set). None if it fails."""
+    isa = "-".join(f.split("=")[0].removeprefix("-DGGML_").lower() for f in llama_cpu_flags() if f.endswith("=ON"))
+    folder = CACHE / ("llama.cpp-" + LLAMA_CPP_SDIST.split("==")[1] + "-" + isa)
     target = folder / "llama-server"
     if target.is_file():
         return target
@@ -182,8 +218,7 @@ def build_llama_server() -> Path | None:
             with tarfile.open(sdist) as tar:
                 tar.extractall(tmp, filter="data")
             source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
-            flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
-                     "-DGGML_F16C=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+            flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", *llama_cpu_flags(),
                      "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DLLAMA_CURL=OFF",
                      "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
             print("building llama-server (10-20 min on 2 cores) ...", flush=True)
@@ -374,7 +409,7 @@ def report(data: dict) -> str:
                     f"{fmt(row['itl_p50'], 'ms')} | {fmt(row['itl_p99'], 'ms')} | {row['errors']} | "
                     f"{entry['peak_rss'] / 2**30:.2f} GB |")
         ours = systems.get("tellerloop", {}).get("levels", [])
-        for peer in ("before", "llama.cpp", "hf-serve-cb", *GATEWAY_DTYPES):
+        for peer in ("before", "llama.cpp", "hf-serve-cb", *GATEWAY_VARIANTS):
             theirs = {r["streams"]: r for r in systems.get(peer, {}).get("levels", [])}
             ratios = [f"{r['streams']}: {r['tok_s'] / theirs[r['streams']]['tok_s']:.2f}×" for r in ours
                       if r["streams"] in theirs and theirs[r["streams"]]["tok_s"]]
@@ -415,11 +450,12 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--systems", default="tellerloop,tellerloop-fp32,llama.cpp,hf-serve-cb")
+    parser.add_argument("--systems", default="tellerloop,tellerloop-fp32-mkl,llama.cpp,hf-serve-cb")
     parser.add_argument("--scenarios", default="plain,rag")
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--per-stream", type=int, default=2)
-    parser.add_argument("--hf-dtype", default="bfloat16")
+    parser.add_argument("--hf-dtype", default="auto", help="transformers serve's dtype; auto: the one the gateway's "
+                        "model.dtype = auto computes in on this CPU (bfloat16 where it multiplies bf16 natively, else float32)")
     parser.add_argument("--extra-toml", default="", help="appended to the gateway's config (e.g. engine overrides)")
     parser.add_argument("--before", default="", help="git ref of an earlier engine, served as system 'before' "
                         "(checked out into a temporary worktree) — the same-run baseline for the engine rebuild")
@@ -429,6 +465,10 @@ def main() -> None:
     from gateway.core.settings import load_settings
     from gateway.engine.model_files import convert_embedded
 
+    if args.hf_dtype == "auto":
+        from gateway.engine.precision import native_bf16
+
+        args.hf_dtype = "bfloat16" if native_bf16() else "float32"
     systems = args.systems.split(",")
     levels = [int(x) for x in args.levels.split(",")]
     questions = load_prompts(max(levels) * args.per_stream)
@@ -444,7 +484,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(before_root), args.before], cwd=ROOT, check=True,
                        capture_output=True)
 
-    data = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+    data = {"machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
             "per_stream": args.per_stream, "levels": levels, "scenarios": {}, "extra_toml": args.extra_toml,
             "hf_dtype": args.hf_dtype}
     for scenario in args.scenarios.split(","):
@@ -452,9 +492,8 @@ def main() -> None:
         for name in systems:
             print(f"[{scenario}] {name}", flush=True)
             try:
-                if name == "tellerloop" or name in GATEWAY_DTYPES:
-                    dtype = GATEWAY_DTYPES.get(name)
-                    extra = args.extra_toml + (f'\n[model]\ndtype = "{dtype}"\n' if dtype else "")
+                if name == "tellerloop" or name in GATEWAY_VARIANTS:
+                    extra = args.extra_toml + "\n" + GATEWAY_VARIANTS.get(name, "")
                     server = start_gateway(work, rag=scenario == "rag", extra_toml=extra)
                     server.name = name
                     sent = prompts["plain"]  # with retrieval on, the gateway adds the context itself

@@ -130,6 +130,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
                 # In the background so /health answers during the first start's model conversion.
                 try:
                     await asyncio.gather(engine.start(), load_knowledge())
+                    if getattr(engine, "dtype", None):  # the local engine: which dtype "auto" chose on this CPU
+                        metrics.ENGINE_DTYPE.labels(engine.dtype).set(1)
                     await app.state.adapter_service.reconcile()
                     # Runs a stopped process left behind: adopt live trainers, complete finished ones, fail the rest
                     # (after the engine is up, so a completed run's adapter can be put in service).

@@ -219,6 +219,11 @@ async def test_models_health_ready_metrics_schema(client):
                  "tellerloop_inflight_requests", "tellerloop_http_requests_total",
                  "tellerloop_http_request_duration_seconds_bucket", "tellerloop_engine_queued"):
         assert name in text, name
+    from gateway.engine.precision import (
+        resolve_dtype,  # the default "auto", resolved for this CPU
+    )
+
+    assert f'tellerloop_engine_dtype{{dtype="{resolve_dtype("auto")}"}} 1.0' in text
     schema = (await client.get("/schema/openapi.json")).json()
     assert "/v1/chat/completions" in schema["paths"]
 

@@ -368,6 +368,64 @@ def test_bf16_mixed_untied_head_and_unsupported_layers(tiny_model_dir, tmp_path)
         mix_precision(odd, tiny_model_dir)
 
 
+def test_prepacked_float32_weights_match_plain_ones_and_ignore_the_rest_of_the_batch():
+    """oneDNN's prepacked layout computes what `nn.Linear` does, and a row's result is the same
+    bit for bit whatever else shares its step (what float32's batched = alone rests on)."""
+    import torch
+
+    from gateway.engine.packed import PackedLinear
+
+    torch.manual_seed(3)
+    plain = torch.nn.Linear(96, 200)
+    packed = PackedLinear(plain.weight, plain.bias, rows_hint=16)
+    x = torch.randn(70, 96)
+    with torch.inference_mode():
+        out = packed(x)
+        assert out.shape == (70, 200) and torch.allclose(out, plain(x), atol=1e-5)
+        for rows in (1, 3, 16, 33, 70):
+            assert torch.equal(packed(x[:rows]), out[:rows])
+            assert torch.equal(packed(x[-rows:]), out[-rows:])
+        assert torch.equal(packed(x[None]), out[None])  # [batch, tokens, features] as the layers pass it
+
+
+async def test_prepacked_engine_answers_like_the_plain_one(tiny_model_dir, tiny_adapters):
+    """`engine.prepack_rows = 0` serves with plain `nn.Linear`s; the prepacked default gives the same
+    answers (up to a float32 near-tie) and log-probs, with and without an adapter."""
+    from transformers import AutoConfig
+
+    packed = LocalEngine(str(tiny_model_dir), dtype="float32", max_batch=4, max_context_tokens=512)
+    plain = LocalEngine(str(tiny_model_dir), dtype="float32", max_batch=4, max_context_tokens=512, prepack_rows=0)
+    for eng in (packed, plain):
+        await eng.start()
+        await eng.load_adapter("a1", tiny_adapters["a1"])
+    try:
+        config = AutoConfig.from_pretrained(tiny_model_dir)  # the prepacked head is its own copy of the tied matrix
+        assert packed.weight_bytes()["base"] - plain.weight_bytes()["base"] == config.vocab_size * config.hidden_size * 4
+        for variant, question in [(None, QUESTIONS[0]), ("a1", QUESTIONS[1]), ("a1", QUESTIONS[3])]:
+            (tokens, logprobs), (ref, ref_logprobs) = [await run_on(e, variant, question) for e in (packed, plain)]
+            n = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(tokens))
+            assert n >= 1 and logprobs[:n] == pytest.approx(ref_logprobs[:n], abs=1e-3)
+    finally:
+        await packed.stop()
+        await plain.stop()
+
+
+def test_auto_dtype_is_bf16_mixed_only_on_a_cpu_with_bf16_instructions(monkeypatch, tiny_model_dir):
+    """`model.dtype = "auto"` (the default): on a CPU that would emulate bf16 (AVX2 only, where a
+    bf16 decode step measured 3x slower than float32) the engine runs float32; with AVX512-BF16 or
+    AMX, bf16-mixed. Explicit names are taken as asked."""
+    import torch
+
+    from gateway.engine.precision import resolve_dtype
+
+    for avx512_bf16, amx, expected in ((False, False, "float32"), (True, False, "bf16-mixed"), (False, True, "bf16-mixed")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_dtype("auto") == expected
+        assert LocalEngine(str(tiny_model_dir)).dtype == expected
+        assert resolve_dtype("bfloat16") == "bfloat16" and resolve_dtype("float32") == "float32"
+
+
 async def test_bf16_mixed_keeps_the_residual_stream_float32_and_tracks_float32(tiny_model_dir, tiny_adapters):
     """`bf16-mixed`: the decoder weights and the LoRA matrices in bfloat16 (half float32's bytes),
     the embedding matrix kept float32 (the residual stream and the exact head read it) and the
@@ -389,7 +447,8 @@ async def test_bf16_mixed_keeps_the_residual_stream_float32_and_tracks_float32(t
         embed = model.model.embed_tokens.weight.numel()  # tied with the head
         norm = model.model.norm.weight.numel()
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        assert fp32_sizes["base"] == params * 4 + buffers
+        # float32: the weights, plus the output head's own prepacked copy of the (tied) embedding matrix
+        assert fp32_sizes["base"] == params * 4 + embed * 4 + buffers
         # bf16 weights; the embedding and the final norm in float32 (+2 bytes each); the head's bf16 copy (+2)
         assert sizes["base"] - buffers == params * 2 + embed * 4 + norm * 2
         assert sizes["a1"] * 2 == fp32_sizes["a1"]  # LoRA matrices in bf16 too

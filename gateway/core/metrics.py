@@ -35,6 +35,8 @@ ENGINE_STEP_SECONDS = Gauge("tellerloop_engine_step_seconds_total", "Seconds spe
 ENGINE_TOKENS = Gauge("tellerloop_engine_tokens_total", "Tokens through the model: prompt and generated (a counter, read from the engine)")
 ENGINE_PREFIX_HITS = Gauge("tellerloop_engine_prefix_hits_total", "Requests whose shared prompt prefix was copied, not recomputed (a counter)")
 ENGINE_ADAPTER_BYTES = Gauge("tellerloop_engine_adapter_bytes", "LoRA matrices in memory, retired versions still finishing requests included")
+ENGINE_DTYPE = Gauge("tellerloop_engine_dtype", "1 for the compute dtype the local engine runs (model.dtype resolved: auto → bf16-mixed or float32)",
+                     ["dtype"])
 ENGINE_KV_BYTES = Gauge("tellerloop_engine_kv_cache_bytes", "Memory held by the running batch's key/value slots")
 RETRIEVAL_FAILURES = Counter("tellerloop_retrieval_failures_total", "Chats answered without retrieval: the knowledge base failed")
 SCHEDULER_LEADER = Gauge("tellerloop_scheduler_leader",

@@ -79,6 +79,7 @@ def build_engine(settings: Settings, *, borrowed: bool = False) -> Engine:
         max_batch=settings.engine.max_batch,
         max_queue=settings.engine.max_queue,
         torch_threads=settings.engine.torch_threads,
+        prepack_rows=settings.engine.prepack_rows,
         prefill_chunk_tokens=settings.engine.prefill_chunk_tokens,
         kv_block_tokens=settings.engine.kv_block_tokens,
         prefix_cache_entries=settings.engine.prefix_cache_entries,

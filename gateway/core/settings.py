@@ -78,11 +78,13 @@ class StorageSettings(_Section):
 class ModelSettings(_Section):
     base: str = ""
     name: str = "tellerloop"
-    # "bf16-mixed" (the default): bfloat16 weights, attention, KV and LoRA with a float32 residual stream and
+    # "auto" (the default): "bf16-mixed" on a CPU with bf16 instructions (AVX512-BF16 or AMX), "float32" on
+    # one without (an AVX2-only CPU emulates bf16 at a third of float32's speed; docs/benchmarks.md).
+    # "bf16-mixed": bfloat16 weights, attention, KV and LoRA with a float32 residual stream and
     # an exact head (gateway/engine/precision.py): float32's answer quality on the frozen split and the rewordings
     # (not every answer word for word) at 1.6-2x float32's throughput; "float32" is the reference; "bfloat16" rounds the residual stream and the head too
     # (docs/benchmarks.md, "Answer quality and speed by dtype")
-    dtype: Literal["float32", "bfloat16", "float16", "bf16-mixed"] = "bf16-mixed"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-mixed"] = "auto"
     system_prompt: str = "You are a helpful customer support assistant for a retail bank."
     max_context_tokens: int = Field(2048, ge=16)
     default_max_tokens: int = Field(256, ge=1)
@@ -114,6 +116,9 @@ class EngineSettings(_Section):
     max_queue: int = Field(64, ge=1)
     max_batch: int = Field(64, ge=1)  # 64 streams: 191 tok/s vs 100 at 16 (bench/results/serve.md)
     torch_threads: int = Field(0, ge=0)
+    # float32 weights reordered once for oneDNN, tuned for this many rows a step (0 → plain nn.Linear / MKL);
+    # gateway/engine/packed.py, bench/results/packed_linear.md
+    prepack_rows: int = Field(32, ge=0, le=4096)
     prefill_chunk_tokens: int = Field(512, ge=16)  # prompt tokens read per step between decode steps
     # the KV slots grow by this many tokens at a time: 64 holds peak RSS at 64 streams 0.2-0.5 GB under 128 at
     # the same throughput (bench/results/serve-kv-block.md)

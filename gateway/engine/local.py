@@ -50,7 +50,14 @@ from gateway.engine.base import (
     UnknownAdapter,
 )
 from gateway.engine.lora import LoraBank
-from gateway.engine.precision import MIXED, mix_precision
+from gateway.engine.packed import pack_linears, packing_available
+from gateway.engine.precision import (
+    AUTO,
+    MIXED,
+    mix_precision,
+    native_bf16,
+    resolve_dtype,
+)
 from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
 
 log = structlog.get_logger(__name__)
@@ -138,11 +145,12 @@ class LocalEngine:
         self,
         model: str | Callable[[], str],
         *,
-        dtype: str = MIXED,
+        dtype: str = AUTO,
         max_context_tokens: int = 2048,
         max_batch: int = 8,
         max_queue: int = 64,
         torch_threads: int = 0,
+        prepack_rows: int = 32,
         prefill_chunk_tokens: int = 512,
         kv_block_tokens: int = 64,
         prefix_cache_entries: int = 8,
@@ -152,8 +160,10 @@ class LocalEngine:
         self._model_source = model  # a path, or a callable resolving one (e.g. the one-time GGUF conversion)
         self.model_path = model if isinstance(model, str) else ""
         self.max_context_tokens = max_context_tokens
-        self._dtype = _DTYPES[dtype]  # of the weights and the KV cache (bf16-mixed: not of the residual stream)
-        self._mixed = dtype == MIXED
+        self.requested_dtype = dtype
+        self.dtype = resolve_dtype(dtype)  # "auto": bf16-mixed where the CPU multiplies bf16 in hardware, else float32
+        self._dtype = _DTYPES[self.dtype]  # of the weights and the KV cache (bf16-mixed: not of the residual stream)
+        self._mixed = self.dtype == MIXED
         self._max_batch = max_batch
         self._chunk_tokens = prefill_chunk_tokens
         self._kv_block = kv_block_tokens
@@ -165,6 +175,7 @@ class LocalEngine:
         self._stale_variants: set[str] = set()
         self._pending: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
         self._torch_threads = torch_threads
+        self._prepack_rows = prepack_rows
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.model = None
@@ -282,11 +293,15 @@ class LocalEngine:
                 self.model_path, dtype=self._dtype, local_files_only=True, attn_implementation=ATTENTION
             )
         llama_parts(model)
+        parameters = sum(p.numel() for p in model.parameters())
         if self._mixed:
             mix_precision(model, self.model_path)
-        if self._dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        packed = 0
+        if self._dtype == torch.float32 and self._prepack_rows and packing_available():
+            packed = pack_linears(model, self._prepack_rows)
+        if self._dtype == torch.bfloat16 and not native_bf16():
             log.warning("engine.bf16_emulated", dtype=MIXED if self._mixed else "bfloat16",
-                        hint="this CPU lacks AVX512-BF16: bf16 matmuls are emulated; model.dtype = \"float32\" may be faster")
+                        hint="this CPU lacks AVX512-BF16 and AMX: bf16 matmuls are emulated, ~3x slower than float32; use model.dtype = \"auto\" or \"float32\"")
         self.model = model.eval()
         self._bank = LoraBank(self.model)
         tok = self.tokenizer
@@ -302,9 +317,11 @@ class LocalEngine:
         log.info(
             "engine.loaded",
             model=self.model_path,
-            dtype=MIXED if self._mixed else str(self._dtype),
+            dtype=self.dtype,
+            requested_dtype=self.requested_dtype,
             seconds=round(time.perf_counter() - started, 2),
-            parameters=sum(p.numel() for p in model.parameters()),
+            parameters=parameters,
+            prepacked_linears=packed,
         )
 
     # ---- request side (event loop) ---------------------------------------------------------

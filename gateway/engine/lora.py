@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gateway.core.loading import MODEL_LOAD_LOCK
+from gateway.engine.packed import PackedLinear
 
 
 class AdapterFormatError(ValueError):
@@ -134,7 +135,8 @@ class LoraBank:
                 raise AdapterFormatError(f"{path}: the base model has no layer {module!r}") from None
             base = target.base if isinstance(target, BatchedLoraLinear) else target
             a, b = parts["lora_A"], parts["lora_B"]
-            if not isinstance(base, nn.Linear) or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+            if (not isinstance(base, (nn.Linear, PackedLinear)) or a.shape[1] != base.in_features
+                    or b.shape[0] != base.out_features):
                 raise AdapterFormatError(f"{path}: {module} does not match the base model's shapes")
             deltas[module] = (a.to(self._dtype).contiguous(), (b * scale).to(self._dtype).contiguous())
         if not deltas:

@@ -20,7 +20,9 @@ float32 too).
 The float32 model is never materialised: the peak memory is the bf16 model plus one float32
 vocabulary matrix (two for a model with an untied head). The speed rests on the CPU's bf16 dot
 products (AVX512-BF16 or AMX); without them oneDNN emulates bf16 and `float32` may be faster
-(`LocalEngine` logs `engine.bf16_emulated`).
+(`LocalEngine` logs `engine.bf16_emulated`). Measured on an AVX2-only AMD EPYC, a bf16 matmul of
+a 16-row decode step runs at a third of float32's speed, so `model.dtype = "auto"` (the default)
+takes this layout only where the CPU has the bf16 instructions, and `float32` elsewhere.
 """
 
 from __future__ import annotations
@@ -37,6 +39,22 @@ from torch import nn
 log = structlog.get_logger(__name__)
 
 MIXED = "bf16-mixed"
+AUTO = "auto"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); without, oneDNN
+    emulates it through float32 and a bf16 model is slower than a float32 one."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(name: str) -> str:
+    """`model.dtype` as the engine will run it: "auto" is bf16-mixed on a CPU with bf16 instructions
+    and float32 elsewhere (docs/benchmarks.md, "Answer quality and speed by dtype"); any other name
+    is taken as asked."""
+    if name != AUTO:
+        return name
+    return MIXED if native_bf16() else "float32"
 
 
 class Bf16Out(nn.Module):
