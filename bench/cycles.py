@@ -251,9 +251,31 @@ def report() -> str:
                 f"({c['reviewed_after']['share_ge_0.9']:.0%}) | {c['reviewed_so_far']['similarity_mean']:.3f} | "
                 f"{'yes' if c['promoted'] else 'no'} |")
         lines.append("")
+    lines += side_by_side()
     text = "\n".join(lines)
     (RESULTS / "cycles.md").write_text(text + "\n")
     return text
+
+
+def side_by_side() -> list[str]:
+    """Both modes from the same bootstrap, cycle by cycle: what each costs and what each keeps."""
+    runs = {m: json.loads((RESULTS / f"cycles-{m}.json").read_text()) for m in ("warm", "cumulative")
+            if (RESULTS / f"cycles-{m}.json").is_file()}
+    if len(runs) < 2 or runs["warm"]["bootstrap"] != runs["cumulative"]["bootstrap"]:
+        return []
+    lines = ["## warm vs cumulative, from the same bootstrap", "",
+             "| cycle | train min warm / cumulative (ratio) | frozen (rag) candidate warm / cumulative | forgetting probe "
+             "warm / cumulative | this cycle's reviewed after, warm / cumulative | all reviewed so far | promoted |",
+             "| ---: | --- | --- | --- | --- | --- | --- |"]
+    for w, c in zip(runs["warm"]["cycles"], runs["cumulative"]["cycles"]):
+        lines.append(
+            f"| {w['cycle']} | {w['train_seconds'] / 60:.1f} / {c['train_seconds'] / 60:.1f} "
+            f"({c['train_seconds'] / w['train_seconds']:.1f}×) | {w['frozen_rag']['candidate']:.3f} / "
+            f"{c['frozen_rag']['candidate']:.3f} | {w['forgetting']['candidate']:.3f} / {c['forgetting']['candidate']:.3f} | "
+            f"{w['reviewed_after']['similarity_mean']:.3f} / {c['reviewed_after']['similarity_mean']:.3f} | "
+            f"{w['reviewed_so_far']['similarity_mean']:.3f} / {c['reviewed_so_far']['similarity_mean']:.3f} | "
+            f"{'yes' if w['promoted'] else 'no'} / {'yes' if c['promoted'] else 'no'} |")
+    return lines + [""]
 
 
 def main() -> None:

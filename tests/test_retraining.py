@@ -214,6 +214,57 @@ def test_context_training_without_a_knowledge_base_is_refused(make_settings, tin
         ds.build(settings, [], kb=None, bootstrap=True)
 
 
+def test_answer_only_logits_give_the_models_own_loss_and_gradients(tiny_model_dir, tmp_path):
+    """`training.answer_only_logits` runs the head only at answer positions: the loss and every LoRA
+    gradient must equal what the model's own forward (head on every position) gives, with the
+    Trainer's gradient-accumulation normaliser and without it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
+
+    from retraining.finetune import AnswerLossTrainer, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False))  # non-zero B: the LoRA path matters
+    rows = [[{"role": "system", "content": "Context: cards are blocked in the app." * k},
+             {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            for k, (q, a) in enumerate([("How do I block my card?", "Open the app and tap Block card."),
+                                        ("Fees?", "None."), ("Where is my branch?", "See the branch finder online.")], 1)]
+    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)([encode(tok, r, 512) for r in rows])
+    trainer = AnswerLossTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                    report_to="none"))
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fn):  # noqa: ANN001
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lora]
+
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    for items in (None, n + 5):  # the per-batch mean, and a sum over an accumulated batch's tokens
+        ours, ours_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=items))
+        extra = {} if items is None else {"num_items_in_batch": items}
+        theirs, their_grads = loss_and_grads(lambda: model(**batch, **extra).loss)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        for a, b in zip(ours_grads, their_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert any(g.abs().sum() > 0 for g in ours_grads)
+    # `training.bf16` autocasts this loss as it does the model's own forward (accelerate wraps only that)
+    seen = []
+    hook = model.get_base_model().model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype))
+    bf16 = AnswerLossTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True,
+                                                                 report_to="none"))
+    with bf16.compute_loss_context_manager():
+        bf16.compute_loss(model, dict(batch))
+    hook.remove()
+    assert seen == [torch.bfloat16]
+
+
 def test_encode_keeps_the_answer_end_and_the_system_turn(tiny_model_dir):
     from transformers import AutoTokenizer
 

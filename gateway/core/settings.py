@@ -303,6 +303,9 @@ class TrainingSettings(_Section):
     early_stopping_patience: int = Field(1, ge=0)  # epochs without eval-loss improvement before stopping
     seed: int = 1234
     bf16: bool = False  # bf16 autocast for training (measured in bench/training.py)
+    # the output head (49k-token vocabulary) only at answer positions, the ones the loss reads: the
+    # same loss and gradients as the model's own forward, less work (bench/training.py)
+    answer_only_logits: bool = True
     nice: int = Field(10, ge=0, le=19)  # the trainer process runs niced so serving keeps the CPU
     torch_threads: int = Field(0, ge=0)
     progress_every_steps: int = Field(1, ge=1)
