@@ -354,6 +354,7 @@ forgetting_probe_size = 4
 eval_max_tokens = 8
 min_examples = 4
 gate_margin = 1.0   # two training steps prove nothing offline: let live traffic decide
+gate_no_rag_margin = 1.0
 gate_min_improvement = -1.0
 forgetting_margin = 1.0
 [training]

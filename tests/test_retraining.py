@@ -315,7 +315,7 @@ def test_seed_prompts_carry_retrieved_context_when_configured(make_settings, tin
 
 def test_paired_gate(make_settings, tiny_model_dir, seed_csv):
     cfg = settings_for(make_settings, tiny_model_dir, seed_csv, gate_margin=0.01, gate_min_improvement=0.0,
-                       forgetting_margin=0.02).retraining
+                       gate_no_rag_margin=0.03, forgetting_margin=0.02).retraining
     rng = np.random.default_rng(0)
     base = list(rng.uniform(0.5, 0.95, 100))
 
@@ -333,6 +333,14 @@ def test_paired_gate(make_settings, tiny_model_dir, seed_csv):
     # Better on the frozen split but forgetting the seed questions: refused.
     forgot = decide(cfg, {"rag": better, "no_rag": compare(0.0, 0.005), "forgetting": compare(-0.06)}, "v0001")
     assert not forgot["passed"] and not forgot["checks"]["forgetting"]["passed"]
+    # Without retrieval the tolerance is `gate_no_rag_margin`: an interval reaching −0.02 (what equal
+    # candidates' no-retrieval intervals look like) passes, a regression like stop 18's cycle 3 does not.
+    noisy = {"rag": better, "no_rag": {**better, "mean_difference": 0.006, "interval": [-0.02, 0.024]}}
+    assert decide(cfg, noisy, "v0001")["checks"]["no_rag"]["passed"]
+    assert not decide(cfg.model_copy(update={"gate_no_rag_margin": 0.01}), noisy, "v0001")["passed"]
+    regressed = {"rag": better, "no_rag": {**better, "mean_difference": -0.029, "interval": [-0.047, -0.01]}}
+    refused = decide(cfg, regressed, "v0001")
+    assert not refused["passed"] and "≥ −0.03" in refused["checks"]["no_rag"]["rule"]
     # A tie (identical answers) is non-inferior with min_improvement 0, not with a required improvement.
     tie = paired(base, base, 0.95, 500)
     assert tie["interval"] == [0.0, 0.0] and tie["ties"] == 100 and tie["sign_test_p"] == 1.0
