@@ -223,7 +223,7 @@ def report() -> str:
              "Similarity = MiniLM cosine to the reference, greedy, max 96 tokens, retrieval on unless noted. "
              "Frozen split: 100 FAQ questions never trained on. Forgetting probe: 100 seed questions the training uses.", ""]
     for mode in ("warm", "cumulative"):
-        path = RESULTS / f"cycles-{mode}.json"
+        path = RESULTS / f"cycles-{mode}.json"  # the latest run; stop 18's warm run: cycles-warm-stop18.json
         if not path.is_file():
             lines += [f"## mode = {mode}: not run in this measurement", "",
                       "A cumulative cycle retrains from the base on every review plus the whole seed set: the "
