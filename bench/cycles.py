@@ -264,7 +264,7 @@ def side_by_side() -> list[str]:
     if len(runs) < 2 or runs["warm"]["bootstrap"] != runs["cumulative"]["bootstrap"]:
         return []
     lines = ["## warm vs cumulative, from the same bootstrap", "",
-             "| cycle | train min warm / cumulative (ratio) | frozen (rag) candidate warm / cumulative | forgetting probe "
+             "| cycle | train min warm / cumulative (cumulative ÷ warm) | frozen (rag) candidate warm / cumulative | forgetting probe "
              "warm / cumulative | this cycle's reviewed after, warm / cumulative | all reviewed so far | promoted |",
              "| ---: | --- | --- | --- | --- | --- | --- |"]
     for w, c in zip(runs["warm"]["cycles"], runs["cumulative"]["cycles"]):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,11 +63,10 @@ def one(training: dict, steps: int, context: bool) -> dict:
 
 
 def cpu() -> str:
+    from bench.serve import cpu_name
     from gateway.engine.precision import native_bf16
 
-    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-             if ln.startswith("model name")] if Path("/proc/cpuinfo").is_file() else ["?"]
-    return f"{names[0]}, {len(names)} cores, {'native' if native_bf16() else 'no'} bf16 instructions"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {'native' if native_bf16() else 'no'} bf16 instructions"
 
 
 def main() -> None:
