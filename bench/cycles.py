@@ -19,8 +19,13 @@ reviewed questions so far, training time, gate decision.
     .venv/bin/python bench/cycles.py cycles --mode cumulative  # ~40 min per cycle
     .venv/bin/python bench/cycles.py report
 
+`--kb-gap` (cycles only) removes the pool questions' entries from the knowledge base of the copied
+install before the first cycle: the champion can no longer copy those answers from a retrieved
+entry, so only what the reviews teach can make it answer them (with the full knowledge base the
+champion already answers the pool at ~0.96, and no cycle can show learning).
+
 `--max-steps 2 --eval-limit 5 --per-cycle 4` makes a smoke run of the whole script.
-Writes bench/results/cycles-<mode>.json and bench/results/cycles.md.
+Writes bench/results/cycles-<mode>[-gap].json and bench/results/cycles.md.
 """
 
 from __future__ import annotations
@@ -43,14 +48,14 @@ RESULTS = ROOT / "bench" / "results"
 POOL_SEED = 7
 
 
-def settings_for(data_dir: Path, args, **retraining):  # noqa: ANN001
+def settings_for(data_dir: Path, args, rag: dict | None = None, **retraining):  # noqa: ANN001
     from gateway.core.settings import load_settings
 
     training = {"nice": 0}
     if args.max_steps:
         training["max_steps"] = args.max_steps
     return load_settings(None, storage={"data_dir": str(data_dir)}, training=training,
-                         experiment={"enabled": False},
+                         experiment={"enabled": False}, rag=rag or {},
                          retraining={"seed_data": str(data_dir / "seed.csv"), "eval_limit": args.eval_limit,
                                      **retraining})
 
@@ -160,17 +165,32 @@ async def cycles(args) -> None:  # noqa: ANN001
     source = Path(args.root) / "bootstrap"
     if not (source / "bootstrap.json").is_file():
         raise SystemExit("run `bench/cycles.py bootstrap` first")
-    data_dir = Path(args.root) / args.mode
+    name = run_name(args.mode, args.kb_gap)
+    data_dir = Path(args.root) / name
     shutil.rmtree(data_dir, ignore_errors=True)
     shutil.copytree(source, data_dir)
     (data_dir / "seed.csv").write_bytes((source / "seed.csv").read_bytes())
     pool = json.loads((data_dir / "pool.json").read_text())
-    settings = settings_for(data_dir, args, mode=args.mode, min_new_labels=0)
+    rag = {}
+    if args.kb_gap:
+        rag = {"demo_data": str(write_gap_faq(data_dir, pool))}
+        # the champion's cached frozen-split answers were computed with the full knowledge base
+        shutil.rmtree(data_dir / "eval_cache", ignore_errors=True)
+    settings = settings_for(data_dir, args, rag, mode=args.mode, min_new_labels=0)
     db, sessions, kb = await open_all(settings)
+    if args.kb_gap:
+        gap = Path(settings.rag.demo_data)
+        result = await asyncio.to_thread(kb.ingest_bytes, "faq.csv", gap.read_bytes())  # replaces the full FAQ
+        # another FAQ row may carry the same answer under other words: such a pool question is no gap
+        leaks = [qa["question"] for qa in pool
+                 if any(qa["answer"][:60] in h.text for h in kb.search(qa["question"], settings.rag.top_k))]
+        print(f"kb-gap: knowledge base re-ingested without the {len(pool)} pool entries ({result.chunks} chunks); "
+              f"{len(leaks)} pool answers still retrieved from other rows")
     retrainer = Retrainer(settings, sessions, kb=lambda: kb)
     experiments = Experiments(settings, sessions, retrainer.registry)
     boot = json.loads((source / "bootstrap.json").read_text())
-    out = {"mode": args.mode, "per_cycle": args.per_cycle, "bootstrap": {
+    out = {"mode": args.mode, "kb_gap": args.kb_gap, "gap_leaks": len(leaks) if args.kb_gap else None,
+           "per_cycle": args.per_cycle, "bootstrap": {
         "version": boot["version"], "seconds": boot["seconds"],
         "frozen_rag": boot["evaluation"]["candidate"]["rag"]["similarity_mean"],
         "frozen_no_rag": boot["evaluation"]["candidate"]["no_rag"]["similarity_mean"],
@@ -212,8 +232,28 @@ async def cycles(args) -> None:  # noqa: ANN001
         out["cycles"].append(row)
         print(json.dumps({k: row[k] for k in ("cycle", "candidate", "promoted", "frozen_rag", "forgetting",
                                                "reviewed_before", "reviewed_after", "train_seconds")}), flush=True)
-        (RESULTS / f"cycles-{args.mode}.json").write_text(json.dumps(out, indent=1))
+        (RESULTS / f"cycles-{name}.json").write_text(json.dumps(out, indent=1))
     await db.dispose()
+
+
+def run_name(mode: str, kb_gap: bool) -> str:
+    return f"{mode}-gap" if kb_gap else mode
+
+
+def write_gap_faq(data_dir: Path, pool: list[dict]) -> Path:
+    """The demo FAQ without the pool questions' rows: the knowledge base of a bank whose FAQ lacks them."""
+    from gateway.core.settings import PROJECT_ROOT
+
+    pooled = {qa["question"].strip() for qa in pool}
+    with (PROJECT_ROOT / "data" / "bank_faq" / "faq.csv").open(newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    path = data_dir / "kb-gap" / "faq.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["question"].strip() not in pooled)
+    return path
 
 
 def report() -> str:
@@ -222,17 +262,22 @@ def report() -> str:
              "then one retraining run through the product's pipeline; a gate-passing candidate is promoted. "
              "Similarity = MiniLM cosine to the reference, greedy, max 96 tokens, retrieval on unless noted. "
              "Frozen split: 100 FAQ questions never trained on. Forgetting probe: 100 seed questions the training uses.", ""]
-    for mode in ("warm", "cumulative"):
-        path = RESULTS / f"cycles-{mode}.json"  # the latest run; stop 18's warm run: cycles-warm-stop18.json
+    for name in ("warm", "cumulative", "warm-gap", "cumulative-gap"):
+        path = RESULTS / f"cycles-{name}.json"  # the latest run; stop 18's warm run: cycles-warm-stop18.json
         if not path.is_file():
-            lines += [f"## mode = {mode}: not run in this measurement", "",
-                      "A cumulative cycle retrains from the base on every review plus the whole seed set: the "
-                      "bootstrap run above is that composition minus the cycle's reviews, so its time is the "
-                      "cost of each cumulative cycle.", ""]
+            if not name.endswith("-gap"):
+                lines += [f"## mode = {name}: not run in this measurement", "",
+                          "A cumulative cycle retrains from the base on every review plus the whole seed set: the "
+                          "bootstrap run above is that composition minus the cycle's reviews, so its time is the "
+                          "cost of each cumulative cycle.", ""]
             continue
         r = json.loads(path.read_text())
         b = r["bootstrap"]
-        lines += [f"## mode = {mode} ({r['per_cycle']} corrections per cycle)", "",
+        mode = r["mode"]
+        gap = (f"; **knowledge-base gap**: the pool questions' entries removed from the knowledge base "
+               f"({r['gap_leaks']} of {r['per_cycle'] * len(r['cycles'])} pool answers still retrieved from other rows)"
+               if r.get("kb_gap") else "")
+        lines += [f"## mode = {mode} ({r['per_cycle']} corrections per cycle{gap})", "",
                   f"Bootstrap {b['version']}: frozen split {b['frozen_rag']:.3f} with retrieval (base model "
                   f"{b['base_frozen_rag']:.3f}), {b['frozen_no_rag']:.3f} without; {b['seconds'] / 60:.1f} min.", "",
                   "| cycle | candidate | examples | train min | frozen (rag) cand / champ, Δ [95 % CI] | frozen (no rag) cand / champ "
@@ -251,19 +296,20 @@ def report() -> str:
                 f"({c['reviewed_after']['share_ge_0.9']:.0%}) | {c['reviewed_so_far']['similarity_mean']:.3f} | "
                 f"{'yes' if c['promoted'] else 'no'} |")
         lines.append("")
-    lines += side_by_side()
+    lines += side_by_side("") + side_by_side("-gap")
     text = "\n".join(lines)
     (RESULTS / "cycles.md").write_text(text + "\n")
     return text
 
 
-def side_by_side() -> list[str]:
+def side_by_side(suffix: str) -> list[str]:
     """Both modes from the same bootstrap, cycle by cycle: what each costs and what each keeps."""
-    runs = {m: json.loads((RESULTS / f"cycles-{m}.json").read_text()) for m in ("warm", "cumulative")
-            if (RESULTS / f"cycles-{m}.json").is_file()}
+    runs = {m: json.loads((RESULTS / f"cycles-{m}{suffix}.json").read_text()) for m in ("warm", "cumulative")
+            if (RESULTS / f"cycles-{m}{suffix}.json").is_file()}
     if len(runs) < 2 or runs["warm"]["bootstrap"] != runs["cumulative"]["bootstrap"]:
         return []
-    lines = ["## warm vs cumulative, from the same bootstrap", "",
+    title = " with the knowledge-base gap" if suffix else ""
+    lines = [f"## warm vs cumulative{title}, from the same bootstrap", "",
              "| cycle | train min warm / cumulative (cumulative ÷ warm) | frozen (rag) candidate warm / cumulative | forgetting probe "
              "warm / cumulative | this cycle's reviewed after, warm / cumulative | all reviewed so far | promoted |",
              "| ---: | --- | --- | --- | --- | --- | --- |"]
@@ -284,6 +330,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["warm", "cumulative"], default="warm")
     parser.add_argument("--root", default=str(ROOT / ".cache" / "cycles"))
     parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--kb-gap", action="store_true", help="cycles: the knowledge base lacks the pool entries")
     parser.add_argument("--per-cycle", type=int, default=30)
     parser.add_argument("--max-steps", type=int, default=0, help="smoke runs only")
     parser.add_argument("--eval-limit", type=int, default=0, help="smoke runs only")
