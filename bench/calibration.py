@@ -2,10 +2,12 @@
 (similarity to the reference ≥ 0.75) from bad, per variant (the base model and the bootstrap
 adapter), with and without retrieval, on question sets the calibrator never saw.
 
-For each variant two calibrators are fitted the way the trainer fits one (`retraining/calibrate.py`)
+For each variant three calibrators are fitted the way the trainer fits one (`retraining/calibrate.py`)
 on its answers to the calibration split (seed Q&A never trained on, apart from the frozen split):
-pooled (one model for every answer) and per retrieval mode (`calibration.per_mode`).
-Both scores are then measured, in the same run, on
+pooled (one model for every answer), per retrieval mode (`calibration.per_mode`), and per mode with
+the split's customer-style rewordings (`data/eval/calibration_reworded.jsonl`, answered with
+retrieval) added to the fit, which is what the trainer now fits (`retraining.calibration_rewordings`).
+All scores are then measured, in the same run, on
   * the frozen evaluation split (100 FAQ questions asked verbatim), and
   * customer-style rewordings of frozen questions (`data/eval/reworded_teacher.jsonl`, 30, hand-written):
     retrieval misses more on them, so confident wrong answers appear, and
@@ -14,7 +16,8 @@ Both scores are then measured, in the same run, on
 
     .venv/bin/python bench/calibration.py [--data-dir .cache/bootstrap]
 
-Needs a data dir where `bench/bootstrap.py` trained v0001. Answers are cached per adapter (the
+Needs a data dir where `bench/bootstrap.py` trained v0001, or `--adapter-dir data/adapters/bootstrap`
+with any data dir (a fresh one gets the splits a fresh install makes). Answers are cached per adapter (the
 trainer's evaluation cache), so a rerun only generates what is new. Writes
 bench/results/calibration.{md,json} and calibration-v0001.svg.
 """
@@ -45,6 +48,7 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
     from gateway.core.settings import load_settings
     from gateway.store.db import create_engine, migrate, session_factory
     from retraining.calibrate import fit_from_evaluation
+    from retraining.dataset import FrozenSplit, calibration_rewordings
     from retraining.evaluate import QA, evaluate
     from retraining.train import EvalCache
 
@@ -53,10 +57,17 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
     await migrate(db)
     registry = AdapterRegistry(session_factory(db), settings.storage.data_dir)
     adapter = await registry.get("v0001")
-    snap = settings.storage.data_dir / "datasets" / adapter.dataset_hash[:16]
-    read = lambda name: [json.loads(x) for x in (snap / name).read_text().splitlines() if x.strip()]  # noqa: E731
-    frozen = [QA(r["question"], r["answer"]) for r in read("eval.jsonl")]
-    calibration = [QA(r["question"], r["answer"]) for r in read("calibration.jsonl")]
+    if adapter is not None:
+        snap = settings.storage.data_dir / "datasets" / adapter.dataset_hash[:16]
+        read = lambda name: [json.loads(x) for x in (snap / name).read_text().splitlines() if x.strip()]  # noqa: E731
+        frozen = [QA(r["question"], r["answer"]) for r in read("eval.jsonl")]
+        calibration = [QA(r["question"], r["answer"]) for r in read("calibration.jsonl")]
+    elif adapter_dir is not None:  # a fresh data dir: the splits a fresh install makes from the seed data
+        split = FrozenSplit.load_or_create(settings)
+        frozen, calibration = split.qa_rows(), FrozenSplit.calibration(settings, split).qa_rows()
+    else:
+        raise SystemExit(f"no v0001 in {data_dir}: run bench/bootstrap.py there, or pass --adapter-dir")
+    calibration_reworded = calibration_rewordings(settings, calibration)
     jsonl = lambda name: [QA(r["question"], r["answer"]) for r in  # noqa: E731
                           (json.loads(x) for x in (ROOT / "data/eval" / name).read_text().splitlines() if x.strip())]
     reworded, reworded_set = jsonl("reworded_teacher.jsonl"), jsonl("reworded.jsonl")
@@ -72,6 +83,7 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
         files = adapter.files
         await engine.load_adapter("v0001", str(await registry.verify("v0001")))
     sets = {"calibration_rag": (calibration, True), "calibration_no_rag": (calibration, False),
+            "calibration_reworded_rag": (calibration_reworded, True),
             "rag": (frozen, True), "no_rag": (frozen, False),
             "reworded_rag": (reworded, True), "reworded_no_rag": (reworded, False),
             "reworded_set_rag": (reworded_set, True)}
@@ -92,10 +104,10 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
                         cache.put(mode, item)
                     cache.save()
                 items[mode] = [cache.get(mode, qa.question) for qa in rows]
-            calibration_items = items["calibration_rag"] + items["calibration_no_rag"]
+            verbatim = items["calibration_rag"] + items["calibration_no_rag"]
+            fit_on = {"pooled": verbatim, "per_mode": verbatim, "per_mode_reworded": verbatim + items["calibration_reworded_rag"]}
             frozen_items = {"rag": items["rag"], "no_rag": items["no_rag"]}  # the fit's own check, as the trainer's
-            fits = {kind: fit_from_evaluation(settings, calibration_items, frozen_items, variant,
-                                              per_mode=kind == "per_mode")
+            fits = {kind: fit_from_evaluation(settings, fit_on[kind], frozen_items, variant, per_mode=kind != "pooled")
                     for kind in KINDS}
             rows_out = {}
             for mode in NAMES:
@@ -107,24 +119,27 @@ async def run(data_dir: Path, variants: list[str], adapter_dir: Path | None = No
                     scores = [fitted.calibrator.predict(i["confidence"]) for i in items[mode]]
                     rows_out[mode][kind] = summary(scores, labels,
                                                    [fitted.calibrator.threshold_for(i["confidence"]) for i in items[mode]])
-                    if variant == "v0001" and mode == "rag" and kind == "per_mode":
-                        curves = {"calibrated (per mode)": reliability(scores, labels),
+                    if variant == "v0001" and mode == "reworded_set_rag" and kind == "per_mode_reworded":
+                        curves = {"calibrated (per mode, + rewordings)": reliability(scores, labels),
                                   "formula (v2)": reliability(formula, labels)}
             out["variants"][variant] = {kind: {"fit": f.metrics["cross_validated"], "labels": f.metrics["labels"],
                                                "coefficients": f.metrics["coefficients"], "modes": f.metrics["modes"],
                                                "thresholds": f.calibrator.thresholds()}
                                         for kind, f in fits.items()}
             out["variants"][variant]["sets"] = rows_out
-            out.setdefault("fits", {})[variant] = fits["per_mode"]
+            out.setdefault("fits", {})[variant] = fits["per_mode_reworded"]  # what the trainer fits
     finally:
         await engine.stop()
         await db.dispose()
     out["seconds"] = round(time.perf_counter() - started, 1)
-    out["svg"] = reliability_svg(curves, size=300, title="v0001, frozen split, retrieval on") if curves else None
+    out["svg"] = reliability_svg(curves, size=300, title="v0001, reworded evaluation set, retrieval on") if curves else None
     return out
 
 
-KINDS = ("pooled", "per_mode")  # one model for every answer, or one per retrieval mode (calibration.per_mode)
+# one model for every answer; one per retrieval mode (calibration.per_mode), fitted on the verbatim calibration
+# split alone; the same with the split's rewordings added (retraining.calibration_rewordings, the product's fit)
+KINDS = ("pooled", "per_mode", "per_mode_reworded")
+KIND_NAMES = {"pooled": "pooled", "per_mode": "per mode", "per_mode_reworded": "per mode + rewordings"}
 NAMES = {"rag": "frozen split, retrieval on", "no_rag": "frozen split, retrieval off",
          "reworded_rag": "rewordings, retrieval on", "reworded_no_rag": "rewordings, retrieval off",
          "reworded_set_rag": "the reworded evaluation set, retrieval on"}
@@ -133,22 +148,24 @@ NAMES = {"rag": "frozen split, retrieval on", "no_rag": "frozen split, retrieval
 def table(result: dict) -> str:
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     pct = lambda m, k: "–" if m.get(k) is None else format(m[k], ".0%")  # noqa: E731
-    lines = ["| variant | questions | n | share good | AUROC formula (v2) | AUROC pooled | AUROC per mode | Brier formula "
-             "| Brier pooled | Brier per mode | bad flagged (share flagged): formula @0.45 | pooled | per mode |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    names = ["formula (v2)"] + [KIND_NAMES[k] for k in KINDS]
+    lines = ["| variant | questions | n | share good | " + " | ".join(f"AUROC {n}" for n in names) + " | "
+             + " | ".join(f"Brier {n}" for n in names) + " | bad flagged (share flagged): formula @0.45 | "
+             + " | ".join(KIND_NAMES[k] for k in KINDS) + " |",
+             "| --- | --- | ---: | ---: | " + " | ".join(["---:"] * 3 * len(names)) + " |"]
     for variant, v in result["variants"].items():
         for mode, s in v["sets"].items():
-            f, p, m = s["formula"], s["pooled"], s["per_mode"]
-            lines.append(f"| {variant} | {NAMES[mode]} | {f['n']} | {s['good_rate']:.0%} | {fmt(f['auroc'])} | "
-                         f"{fmt(p['auroc'])} | {fmt(m['auroc'])} | {f['brier']:.3f} | {p['brier']:.3f} | "
-                         f"{m['brier']:.3f} | " + " | ".join(f"{pct(x, 'bad_recall')} ({pct(x, 'flagged_share')})"
-                                                          for x in (f, p, m)) + " |")
+            scores = [s["formula"]] + [s[k] for k in KINDS]
+            lines.append(f"| {variant} | {NAMES[mode]} | {scores[0]['n']} | {s['good_rate']:.0%} | "
+                         + " | ".join(fmt(x["auroc"]) for x in scores) + " | "
+                         + " | ".join(f"{x['brier']:.3f}" for x in scores) + " | "
+                         + " | ".join(f"{pct(x, 'bad_recall')} ({pct(x, 'flagged_share')})" for x in scores) + " |")
     fits = []
     for variant, v in result["variants"].items():
         for kind in KINDS:
             k = v[kind]
             thresholds = ", ".join(f"{mode} {t:.3f}" for mode, t in k["thresholds"].items())
-            fits.append(f"{variant} {kind.replace('_', ' ')}: {k['labels']['n']} calibration-split answers "
+            fits.append(f"{variant} {KIND_NAMES[kind]}: {k['labels']['n']} calibration-split answers "
                         f"({k['labels']['good']} good), cross-validated AUROC {k['fit']['auroc']}, thresholds {thresholds}")
     return "\n".join(lines) + f"\n\nCalibrators: {'; '.join(fits)}. Run time {result['seconds']:.0f} s (answers cached per adapter)."
 

@@ -97,6 +97,7 @@ class Snapshot:
     manifest: dict = field(default_factory=dict)
     probe: list[QA] = field(default_factory=list)  # the forgetting probe (also probe.jsonl in the folder)
     calibration: list[QA] = field(default_factory=list)  # the calibration split (calibration.jsonl)
+    calibration_reworded: list[QA] = field(default_factory=list)  # its rewordings (calibration_reworded.jsonl)
 
 
 def question_key(text: str) -> str:
@@ -164,6 +165,24 @@ def seed_path(settings: Settings) -> Path | None:
         return None
     path = Path(settings.retraining.seed_data)
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def calibration_rewordings(settings: Settings, calibration: list[QA]) -> list[QA]:
+    """Customer-style rewordings of calibration-split questions (`retraining.calibration_rewordings`),
+    each with its split question's reference answer. Verbatim FAQ questions almost always retrieve
+    their own entry, so a calibrator fitted on them alone never sees a confident answer copied from
+    the wrong entry, the commonest bad answer once customers use their own words."""
+    name = settings.retraining.calibration_rewordings
+    if not name or not calibration:
+        return []
+    path = Path(name) if Path(name).is_absolute() else PROJECT_ROOT / name
+    if not path.is_file():
+        raise DatasetError(f"retraining.calibration_rewordings: no such file {path} (\"\" fits calibrators on the "
+                           "verbatim calibration split alone)")
+    answers = {question_key(qa.question): qa.answer for qa in calibration}
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [QA(r["question"], answers[question_key(r["original"])]) for r in rows
+            if question_key(r["original"]) in answers]
 
 
 class FrozenSplit:
@@ -365,18 +384,23 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
                                                            ensure_ascii=False) + "\n" for qa in probe), encoding="utf-8")
     (folder / "calibration.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
                                                       for r in calibration.rows), encoding="utf-8")
+    reworded = calibration_rewordings(settings, calibration.qa_rows())
+    (folder / "calibration_reworded.jsonl").write_text("".join(
+        json.dumps({"question": qa.question, "answer": qa.answer}, ensure_ascii=False) + "\n" for qa in reworded),
+        encoding="utf-8")
     known_after = sorted(known | {row.review_key for row, _ in by_key.values()})
     manifest = {"hash": digest, "mode": "warm" if warm else ("bootstrap" if bootstrap else "cumulative"),
                 "train_examples": len(train), "new_reviewed_examples": len(new),
                 "replayed_reviewed_examples": len(reviewed) - len(new), "seed_examples": len(seed_examples),
-                "eval_rows": len(eval_rows), "calibration_rows": len(calibration.rows), "bootstrap": bootstrap,
+                "eval_rows": len(eval_rows), "calibration_rows": len(calibration.rows),
+                "calibration_reworded_rows": len(reworded), "bootstrap": bootstrap,
                 "dropped_near_duplicates": {"seed": near_seed, "review": near_review},
                 "context_in_prompts": cfg.context_in_prompts, "replay_ratio": cfg.replay_ratio,
                 "known_reviews": known_after,
                 "new_review_questions": [ex.question for ex in new]}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return Snapshot(digest, folder, train, eval_rows, len(reviewed), len(seed_examples), manifest, probe,
-                    calibration.qa_rows())
+                    calibration.qa_rows(), reworded)
 
 
 def load_manifest(data_dir: Path, dataset_hash: str | None) -> dict | None:

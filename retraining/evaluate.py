@@ -142,11 +142,12 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
     """Ask as serving would: the same retrieval query, fallback rule, prompt and sampling."""
     history = [{"role": role, "content": content} for role, content in qa.history]
     conversation = history + [{"role": "user", "content": qa.question}]
-    hits, top, fallback = None, None, False
+    hits, top, fallback, signals = None, None, False, {}
     if rag:
-        hits, top, first, _ = await retrieve(settings, kb, retrieval_query(conversation, settings.rag.query_turns),
-                                             settings.rag.top_k)
-        fallback = is_no_match(settings, first)
+        got = await retrieve(settings, kb, retrieval_query(conversation, settings.rag.query_turns), settings.rag.top_k)
+        hits, top = got.hits, got.top
+        signals = {"rival": got.rival, "question_match": got.question_match}
+        fallback = is_no_match(settings, got.first)
     messages = build_messages(settings, conversation, hits)
     stream = CannedAnswer(settings.rag.fallback_answer) if fallback else await engine.submit(
         GenerationRequest("eval", messages, sampling_params(settings, max_tokens), adapter=adapter))
@@ -160,7 +161,7 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
             fin = ev
     conf = score_confidence(logprobs, text, fin.finish_reason, settings.confidence, top_similarity=top,
                             sources=None if hits is None else [h.as_source() for h in hits], entropies=entropies,
-                            calibrator=calibrator)  # a fallback scores 0 either way (no tokens), as served
+                            calibrator=calibrator, **signals)  # a fallback scores 0 either way (no tokens), as served
     target = normalise_question(qa.target or qa.question)
     found = [] if hits is None else [normalise_question(h.metadata.get("question", "")) for h in hits]
     hit = None if hits is None or not qa.covered else target in found

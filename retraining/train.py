@@ -30,7 +30,7 @@ from gateway.core.runtime import build_engine, open_database
 from gateway.core.settings import Settings
 from gateway.experiments.repository import Experiments
 from gateway.knowledge.embeddings import Embedder
-from gateway.knowledge.store import Hit
+from gateway.knowledge.store import Hit, Search
 from gateway.runs.repository import RunStore, fail_run, run_dir
 from gateway.store.base import utcnow
 from retraining import dataset as datasets
@@ -42,13 +42,21 @@ from retraining.gate import decide, paired
 
 class FrozenRetrieval:
     """The retrieval results of the frozen split's questions, saved with the dataset, so the trainer
-    process evaluates "with retrieval" without opening the (single-process) Chroma store."""
+    process evaluates "with retrieval" without opening the (single-process) Chroma store. Per
+    question: {"hits": [...], "rival": ..., "question_match": ...} (a bare list of hits in datasets
+    saved before the retrieval signals were)."""
 
-    def __init__(self, hits: dict[str, list[dict]]) -> None:
+    def __init__(self, hits: dict[str, list[dict] | dict]) -> None:
         self._hits = hits
 
     def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
-        return [Hit(**h) for h in self._hits.get(query, [])][:k]
+        return self.search_detailed(query, k, min_score).hits
+
+    def search_detailed(self, query: str, k: int, min_score: float | None = None) -> Search:
+        saved = self._hits.get(query, [])
+        if isinstance(saved, list):
+            return Search([Hit(**h) for h in saved][:k], None, None)
+        return Search([Hit(**h) for h in saved["hits"]][:k], saved.get("rival"), saved.get("question_match"))
 
 
 
@@ -133,7 +141,8 @@ async def evaluate_version(settings: Settings, registry: AdapterRegistry, versio
     retrieval = FrozenRetrieval(json.loads((snap_dir / "eval_hits.json").read_text()))
     evaluation = await evaluate_against_baseline(settings, registry, version, _rows(snap_dir / "eval.jsonl")[:limit],
                                                  _rows(snap_dir / "probe.jsonl")[:limit], retrieval,
-                                                 _rows(snap_dir / "calibration.jsonl"))
+                                                 _rows(snap_dir / "calibration.jsonl"),
+                                                 _rows(snap_dir / "calibration_reworded.jsonl"))
     decision = decide(settings.retraining, evaluation.pop("comparisons"), evaluation["baseline_version"])
     calibration_items = evaluation.pop("calibration_items", {})
     frozen_items = evaluation.pop("candidate_items", {})
@@ -157,11 +166,14 @@ def _clear_win_over_base(settings: Settings, decision: dict) -> str | None:
             f"(retraining.promote_over_base_margin); {decision['reason']}")
 
 
+CALIBRATION_SETS = ("calibration_rag", "calibration_no_rag", "calibration_reworded_rag")  # what a calibrator is fitted on
+
+
 async def _calibrate(settings: Settings, registry: AdapterRegistry, version: str, calibration_items: dict,
                      frozen_items: dict) -> dict:
     """Fit the candidate's calibrator on its calibration-split answers and make it the version's
     active one; a fit that cannot be made (too few good or bad answers) is recorded, not fatal."""
-    items = [i for mode in ("calibration_rag", "calibration_no_rag") for i in calibration_items.get(mode, [])]
+    items = [i for mode in CALIBRATION_SETS for i in calibration_items.get(mode, [])]
     try:
         fitted = fit_from_evaluation(settings, items, {m: frozen_items[m] for m in ("rag", "no_rag") if m in frozen_items},
                                      version)
@@ -176,7 +188,7 @@ def _eval_fingerprint(settings: Settings) -> str:
     """What an evaluation's answers depend on besides the adapter and the question."""
     parts = {"model": settings.model.model_dump(), "rag": settings.rag.model_dump(),
              "confidence": settings.confidence.model_dump(), "max_tokens": settings.retraining.eval_max_tokens,
-             "confidence_parts": 3}  # v3: the raw signals calibrators learn from (entropy, entry overlap, ...)
+             "confidence_parts": 4}  # v4: + the retrieval's rival candidate and question match
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -207,17 +219,21 @@ class EvalCache:
 
 async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistry, version: str,
                                     eval_rows: list[dict], probe_rows: list[dict], retrieval: FrozenRetrieval,
-                                    calibration_rows: list[dict] | None = None) -> dict:
+                                    calibration_rows: list[dict] | None = None,
+                                    calibration_reworded_rows: list[dict] | None = None) -> dict:
     """Candidate vs the champion (or the base model): the frozen split with and without retrieval,
     and the forgetting probe with retrieval; per-question paired comparisons for the gate. The
-    candidate also answers the calibration split (both ways) for its calibrator."""
+    candidate also answers the calibration split (both ways) and its rewordings (with retrieval)
+    for its calibrator."""
     frozen = [QA(r["question"], r["answer"]) for r in eval_rows]
     probe = [QA(r["question"], r["answer"]) for r in probe_rows]
     calibration = [QA(r["question"], r["answer"]) for r in calibration_rows or []]
+    reworded = [QA(r["question"], r["answer"]) for r in calibration_reworded_rows or []]
     champion = await registry.champion()
     baseline = champion.version if champion else "base"
     sets = {"rag": (frozen, True), "no_rag": (frozen, False), "forgetting": (probe, True),
-            "calibration_rag": (calibration, True), "calibration_no_rag": (calibration, False)}
+            "calibration_rag": (calibration, True), "calibration_no_rag": (calibration, False),
+            "calibration_reworded_rag": (reworded, True)}
     engine = build_engine(settings, borrowed=True)
     await engine.start()
     try:
@@ -251,6 +267,7 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
                          settings.retraining.gate_confidence, settings.retraining.gate_bootstrap_samples)
             for mode in per_question["candidate"] if not mode.startswith("calibration")}
         result["calibration_items"] = {m: v for m, v in per_question["candidate"].items() if m.startswith("calibration")}
+        result["calibration_answers"] = {m: len(v) for m, v in result["calibration_items"].items()}
         result["candidate_items"] = {m: v for m, v in per_question["candidate"].items() if m in ("rag", "no_rag")}
         return result
     finally:

@@ -158,6 +158,9 @@ def test_missing_signals_have_neutral_values():
     vector = features({"mean_logprob": None, "top_similarity": None})
     assert len(vector) == len(FEATURES) and vector[FEATURES.index("rag")] == 0.0
     assert vector[FEATURES.index("top_similarity")] == 0.0 and vector[FEATURES.index("entry_overlap")] == 0.0
+    assert vector[FEATURES.index("question_match")] == 0.0
+    plain_text_entry = features({"mean_logprob": -0.1, "top_similarity": 0.7, "question_match": None})
+    assert plain_text_entry[FEATURES.index("question_match")] == 0.7  # no question of its own: the chunk's similarity
 
 
 def test_score_keeps_the_formula_and_applies_a_calibrator():
@@ -169,6 +172,9 @@ def test_score_keeps_the_formula_and_applies_a_calibrator():
     assert plain.score == plain.formula and plain.calibrator is None
     assert plain.mean_entropy == 1.0 and plain.tokens == 2 and plain.second_similarity == 0.5
     assert plain.entry_overlap == 1.0  # every word of the answer is in the entry
+    signals = score([-0.2, -0.4], "Call us to block it.", "stop", cfg, top_similarity=0.9, sources=sources[:1],
+                    rival=0.6, question_match=0.8)
+    assert signals.second_similarity == 0.6 and signals.question_match == 0.8  # the retrieval's own signals win
     calibrator = fit(synthetic(200), c=1.0, rule="bad_recall", target=0.8).calibrator
     calibrator.id = 7
     calibrated = score([-0.2, -0.4], "Call us to block it.", "stop", cfg, top_similarity=0.9, sources=sources,

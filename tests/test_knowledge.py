@@ -111,6 +111,23 @@ def test_paraphrased_questions_find_their_entry(faq_kb, paraphrase, entry_starts
         assert any(h.metadata["question"].startswith(entry_starts) for h in hits), [h.metadata["question"] for h in hits]
 
 
+@pytest.mark.parametrize("search", ["hybrid", "dense"])
+def test_search_reports_how_clear_cut_the_first_entry_is(tmp_path, faq_chroma_dir, embedder, search):
+    """The calibrator's retrieval signals: the best rival candidate's similarity (even at k = 1) and
+    how well the first-ranked entry's own question matches the query."""
+    shutil.copytree(faq_chroma_dir, tmp_path / "chroma")
+    kb = KnowledgeBase(load_settings(rag={"search": search}).rag, tmp_path, embedder)
+    question = "How can I cancel my Regalia ForexPlus Card"
+    exact = kb.search_detailed(question, 1, -1.0)
+    [first] = exact.hits
+    assert first.metadata["question"] == question and exact.hits == kb.search(question, 1, -1.0)
+    assert exact.question_match > 0.99  # asked verbatim: the entry's own question
+    assert exact.rival is not None and exact.rival < first.score  # a rival exists at k = 1, and is worse
+    vague = kb.search_detailed("hmm what about the other thing", 1, -1.0)
+    assert vague.question_match < 0.5 and vague.hits[0].score - vague.rival < first.score - exact.rival
+    assert KnowledgeBase(load_settings().rag, tmp_path / "empty", embedder).search_detailed(question, 1) == ([], None, None)
+
+
 def test_min_score_filters(faq_kb):
     assert faq_kb.search("zebra astrophysics poetry", 3, min_score=0.9) == []
 

@@ -104,6 +104,34 @@ def test_dataset_split_leakage_dedupe_and_pii(make_settings, tiny_model_dir, see
         r["question"] for r in split.rows]
 
 
+def write_rewordings(settings, path: Path, n: int) -> list[dict]:
+    """Customer-style rewordings of the first `n` calibration-split questions, plus one of a question
+    outside the split (ignored)."""
+    calibration = ds.FrozenSplit.calibration(settings, ds.FrozenSplit.load_or_create(settings)).rows
+    rows = [{"question": f"pls help: {r['question'].lower()}", "original": r["question"].upper() + " ?"}
+            for r in calibration[:n]] + [{"question": "is my card blocked", "original": "Not a seed question at all"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return calibration[:n]
+
+
+def test_calibration_rewordings_join_the_calibration_split(make_settings, tiny_model_dir, seed_csv, tmp_path):
+    file = tmp_path / "calibration_reworded.jsonl"
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, context_in_prompts=False,
+                            mode="cumulative", calibration_rewordings=str(file))
+    originals = write_rewordings(settings, file, 2)
+    snap = ds.build(settings, [resolved(1, "How do I close my account?", "Visit a branch.")], kb=None)
+    # matched on the normalised split question; each carries the split's reference answer
+    assert [(qa.question, qa.answer) for qa in snap.calibration_reworded] == [
+        (f"pls help: {r['question'].lower()}", r["answer"]) for r in originals]
+    written = [json.loads(x) for x in (snap.path / "calibration_reworded.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in written] == [qa.question for qa in snap.calibration_reworded]
+    assert json.loads((snap.path / "manifest.json").read_text())["calibration_reworded_rows"] == 2
+    assert not {qa.question for qa in snap.calibration_reworded} & {e.question for e in snap.train}
+    file.unlink()  # a configured file that is gone fails the dataset with the setting's name, not silently
+    with pytest.raises(ds.DatasetError, match="retraining.calibration_rewordings"):
+        ds.build(settings, [resolved(1, "How do I close my account?", "Visit a branch.")], kb=None)
+
+
 def test_warm_dataset_is_the_new_reviews_plus_replay(make_settings, tiny_model_dir, seed_csv):
     settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, context_in_prompts=False,
                             mode="warm", replay_ratio=2.0, min_replay=4)
@@ -403,9 +431,12 @@ async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings,
     from gateway.core.runtime import build_engine
     from gateway.engine.base import Finished, GenerationRequest
 
+    rewordings = seed_csv.parent / "calibration_reworded.jsonl"
     settings = settings_for(make_settings, real_model_dir if quantization == "4bit" else tiny_model_dir, seed_csv,
+                            calibration_rewordings=str(rewordings),
                             # the real model's answers are slow on CPU: the shortest evaluation, no calibrator
                             **({"eval_max_tokens": 8, "calibration_seed_size": 0} if quantization == "4bit" else {}))
+    write_rewordings(settings, rewordings, 2)
     run, adapter, retrainer = await _run_cycle(settings, quantization)
     assert run.status == "succeeded", (run.error, Path(run.log_path).read_text()[-3000:])
     training = run.metrics["training"]
@@ -413,6 +444,9 @@ async def test_real_lora_and_qlora_runs_produce_loadable_adapters(make_settings,
     evaluation = run.metrics["evaluation"]
     assert evaluation["baseline_version"] == "base" and evaluation["rows"] == 3 and evaluation["probe_rows"] == 3
     assert set(evaluation["candidate"]) == {"rag", "no_rag", "forgetting"}
+    # the calibrator's answers: the split both ways and its rewordings with retrieval
+    assert evaluation["calibration_answers"] == ({} if quantization == "4bit" else {
+        "calibration_rag": 5, "calibration_no_rag": 5, "calibration_reworded_rag": 2})
     assert set(run.metrics["gate"]["checks"]) == {"rag", "no_rag", "forgetting"}
     assert all(len(c["interval"]) == 2 for c in run.metrics["gate"]["checks"].values())
     passed = run.metrics["gate"]["passed"]

@@ -35,7 +35,7 @@ import numpy as np
 
 # the raw signals, in order; each is a number for every exchange (a missing signal has a neutral value)
 FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "log_tokens", "truncated", "looping",
-            "rag", "top_similarity", "similarity_gap", "entry_overlap")
+            "rag", "top_similarity", "similarity_gap", "entry_overlap", "question_match")
 MODES = ("rag", "no_rag")  # with retrieval (a top similarity was recorded) or without
 _MODEL_KEYS = ("mean", "scale", "coef", "intercept", "threshold")
 
@@ -61,6 +61,8 @@ def features(parts: dict) -> list[float]:
         top,
         top - second if rag and second is not None else (top if rag else 0.0),
         parts.get("entry_overlap") or 0.0,
+        # a plain-text entry has no question of its own: its chunk's similarity stands in
+        parts["question_match"] if parts.get("question_match") is not None else top,
     ]
 
 

@@ -14,9 +14,10 @@ similarity best (0.77), and capped or looping answers are mostly bad - so simila
 when there is one, and the two observable failure modes scale the score down. `tellerloop eval`
 reports the AUROC of the score and of each part, so the weights are checked, not assumed.
 
-Calibrated (v3): the raw signals are kept too — mean/min token log-prob, mean next-token entropy,
-length, truncation, looping, the top retrieval similarity and its gap to the second hit, and how
-much of the answer's wording comes from the top retrieved entry — and where the served variant has
+Calibrated (v4): the raw signals are kept too — mean/min token log-prob, mean next-token entropy,
+length, truncation, looping, the top retrieval similarity and its gap to the best rival candidate,
+how well the first-ranked entry's own question matches the query, and how much of the answer's
+wording comes from the top retrieved entry — and where the served variant has
 a fitted calibrator (`gateway/calibration/calibrator.py`), `score` is its P(good) and `formula`
 keeps the v2 value; otherwise `score` is the formula.
 """
@@ -49,6 +50,7 @@ class Confidence:
     tokens: int = 0  # completion tokens
     second_similarity: float | None = None  # the second retrieved entry's similarity
     entry_overlap: float | None = None  # share of the answer's words found in the top retrieved entry
+    question_match: float | None = None  # the retrieval query vs the first-ranked entry's own question
     calibrator: int | None = None  # the calibrator that gave `score` (None: the formula)
 
     def parts(self) -> dict:
@@ -86,18 +88,23 @@ def score(
     sources: list[dict] | None = None,
     entropies: list[float | None] | None = None,
     calibrator: Calibrator | None = None,
+    rival: float | None = None,
+    question_match: float | None = None,
 ) -> Confidence:
     """`sources`: the retrieved entries as returned to the client (`Hit.as_source()`);
-    `entropies`: per-token entropies where the engine reports them."""
+    `entropies`: per-token entropies where the engine reports them; `rival` and `question_match`:
+    the retrieval's own signals (`gateway.knowledge.store.Search`). Without a rival, the second
+    source's similarity stands in (none at `top_k` 1)."""
     truncated = finish_reason == "length"
     retrieval = None if top_similarity is None else retrieval_part(top_similarity, cfg)
     ranked = sorted((s["score"] for s in sources or []), reverse=True)  # fused order is not by similarity
-    second = ranked[1] if len(ranked) > 1 else None
+    second = rival if rival is not None else ranked[1] if len(ranked) > 1 else None
     top_entry = (sources[0].get("answer") or sources[0].get("text") or "") if sources else None
     known = [e for e in entropies or () if e is not None]
     extra = {"mean_entropy": round(sum(known) / len(known), 6) if known else None, "tokens": len(logprobs),
              "second_similarity": None if second is None else round(second, 6),
-             "entry_overlap": None if top_entry is None else round(entry_overlap(text, top_entry), 6)}
+             "entry_overlap": None if top_entry is None else round(entry_overlap(text, top_entry), 6),
+             "question_match": None if question_match is None else round(question_match, 6)}
     mean = sum(logprobs) / len(logprobs) if logprobs else None
     if mean is None or not text.strip():  # no answer is a bad answer, whatever the signals (kept) say
         return Confidence(0.0, 0.0, None if mean is None else round(mean, 6),

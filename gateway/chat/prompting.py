@@ -127,13 +127,15 @@ class Retrieved(NamedTuple):
     top: float  # the best similarity among the k (even under the floor); 0.0 when nothing was found
     first: float | None  # the first-ranked entry's similarity (the fallback rule's); None: empty knowledge base
     ms: float
+    rival: float | None = None  # the best similarity of any other candidate (confidence: how clear-cut the pick was)
+    question_match: float | None = None  # the query vs the first-ranked entry's own question
 
 
 async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> Retrieved:
     """Top-k hits for the question. The fallback looks at the first-ranked entry alone, so asking for
     more entries (`rag_top_k`) never turns a fallback into an answer."""
     started = time.perf_counter()
-    hits = await asyncio.to_thread(kb.search, question, k, -1.0)
+    hits, rival, question_match = await asyncio.to_thread(kb.search_detailed, question, k, -1.0)
     kept = [h for h in hits if h.score >= settings.rag.min_score]
     return Retrieved(kept, max((h.score for h in hits), default=0.0), hits[0].score if hits else None,
-                     (time.perf_counter() - started) * 1000)
+                     (time.perf_counter() - started) * 1000, rival, question_match)

@@ -100,6 +100,7 @@ class _Run:
     retrieval: str | None = None
     stored_query: str | None = None  # what retrieval searched, scrubbed once for every write
     top_similarity: float | None = None
+    retrieval_signals: dict = field(default_factory=dict)  # rival, question_match (confidence signals)
     retrieval_ms: float | None = None
     first_token_at: float | None = None
     text: str = ""
@@ -254,6 +255,7 @@ class ChatService:
         started = time.perf_counter()
         use_rag = self.settings.rag.enabled_by_default if req.rag is None else req.rag
         hits, top, first, retrieval_ms, retrieval_failed, query = None, None, None, None, False, None
+        signals: dict = {}
         if use_rag:
             if self.kb is None:
                 raise Unavailable("The knowledge base is not available yet; retry shortly or send \"rag\": false.",
@@ -261,9 +263,9 @@ class ChatService:
                                retry_after=self.settings.engine.retry_after_s)
             query = retrieval_query(messages, self.settings.rag.query_turns)
             try:
-                hits, top, first, retrieval_ms = await retrieve(
-                    self.settings, self.kb, query, req.rag_top_k or self.settings.rag.top_k
-                )
+                found = await retrieve(self.settings, self.kb, query, req.rag_top_k or self.settings.rag.top_k)
+                hits, top, first, retrieval_ms = found.hits, found.top, found.first, found.ms
+                signals = {"rival": found.rival, "question_match": found.question_match}
                 metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
             except Exception as exc:  # noqa: BLE001 - a knowledge base that is down degrades the answer, not the chat
                 log.warning("retrieval.unavailable", error_type=type(exc).__name__)
@@ -284,6 +286,7 @@ class ChatService:
                    CannedAnswer(self.settings.rag.fallback_answer) if no_match else _PENDING, started, int(time.time()),
                    sources=None if hits is None else [h.as_source() for h in hits],
                    top_similarity=top,
+                   retrieval_signals=signals,
                    retrieval_ms=retrieval_ms,
                    retrieval=None if not use_rag else "unavailable" if retrieval_failed
                    else "no_match" if no_match else "ok",
@@ -474,6 +477,7 @@ class ChatService:
         calibrator = self.calibrators.get(run.route.variant) if self.settings.calibration.enabled else None
         conf = score_confidence(run.logprobs, run.text, fin.finish_reason, self.settings.confidence,
                                 top_similarity=run.top_similarity, sources=run.sources, entropies=run.entropies,
+                                **run.retrieval_signals,
                                 calibrator=calibrator)
         score, parts = conf.score, conf.parts()
         threshold = calibrator.threshold_for(parts) if calibrator else self.settings.review.confidence_threshold

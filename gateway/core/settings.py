@@ -359,6 +359,10 @@ class RetrainingSettings(_Section):
     eval_seed_size: int = Field(100, ge=0)  # seed questions frozen into the evaluation split
     calibration_seed_size: int = Field(100, ge=0)  # seed questions held out to fit the confidence calibrator
     calibration_max_share: float = Field(0.2, ge=0.0, le=0.5)  # ...but at most this share of the seed rows left
+    # customer-style rewordings of calibration-split questions (JSONL: question, original), answered with
+    # retrieval by every candidate and added to its calibrator's fit, so it also learns what a retrieval miss
+    # looks like (bench/results/calibration.md); rows whose `original` is not in the split are ignored; "" → none
+    calibration_rewordings: str = "data/eval/calibration_reworded.jsonl"
     eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation
     eval_max_tokens: int = Field(96, ge=8)
     eval_limit: int = Field(0, ge=0)  # >0: evaluate on at most this many frozen-split rows

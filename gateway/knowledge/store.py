@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -40,6 +40,15 @@ log = structlog.get_logger(__name__)
 _WRITE_BATCH = 256
 _READ_PAGE = 5000
 _VERSION_KEY = "lexical_version"
+_QUESTION_CACHE = 4096  # entry questions whose embedding is kept (384 floats each: ~6 MB)
+
+
+class Search(NamedTuple):
+    """One search's hits and the retrieval signals the confidence calibrator learns from."""
+
+    hits: list[Hit]
+    rival: float | None  # the best similarity of any other candidate than the first-ranked entry
+    question_match: float | None  # query vs the first-ranked entry's own question (Q&A entries only)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class KnowledgeBase:
         self._lexical_lock = threading.Lock()
         self._lexical_checked = 0.0
         self._lexical_stale = True  # this process wrote since the index was built
+        self._question_vectors: dict[str, np.ndarray] = {}
+        self._question_lock = threading.Lock()
 
     # ---- writing --------------------------------------------------------------------------
     def ingest_bytes(self, source: str, data: bytes, fmt: str | None = None,
@@ -171,20 +182,46 @@ class KnowledgeBase:
     def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
         """The `k` best chunks for `query` whose cosine similarity is at least `min_score`
         (`rag.min_score` when None): embedding neighbours, fused with BM25 in hybrid mode."""
+        return self.search_detailed(query, k, min_score).hits
+
+    def search_detailed(self, query: str, k: int, min_score: float | None = None) -> Search:
+        """`search`, with the signals of how sure the retrieval is (`Search`), for the confidence
+        calibrator: the best rival of the first-ranked entry and how well that entry's own question
+        matches the query. They cost one more candidate and one short embedding (cached)."""
         if self.collection.count() == 0:
-            return []
+            return Search([], None, None)
         vector = self.embedder.embed([query])[0]
         hybrid = self.cfg.search == "hybrid"
         res = self.collection.query(query_embeddings=[vector.tolist()],
-                                    n_results=max(k, self.cfg.candidates) if hybrid else k,
+                                    n_results=max(k, self.cfg.candidates) if hybrid else max(k, 2),
                                     include=["documents", "metadatas", "distances"])
         dense = [
             Hit(i, doc, 1.0 - float(dist), meta or {})
             for i, doc, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])
         ]
-        hits = self._fuse(query, vector, dense, k) if hybrid else dense[:k]
+        ranked = self._fuse(query, vector, dense, k) if hybrid else dense[:k]
         floor = self.cfg.min_score if min_score is None else min_score
-        return [h for h in hits if h.score >= floor]
+        hits = [h for h in ranked if h.score >= floor]
+        if not ranked:
+            return Search(hits, None, None)
+        first = ranked[0]
+        rival = max((h.score for h in dense + ranked[1:] if h.id != first.id), default=None)
+        question = first.metadata.get("question")
+        match = float(cosine(vector, self._question_vector(question)[None, :])[0]) if question else None
+        return Search(hits, rival, match)
+
+    def _question_vector(self, question: str) -> np.ndarray:
+        """An entry's question, embedded alone (chunks are embedded with their answer): a bounded cache,
+        as the same popular entries come back again and again."""
+        with self._question_lock:
+            vector = self._question_vectors.get(question)
+        if vector is None:
+            vector = self.embedder.embed([question])[0]
+            with self._question_lock:
+                if len(self._question_vectors) >= _QUESTION_CACHE:
+                    self._question_vectors.pop(next(iter(self._question_vectors)))
+                self._question_vectors[question] = vector
+        return vector
 
     def _fuse(self, query: str, vector: np.ndarray, dense: list[Hit], k: int) -> list[Hit]:
         lexical = self.lexical_index().search(query, max(k, self.cfg.candidates))

@@ -223,10 +223,12 @@ class Retrainer:
         rows = await resolved_rows(self.reviews)
         snapshot = await asyncio.to_thread(datasets.build, settings, rows, kb, bootstrap=bootstrap,
                                            parent_manifest=parent_manifest)
-        hits: dict[str, list[dict]] = {}
-        for question in [qa.question for qa in snapshot.eval_rows + snapshot.probe + snapshot.calibration]:
-            found = await asyncio.to_thread(kb.search, question, settings.rag.top_k, -1.0)
-            hits[question] = [asdict(h) for h in found]
+        hits: dict[str, dict] = {}
+        for question in [qa.question for qa in snapshot.eval_rows + snapshot.probe + snapshot.calibration
+                         + snapshot.calibration_reworded]:
+            found = await asyncio.to_thread(kb.search_detailed, question, settings.rag.top_k, -1.0)
+            hits[question] = {"hits": [asdict(h) for h in found.hits], "rival": found.rival,
+                              "question_match": found.question_match}
         (snapshot.path / "eval_hits.json").write_text(json.dumps(hits))
         folder = run_dir(settings, run_id)
         folder.mkdir(parents=True, exist_ok=True)
