@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 SPLIT_SEED = 20261121  # fixed forever: the frozen split must not move between runs
 CALIBRATION_SEED = 20261201  # fixed forever: the calibration split's seed questions
+REVIEWED_SOURCE = "reviewed-answers.jsonl"  # the knowledge-base source of published corrections
 CONVERSATION_SEED = 20261216  # which seed examples get an earlier turn (retraining.conversation_share)
 PROBE_SEED = 20261122  # fixed forever: the forgetting probe's seed questions
 
@@ -79,6 +80,7 @@ class Resolved:
     messages: list[dict]  # as the model saw them (system prompt with context, the conversation)
     answer: str
     conversation: list[dict] | None = None  # the earlier turns as the customer had them (exchanges.conversation)
+    resolution: str = "correct"  # "correct": the reviewers wrote the answer; "approve": they kept the model's
 
     @property
     def review_key(self) -> str:
@@ -333,6 +335,7 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
             {"role": "assistant", "content": scrubber.scrub(row.answer)}], row.item_id)
         by_key[key] = (row, example)  # later resolutions overwrite
 
+    published = publish_reviewed_answers(settings, by_key, kb)
     new = [ex for row, ex in by_key.values() if row.review_key not in known]
     old = [ex for row, ex in by_key.values() if row.review_key in known]
     if not bootstrap and not new:
@@ -396,11 +399,46 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
                 "calibration_reworded_rows": len(reworded), "bootstrap": bootstrap,
                 "dropped_near_duplicates": {"seed": near_seed, "review": near_review},
                 "context_in_prompts": cfg.context_in_prompts, "replay_ratio": cfg.replay_ratio,
+                "reviewed_answers_published": published,
                 "known_reviews": known_after,
                 "new_review_questions": [ex.question for ex in new]}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return Snapshot(digest, folder, train, eval_rows, len(reviewed), len(seed_examples), manifest, probe,
                     calibration.qa_rows(), reworded)
+
+
+def publish_reviewed_answers(settings: Settings, by_key: dict[str, tuple[Resolved, Example]],
+                             kb: KnowledgeBase | None) -> int:
+    """Reviewers' corrections of single questions become knowledge-base entries
+    (`retraining.reviewed_answers_to_kb`, source `REVIEWED_SOURCE`, the whole set replaced each run so
+    a re-resolution replaces its entry), and those examples' prompts are rebuilt with it.
+
+    Why: a correction usually marks a gap in the knowledge base, and a small adapter does not learn a
+    new fact from a few dozen examples — trained on the prompt the model saw (a wrong entry) with the
+    right answer, it learns to ignore its context instead, and grounding gets worse
+    (bench/results/cycles.md, the knowledge-gap run). Published, the answer is retrieved for every
+    variant from this run on, and the example teaches what serving will now show. Questions held
+    out for evaluation never get here (they were dropped from `by_key`); follow-ups are not
+    standalone questions and keep the prompt they had. Scrubbed like every training example."""
+    if not settings.retraining.reviewed_answers_to_kb or kb is None:
+        return 0
+    chosen = {key: (row, ex) for key, (row, ex) in by_key.items()
+              if not key.startswith("conversation:") and row.resolution == "correct"}
+    lines = [json.dumps({"question": ex.question, "answer": ex.messages[-1]["content"]}, ensure_ascii=False)
+             for _, ex in chosen.values()]
+    if lines:
+        from gateway.knowledge.documents import DocumentError
+
+        try:
+            kb.ingest_bytes(REVIEWED_SOURCE, ("\n".join(lines) + "\n").encode())
+        except DocumentError as exc:
+            raise DatasetError(f"retraining.reviewed_answers_to_kb: publishing {len(lines)} corrections failed ({exc}); "
+                               "raise rag.max_document_bytes or turn publishing off") from exc
+    elif kb.count():
+        kb.delete_source(REVIEWED_SOURCE)
+    for key, (row, ex) in chosen.items():
+        ex.messages = seed_messages(settings, ex.question, ex.messages[-1]["content"], kb)
+    return len(lines)
 
 
 def load_manifest(data_dir: Path, dataset_hash: str | None) -> dict | None:

@@ -330,6 +330,42 @@ def test_dataset_grows_the_split_and_guards_size(make_settings, tiny_model_dir, 
     assert all(ds.in_eval_share(r["question"], 0.5) for r in held)
 
 
+def test_corrections_are_published_to_the_knowledge_base_and_trained_as_served(make_settings, tiny_model_dir,
+                                                                              seed_csv):
+    """A correction fills the knowledge-base gap it points at: from this run on the answer is
+    retrieved, and its training example carries that entry, not the wrong one the model saw."""
+    settings = settings_for(make_settings, tiny_model_dir, seed_csv, eval_share=0.0, mode="cumulative")
+    kb = seed_kb(settings, seed_csv)
+    question, fix = "Can I order a chequebook from the mobile app?", "Yes: Cards & Accounts > Chequebook > Order."
+    wrong = [{"role": "system", "content": "Answer from this entry: [1] Fixed deposits earn 7 %."}]
+    rows = [ds.Resolved(1, "2026-11-01T00:00:00", [*wrong, {"role": "user", "content": question}], fix),
+            ds.Resolved(2, "2026-11-01T00:00:00", [*wrong, {"role": "user", "content": "What is a sweep-in?"}],
+                        "A sweep-in links your savings to a deposit.", resolution="approve"),  # the model's own
+            resolved(3, "and for my wife?", "She can apply too.",  # a follow-up: not a standalone question
+                     history=[{"role": "user", "content": "Can I get a credit card?"},
+                              {"role": "assistant", "content": "Yes."}])]
+    snap = ds.build(settings, rows, kb)
+    assert snap.manifest["reviewed_answers_published"] == 1
+    [top] = kb.search(question, 1)
+    assert top.metadata["source"] == ds.REVIEWED_SOURCE and top.metadata["answer"] == fix
+    example = next(e for e in snap.train if e.question == question)
+    assert fix in example.messages[0]["content"] and "Fixed deposits" not in example.messages[0]["content"]
+    assert example.messages[-1] == {"role": "assistant", "content": fix}
+    assert not [h for h in kb.search("What is a sweep-in?", 3, -1.0) if h.metadata["source"] == ds.REVIEWED_SOURCE
+                and h.metadata["question"] == "What is a sweep-in?"]
+    follow_up = next(e for e in snap.train if e.question == "and for my wife?")
+    assert follow_up.messages[0] == rows[2].messages[0]  # the prompt it had
+    # a later resolution replaces the entry (one entry per question), and publishing can be turned off
+    again = ds.build(settings, [ds.Resolved(1, "2026-11-02T00:00:00", rows[0].messages, "Order it in NetBanking.")], kb)
+    published = [h for h in kb.search(question, 5, -1.0) if h.metadata["source"] == ds.REVIEWED_SOURCE]
+    assert [h.metadata["answer"] for h in published] == ["Order it in NetBanking."]
+    assert again.manifest["reviewed_answers_published"] == 1
+    settings.retraining.reviewed_answers_to_kb = False
+    off = ds.build(settings, [resolved(4, "Is there a fee for SMS alerts?", "No.")], kb)
+    assert off.manifest["reviewed_answers_published"] == 0
+    assert not [h for h in kb.search("Is there a fee for SMS alerts?", 3, -1.0) if h.metadata["answer"] == "No."]
+
+
 def test_seed_prompts_carry_retrieved_context_when_configured(make_settings, tiny_model_dir, seed_csv):
     settings = settings_for(make_settings, tiny_model_dir, seed_csv)
     hit = {"id": "x", "text": "t", "score": 0.9, "metadata": {"kind": "qa", "question": "Q?", "answer": "Fee is 5."}}

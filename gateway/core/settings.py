@@ -363,6 +363,10 @@ class RetrainingSettings(_Section):
     # retrieval by every candidate and added to its calibrator's fit, so it also learns what a retrieval miss
     # looks like (bench/results/calibration.md); rows whose `original` is not in the split are ignored; "" → none
     calibration_rewordings: str = "data/eval/calibration_reworded.jsonl"
+    # reviewers' corrections of single questions are published to the knowledge base at each run (source
+    # reviewed-answers.jsonl) and trained on with the prompt serving will now build: a small adapter does not
+    # learn a missing fact from a few dozen examples, it learns to ignore its context (bench/results/cycles.md)
+    reviewed_answers_to_kb: bool = True
     eval_share: float = Field(0.1, ge=0.0, lt=1.0)  # share of resolved items held out for evaluation
     eval_max_tokens: int = Field(96, ge=8)
     eval_limit: int = Field(0, ge=0)  # >0: evaluate on at most this many frozen-split rows

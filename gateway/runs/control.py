@@ -79,7 +79,8 @@ async def resolved_rows(reviews: ReviewRepository) -> list[datasets.Resolved]:
     rows = []
     async for item, exchange in reviews.resolved():
         rows.append(datasets.Resolved(item.id, as_utc(item.resolved_at).isoformat() if item.resolved_at else "",
-                                      exchange.messages, item.resolved_answer, exchange.conversation))
+                                      exchange.messages, item.resolved_answer, exchange.conversation,
+                                      item.resolution or "correct"))
     return rows
 
 
