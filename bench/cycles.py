@@ -262,7 +262,7 @@ def report() -> str:
              "then one retraining run through the product's pipeline; a gate-passing candidate is promoted. "
              "Similarity = MiniLM cosine to the reference, greedy, max 96 tokens, retrieval on unless noted. "
              "Frozen split: 100 FAQ questions never trained on. Forgetting probe: 100 seed questions the training uses.", ""]
-    for name in ("warm", "cumulative", "warm-gap", "cumulative-gap"):
+    for name in ("warm", "cumulative", "warm-gap", "cumulative-gap", "warm-gap-nokb"):
         path = RESULTS / f"cycles-{name}.json"  # the latest run; stop 18's warm run: cycles-warm-stop18.json
         if not path.is_file():
             if not name.endswith("-gap"):
@@ -277,6 +277,9 @@ def report() -> str:
         gap = (f"; **knowledge-base gap**: the pool questions' entries removed from the knowledge base "
                f"({r['gap_leaks']} of {r['per_cycle'] * len(r['cycles'])} pool answers still retrieved from other rows)"
                if r.get("kb_gap") else "")
+        if name.endswith("-nokb"):
+            gap += ("; before `retraining.reviewed_answers_to_kb`: corrections trained on the prompt the model saw "
+                    "(a wrong entry), never published to the knowledge base; stopped after one cycle")
         lines += [f"## mode = {mode} ({r['per_cycle']} corrections per cycle{gap})", "",
                   f"Bootstrap {b['version']}: frozen split {b['frozen_rag']:.3f} with retrieval (base model "
                   f"{b['base_frozen_rag']:.3f}), {b['frozen_no_rag']:.3f} without; {b['seconds'] / 60:.1f} min.", "",
