@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from gateway.chat.prompting import CONVERSATION_HEADER, build_messages, retrieval_query
 from gateway.core.settings import PROJECT_ROOT, Settings
+from gateway.knowledge.store import REVIEWED_SOURCE
 from retraining.evaluate import QA, load_qa
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 SPLIT_SEED = 20261121  # fixed forever: the frozen split must not move between runs
 CALIBRATION_SEED = 20261201  # fixed forever: the calibration split's seed questions
-REVIEWED_SOURCE = "reviewed-answers.jsonl"  # the knowledge-base source of published corrections
 CONVERSATION_SEED = 20261216  # which seed examples get an earlier turn (retraining.conversation_share)
 PROBE_SEED = 20261122  # fixed forever: the forgetting probe's seed questions
 
@@ -182,9 +182,19 @@ def calibration_rewordings(settings: Settings, calibration: list[QA]) -> list[QA
         raise DatasetError(f"retraining.calibration_rewordings: no such file {path} (\"\" fits calibrators on the "
                            "verbatim calibration split alone)")
     answers = {question_key(qa.question): qa.answer for qa in calibration}
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [QA(r["question"], answers[question_key(r["original"])]) for r in rows
-            if question_key(r["original"]) in answers]
+    found = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            question, original = str(row["question"]), str(row["original"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"retraining.calibration_rewordings: {path} line {n} is not a JSON object with "
+                               f"'question' and 'original' ({exc})") from exc
+        if question_key(original) in answers:
+            found.append(QA(question, answers[question_key(original)]))
+    return found
 
 
 class FrozenSplit:
@@ -311,6 +321,10 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     scrubber = settings.pii.scrubber()
     split = FrozenSplit.load_or_create(settings)
     calibration = FrozenSplit.calibration(settings, split)
+    reworded = calibration_rewordings(settings, calibration.qa_rows())
+    # a customer's question much like a calibration rewording is held out with it (never trained on,
+    # never published), or the calibrator would learn that rewordings are easy
+    reworded_index = NearDuplicates(cfg.near_duplicate_similarity, {question_key(qa.question) for qa in reworded})
     warm = cfg.mode == "warm" and not bootstrap and parent_manifest is not None
     known = set(parent_manifest.get("known_reviews", [])) if warm else set()
 
@@ -327,7 +341,8 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
     for row, question, key in zip(rows, questions, keys):  # ...then nothing it covers is trained on
         if not question.strip():
             continue
-        if not key.startswith("conversation:") and (split.covers(question) or calibration.covers(question)):
+        if not key.startswith("conversation:") and (split.covers(question) or calibration.covers(question)
+                                                     or reworded_index.match(question_key(question))):
             by_key.pop(key, None)
             near_review += 1
             continue
@@ -387,7 +402,6 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
                                                            ensure_ascii=False) + "\n" for qa in probe), encoding="utf-8")
     (folder / "calibration.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
                                                       for r in calibration.rows), encoding="utf-8")
-    reworded = calibration_rewordings(settings, calibration.qa_rows())
     (folder / "calibration_reworded.jsonl").write_text("".join(
         json.dumps({"question": qa.question, "answer": qa.answer}, ensure_ascii=False) + "\n" for qa in reworded),
         encoding="utf-8")
@@ -407,6 +421,9 @@ def build(settings: Settings, resolved: list[Resolved], kb: KnowledgeBase | None
                     calibration.qa_rows(), reworded)
 
 
+_PLACEHOLDER = re.compile(r"\[[A-Z][A-Z_]{1,15}\]")  # what the PII scrubber puts in place of a detected value
+
+
 def publish_reviewed_answers(settings: Settings, by_key: dict[str, tuple[Resolved, Example]],
                              kb: KnowledgeBase | None) -> int:
     """Reviewers' corrections of single questions become knowledge-base entries
@@ -422,22 +439,26 @@ def publish_reviewed_answers(settings: Settings, by_key: dict[str, tuple[Resolve
     standalone questions and keep the prompt they had. Scrubbed like every training example."""
     if not settings.retraining.reviewed_answers_to_kb or kb is None:
         return 0
+    # a correction that still carries a scrubbed placeholder ("[PHONE]", "[EMAIL]", ...) was about one
+    # customer: it trains (scrubbed), but it is not shown to every customer as an entry
     chosen = {key: (row, ex) for key, (row, ex) in by_key.items()
-              if not key.startswith("conversation:") and row.resolution == "correct"}
+              if not key.startswith("conversation:") and row.resolution == "correct"
+              and not _PLACEHOLDER.search(ex.question + "\n" + ex.messages[-1]["content"])}
     lines = [json.dumps({"question": ex.question, "answer": ex.messages[-1]["content"]}, ensure_ascii=False)
              for _, ex in chosen.values()]
     if lines:
         from gateway.knowledge.documents import DocumentError
 
-        try:
-            kb.ingest_bytes(REVIEWED_SOURCE, ("\n".join(lines) + "\n").encode())
+        data = ("\n".join(lines) + "\n").encode()
+        try:  # not an upload: rag.max_document_bytes does not cap it
+            kb.ingest_bytes(REVIEWED_SOURCE, data, max_bytes=len(data))
         except DocumentError as exc:
-            raise DatasetError(f"retraining.reviewed_answers_to_kb: publishing {len(lines)} corrections failed ({exc}); "
-                               "raise rag.max_document_bytes or turn publishing off") from exc
+            raise DatasetError(f"retraining.reviewed_answers_to_kb: publishing {len(lines)} corrections failed ({exc})") from exc
     elif kb.count():
         kb.delete_source(REVIEWED_SOURCE)
-    for key, (row, ex) in chosen.items():
-        ex.messages = seed_messages(settings, ex.question, ex.messages[-1]["content"], kb)
+    scrubber = settings.pii.scrubber()
+    for key, (row, ex) in chosen.items():  # other retrieved entries are scrubbed like a seed example's
+        ex.messages = scrubber.scrub_messages(seed_messages(settings, ex.question, ex.messages[-1]["content"], kb))
     return len(lines)
 
 

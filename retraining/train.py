@@ -52,6 +52,11 @@ class FrozenRetrieval:
     def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
         return self.search_detailed(query, k, min_score).hits
 
+    def signature(self, query: str) -> str:
+        """What retrieval gave this question: cached answers count only while it is the same (each run
+        may change the knowledge base, e.g. by publishing reviewers' corrections)."""
+        return hashlib.sha256(json.dumps(self._hits.get(query), sort_keys=True).encode()).hexdigest()[:16]
+
     def search_detailed(self, query: str, k: int, min_score: float | None = None) -> Search:
         saved = self._hits.get(query, [])
         if isinstance(saved, list):
@@ -195,7 +200,7 @@ def _eval_fingerprint(settings: Settings) -> str:
 class EvalCache:
     """Per-question evaluation results of sealed adapters (and the base model), so a champion's
     answers on the frozen split are computed once, not again in every cycle's gate. Greedy decoding
-    makes them a function of (adapter files, question, settings fingerprint): exactly in float32; in
+    makes them a function of (adapter files, question, what retrieval gave it, settings fingerprint): exactly in float32; in
     bf16-mixed up to the rare near-tie a different batch composition flips (bench/results/batch_agreement.md),
     so reusing the first computed answers is as good as recomputing them."""
 
@@ -204,11 +209,13 @@ class EvalCache:
         self.path = settings.storage.data_dir / "eval_cache" / f"{version}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
         self.items: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def get(self, mode: str, question: str) -> dict | None:
-        return self.items.get(f"{mode}\x1f{question}")
+    def get(self, mode: str, question: str, retrieved: str = "") -> dict | None:
+        """`retrieved`: the signature of what retrieval gave the question (`FrozenRetrieval.signature`)."""
+        return self.items.get(f"{mode}\x1f{question}\x1f{retrieved}" if retrieved else f"{mode}\x1f{question}")
 
-    def put(self, mode: str, item: dict) -> None:
-        self.items[f"{mode}\x1f{item['question']}"] = item
+    def put(self, mode: str, item: dict, retrieved: str = "") -> None:
+        key = f"{mode}\x1f{item['question']}"
+        self.items[f"{key}\x1f{retrieved}" if retrieved else key] = item
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,13 +257,14 @@ async def evaluate_against_baseline(settings: Settings, registry: AdapterRegistr
             for mode, (rows, rag) in sets.items():
                 if not rows or (mode.startswith("calibration") and name != "candidate"):
                     continue
-                missing = [qa for qa in rows if cache.get(mode, qa.question) is None]
+                seen = (lambda q: retrieval.signature(q)) if rag else (lambda q: "")  # noqa: E731
+                missing = [qa for qa in rows if cache.get(mode, qa.question, seen(qa.question)) is None]
                 if missing:
                     report = await evaluate(settings, engine, embedder, missing, kb=retrieval if rag else None,
                                             rag=rag, adapter=adapter, max_tokens=settings.retraining.eval_max_tokens)
                     for item in report["items"]:
-                        cache.put(mode, item)
-                items = [cache.get(mode, qa.question) for qa in rows]
+                        cache.put(mode, item, seen(item["question"]))
+                items = [cache.get(mode, qa.question, seen(qa.question)) for qa in rows]
                 per_question[name][mode] = items
                 if not mode.startswith("calibration"):  # the calibration split feeds the calibrator only
                     result[name][mode] = summarise(items)

@@ -131,6 +131,7 @@ async def test_ingest_search_stats_delete(client):
         ({"source": "a.md", "content": "x", "format": "pdf"}, 400, "format"),
         ({"source": "a.md"}, 400, "content"),
         ({"source": "a.md", "content": "x", "extra": 1}, 400, "extra"),
+        ({"source": "reviewed-answers.jsonl", "content": '{"question": "q", "answer": "a"}'}, 400, "reserved"),
     ],
 )
 async def test_bad_ingest_requests(client, payload, status, fragment):

@@ -360,6 +360,17 @@ def test_corrections_are_published_to_the_knowledge_base_and_trained_as_served(m
     published = [h for h in kb.search(question, 5, -1.0) if h.metadata["source"] == ds.REVIEWED_SOURCE]
     assert [h.metadata["answer"] for h in published] == ["Order it in NetBanking."]
     assert again.manifest["reviewed_answers_published"] == 1
+    # about one customer (a placeholder survived scrubbing): trained on, never shown to everyone
+    mine = ds.build(settings, [resolved(5, "Why was my card blocked?", "We sent details to jane@example.com.")], kb)
+    assert mine.manifest["reviewed_answers_published"] == 0
+    assert "[EMAIL]" in next(e for e in mine.train if e.source == "review").messages[-1]["content"]
+    # held out for evaluation: neither trained on nor published
+    settings.retraining.eval_share = 1.0
+    with pytest.raises(ds.DatasetTooSmall):  # nothing left to train on either
+        ds.build(settings, [resolved(6, "Do you charge for SMS alerts?", "No, SMS alerts are free."),
+                            resolved(7, "Can I order a chequebook by SMS?", "Yes: send CHQBK to 5676712.")], kb)
+    assert not [h for h in kb.search("Do you charge for SMS alerts?", 5, -1.0) if h.metadata["source"] == ds.REVIEWED_SOURCE]
+    settings.retraining.eval_share = 0.0
     settings.retraining.reviewed_answers_to_kb = False
     off = ds.build(settings, [resolved(4, "Is there a fee for SMS alerts?", "No.")], kb)
     assert off.manifest["reviewed_answers_published"] == 0

@@ -18,6 +18,13 @@ def as_calibrator(row: CalibratorRow) -> Calibrator:
     return Calibrator.from_params(row.params, variant=row.variant, source=row.source, id=row.id)
 
 
+
+def has_signals(parts: dict | None) -> bool:
+    """Logged with this version's raw signals: rows from before calibration have no `formula`, and
+    rows from before the retrieval signals (v4) no `question_match` and another meaning of
+    `second_similarity` — a fit on them would learn from features that no longer mean the same."""
+    return bool(parts) and "formula" in parts and "question_match" in parts
+
 class Calibrators:
     def __init__(self, sessions: async_sessionmaker) -> None:
         self.sessions = sessions
@@ -69,8 +76,7 @@ class Calibrators:
                  .order_by(ReviewItem.resolved_at.desc()).limit(limit))
         async with self.sessions() as s:
             rows = (await s.execute(query)).all()
-        return [(parts, resolution in GOOD_RESOLUTIONS) for parts, resolution in rows
-                if parts and "formula" in parts]
+        return [(parts, resolution in GOOD_RESOLUTIONS) for parts, resolution in rows if has_signals(parts)]
 
     async def recent_parts(self, variant: str, limit: int) -> list[dict]:
         """Confidence parts of the variant's newest answered exchanges (for a review-share threshold)."""
@@ -79,4 +85,4 @@ class Calibrators:
                                                          Exchange.retrieval.is_distinct_from("no_match"))
                  .order_by(Exchange.created_at.desc()).limit(limit))
         async with self.sessions() as s:
-            return [p for p in (await s.scalars(query)).all() if p and "formula" in p]
+            return [p for p in (await s.scalars(query)).all() if has_signals(p)]

@@ -48,7 +48,7 @@ class Confidence:
     formula: float = 0.0  # the v2 formula's value (equal to score when no calibrator applied)
     mean_entropy: float | None = None  # mean next-token entropy (nats); None when the engine gives none
     tokens: int = 0  # completion tokens
-    second_similarity: float | None = None  # the second retrieved entry's similarity
+    second_similarity: float | None = None  # the best rival candidate's similarity (Search.rival; may exceed the first's)
     entry_overlap: float | None = None  # share of the answer's words found in the top retrieved entry
     question_match: float | None = None  # the retrieval query vs the first-ranked entry's own question
     calibrator: int | None = None  # the calibrator that gave `score` (None: the formula)

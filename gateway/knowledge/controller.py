@@ -20,7 +20,7 @@ from gateway.knowledge.schemas import (
     KnowledgeStats,
     SearchResult,
 )
-from gateway.knowledge.store import KnowledgeBase
+from gateway.knowledge.store import REVIEWED_SOURCE, KnowledgeBase
 
 
 class IngestRequest(BaseModel):
@@ -45,6 +45,10 @@ class KnowledgeController(Controller):
 
     @post("/documents", guards=[require("admin")], status_code=201, summary="Ingest (or replace) one document")
     async def ingest(self, request: Request, data: JSONBody[IngestRequest]) -> IngestResult:
+        if data.source == REVIEWED_SOURCE:
+            raise InvalidRequest(f"'{REVIEWED_SOURCE}' is reserved for reviewers' corrections, which each retraining "
+                                 "run publishes (retraining.reviewed_answers_to_kb); choose another source name",
+                                 param="source", code="reserved_source")
         kb = _kb(request)
         try:
             result = await asyncio.to_thread(kb.ingest_bytes, data.source, data.content.encode(), data.format)

@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 _WRITE_BATCH = 256
 _READ_PAGE = 5000
 _VERSION_KEY = "lexical_version"
+REVIEWED_SOURCE = "reviewed-answers.jsonl"  # reviewers' corrections, published by each retraining run (reserved)
 _QUESTION_CACHE = 4096  # entry questions whose embedding is kept (384 floats each: ~6 MB)
 
 
@@ -109,10 +110,11 @@ class KnowledgeBase:
 
     # ---- writing --------------------------------------------------------------------------
     def ingest_bytes(self, source: str, data: bytes, fmt: str | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> IngestResult:
-        """Parse (raises DocumentError before touching the collection), embed, then write."""
-        chunks = parse(source, data, fmt=fmt, chunk_chars=self.cfg.chunk_chars,
-                       chunk_overlap=self.cfg.chunk_overlap, max_bytes=self.cfg.max_document_bytes)
+                     progress: Callable[[int, int], None] | None = None, max_bytes: int | None = None) -> IngestResult:
+        """Parse (raises DocumentError before touching the collection), embed, then write. `max_bytes`:
+        the size cap (`rag.max_document_bytes`, an upload's; the product's own sources set theirs)."""
+        chunks = parse(source, data, fmt=fmt, chunk_chars=self.cfg.chunk_chars, chunk_overlap=self.cfg.chunk_overlap,
+                       max_bytes=self.cfg.max_document_bytes if max_bytes is None else max_bytes)
         return self.ingest_chunks(source, chunks, content_hash(data), progress)
 
     def ingest_chunks(self, source: str, chunks: list[Chunk], digest: str,
@@ -182,12 +184,13 @@ class KnowledgeBase:
     def search(self, query: str, k: int, min_score: float | None = None) -> list[Hit]:
         """The `k` best chunks for `query` whose cosine similarity is at least `min_score`
         (`rag.min_score` when None): embedding neighbours, fused with BM25 in hybrid mode."""
-        return self.search_detailed(query, k, min_score).hits
+        return self.search_detailed(query, k, min_score, signals=False).hits
 
-    def search_detailed(self, query: str, k: int, min_score: float | None = None) -> Search:
+    def search_detailed(self, query: str, k: int, min_score: float | None = None, *, signals: bool = True) -> Search:
         """`search`, with the signals of how sure the retrieval is (`Search`), for the confidence
-        calibrator: the best rival of the first-ranked entry and how well that entry's own question
-        matches the query. They cost one more candidate and one short embedding (cached)."""
+        calibrator: the best rival of the first-ranked entry (which may be more similar than it, when
+        the fusion ranked it first) and how well that entry's own question matches the query. They
+        cost one more candidate and one short embedding (cached); `signals=False` skips them."""
         if self.collection.count() == 0:
             return Search([], None, None)
         vector = self.embedder.embed([query])[0]
@@ -202,7 +205,7 @@ class KnowledgeBase:
         ranked = self._fuse(query, vector, dense, k) if hybrid else dense[:k]
         floor = self.cfg.min_score if min_score is None else min_score
         hits = [h for h in ranked if h.score >= floor]
-        if not ranked:
+        if not ranked or not signals:
             return Search(hits, None, None)
         first = ranked[0]
         rival = max((h.score for h in dense + ranked[1:] if h.id != first.id), default=None)
@@ -211,10 +214,12 @@ class KnowledgeBase:
         return Search(hits, rival, match)
 
     def _question_vector(self, question: str) -> np.ndarray:
-        """An entry's question, embedded alone (chunks are embedded with their answer): a bounded cache,
-        as the same popular entries come back again and again."""
+        """An entry's question, embedded alone (chunks are embedded with their answer): a bounded
+        least-recently-used cache, as the same popular entries come back again and again."""
         with self._question_lock:
-            vector = self._question_vectors.get(question)
+            vector = self._question_vectors.pop(question, None)
+            if vector is not None:
+                self._question_vectors[question] = vector  # most recently used last
         if vector is None:
             vector = self.embedder.embed([question])[0]
             with self._question_lock:
