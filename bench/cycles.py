@@ -189,7 +189,7 @@ async def cycles(args) -> None:  # noqa: ANN001
     retrainer = Retrainer(settings, sessions, kb=lambda: kb)
     experiments = Experiments(settings, sessions, retrainer.registry)
     boot = json.loads((source / "bootstrap.json").read_text())
-    out = {"mode": args.mode, "kb_gap": args.kb_gap, "gap_leaks": len(leaks) if args.kb_gap else None,
+    out = {"mode": args.mode, "kb_gap": args.kb_gap, "gap_leaks": len(leaks) if args.kb_gap else None, "pool": len(pool),
            "per_cycle": args.per_cycle, "bootstrap": {
         "version": boot["version"], "seconds": boot["seconds"],
         "frozen_rag": boot["evaluation"]["candidate"]["rag"]["similarity_mean"],
@@ -275,7 +275,7 @@ def report() -> str:
         b = r["bootstrap"]
         mode = r["mode"]
         gap = (f"; **knowledge-base gap**: the pool questions' entries removed from the knowledge base "
-               f"({r['gap_leaks']} of {r['per_cycle'] * len(r['cycles'])} pool answers still retrieved from other rows)"
+               f"({r['gap_leaks']} of {r.get('pool', 3 * r['per_cycle'])} pool answers still retrieved from other rows)"
                if r.get("kb_gap") else "")
         if name.endswith("-nokb"):
             gap += ("; before `retraining.reviewed_answers_to_kb`: corrections trained on the prompt the model saw "
