@@ -423,13 +423,16 @@ evaluate_interval_s = 1
         assert run["status"] == "succeeded", run
         assert run["metrics"]["dataset"]["mode"] == "warm" and run["metrics"]["dataset"]["new_reviewed_examples"] == 2
         assert run["metrics"]["training"]["initialised_from"] == "v0001"
-        # the corrections filled the knowledge base: from this run on they are what retrieval finds
-        assert run["metrics"]["dataset"]["reviewed_answers_published"] == 2
-        for question, fix in fixes.items():
-            [found] = httpx.get(f"{base}/v1/knowledge/search", params={"q": question, "k": 1}, headers=reviewer,
-                                timeout=30).json()["results"]
-            assert found["source"] == "reviewed-answers.jsonl" and found["question"] == question
-            assert found["answer"].startswith(fix[:12])  # scrubbed like any training example
+        # the PIN correction filled the knowledge base: from this run on it is what retrieval finds; the
+        # block-card one carried a number the bank did not list as its own (scrubbed to [PHONE]), so it
+        # trains but is not shown to every customer
+        assert run["metrics"]["dataset"]["reviewed_answers_published"] == 1
+        search = lambda q: httpx.get(f"{base}/v1/knowledge/search", params={"q": q, "k": 3}, headers=reviewer,  # noqa: E731
+                                     timeout=30).json()["results"]
+        [found, *_] = search("Can I change my PIN online?")
+        assert found["source"] == "reviewed-answers.jsonl" and found["answer"] == fixes["Can I change my PIN online?"]
+        assert not [h for h in search("How do I block my card?") if h["source"] == "reviewed-answers.jsonl"
+                    and h["question"] == "How do I block my card?"]
         gate = run["metrics"]["gate"]
         assert gate["baseline_version"] == "v0001" and set(gate["checks"]) == {"rag", "no_rag", "forgetting"}
         assert all(len(c["interval"]) == 2 and "rule" in c for c in gate["checks"].values())
