@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from gateway.chat.prompting import CONVERSATION_HEADER, build_messages, retrieval_query
 from gateway.core.settings import PROJECT_ROOT, Settings
+from gateway.knowledge.documents import DocumentError
 from gateway.knowledge.store import REVIEWED_SOURCE
 from retraining.evaluate import QA, load_qa
 
@@ -447,8 +448,6 @@ def publish_reviewed_answers(settings: Settings, by_key: dict[str, tuple[Resolve
     lines = [json.dumps({"question": ex.question, "answer": ex.messages[-1]["content"]}, ensure_ascii=False)
              for _, ex in chosen.values()]
     if lines:
-        from gateway.knowledge.documents import DocumentError
-
         data = ("\n".join(lines) + "\n").encode()
         try:  # not an upload: rag.max_document_bytes does not cap it
             kb.ingest_bytes(REVIEWED_SOURCE, data, max_bytes=len(data))
@@ -457,7 +456,7 @@ def publish_reviewed_answers(settings: Settings, by_key: dict[str, tuple[Resolve
     elif kb.count():
         kb.delete_source(REVIEWED_SOURCE)
     scrubber = settings.pii.scrubber()
-    for key, (row, ex) in chosen.items():  # other retrieved entries are scrubbed like a seed example's
+    for _, ex in chosen.values():  # other retrieved entries are scrubbed like a seed example's
         ex.messages = scrubber.scrub_messages(seed_messages(settings, ex.question, ex.messages[-1]["content"], kb))
     return len(lines)
 

@@ -146,7 +146,7 @@ async def _answer(settings: Settings, engine: Engine, kb: KnowledgeBase | None, 
     if rag:
         got = await retrieve(settings, kb, retrieval_query(conversation, settings.rag.query_turns), settings.rag.top_k)
         hits, top = got.hits, got.top
-        signals = {"rival": got.rival, "question_match": got.question_match}
+        signals = got.signals()
         fallback = is_no_match(settings, got.first)
     messages = build_messages(settings, conversation, hits)
     stream = CannedAnswer(settings.rag.fallback_answer) if fallback else await engine.submit(

@@ -18,12 +18,12 @@ def as_calibrator(row: CalibratorRow) -> Calibrator:
     return Calibrator.from_params(row.params, variant=row.variant, source=row.source, id=row.id)
 
 
-
 def has_signals(parts: dict | None) -> bool:
     """Logged with this version's raw signals: rows from before calibration have no `formula`, and
     rows from before the retrieval signals (v4) no `question_match` and another meaning of
     `second_similarity` — a fit on them would learn from features that no longer mean the same."""
     return bool(parts) and "formula" in parts and "question_match" in parts
+
 
 class Calibrators:
     def __init__(self, sessions: async_sessionmaker) -> None:

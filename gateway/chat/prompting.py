@@ -130,6 +130,10 @@ class Retrieved(NamedTuple):
     rival: float | None = None  # the best similarity of any other candidate (confidence: how clear-cut the pick was)
     question_match: float | None = None  # the query vs the first-ranked entry's own question
 
+    def signals(self) -> dict:
+        """The retrieval's confidence signals, as `confidence.score` takes them."""
+        return {"rival": self.rival, "question_match": self.question_match}
+
 
 async def retrieve(settings: Settings, kb: KnowledgeBase, question: str, k: int) -> Retrieved:
     """Top-k hits for the question. The fallback looks at the first-ranked entry alone, so asking for

@@ -265,7 +265,7 @@ class ChatService:
             try:
                 found = await retrieve(self.settings, self.kb, query, req.rag_top_k or self.settings.rag.top_k)
                 hits, top, first, retrieval_ms = found.hits, found.top, found.first, found.ms
-                signals = {"rival": found.rival, "question_match": found.question_match}
+                signals = found.signals()
                 metrics.RETRIEVAL_SECONDS.observe(retrieval_ms / 1000)
             except Exception as exc:  # noqa: BLE001 - a knowledge base that is down degrades the answer, not the chat
                 log.warning("retrieval.unavailable", error_type=type(exc).__name__)

@@ -19,6 +19,7 @@ confidence signals and `rag.min_score` mean the same thing in both modes.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -105,8 +106,9 @@ class KnowledgeBase:
         self._lexical_lock = threading.Lock()
         self._lexical_checked = 0.0
         self._lexical_stale = True  # this process wrote since the index was built
-        self._question_vectors: dict[str, np.ndarray] = {}
-        self._question_lock = threading.Lock()
+        # an entry's question embedded alone (chunks are embedded with their answer), least recently
+        # used evicted: the same popular entries come back again and again
+        self._question_vector = functools.lru_cache(maxsize=_QUESTION_CACHE)(lambda q: self.embedder.embed([q])[0])
 
     # ---- writing --------------------------------------------------------------------------
     def ingest_bytes(self, source: str, data: bytes, fmt: str | None = None,
@@ -212,21 +214,6 @@ class KnowledgeBase:
         question = first.metadata.get("question")
         match = float(cosine(vector, self._question_vector(question)[None, :])[0]) if question else None
         return Search(hits, rival, match)
-
-    def _question_vector(self, question: str) -> np.ndarray:
-        """An entry's question, embedded alone (chunks are embedded with their answer): a bounded
-        least-recently-used cache, as the same popular entries come back again and again."""
-        with self._question_lock:
-            vector = self._question_vectors.pop(question, None)
-            if vector is not None:
-                self._question_vectors[question] = vector  # most recently used last
-        if vector is None:
-            vector = self.embedder.embed([question])[0]
-            with self._question_lock:
-                if len(self._question_vectors) >= _QUESTION_CACHE:
-                    self._question_vectors.pop(next(iter(self._question_vectors)))
-                self._question_vectors[question] = vector
-        return vector
 
     def _fuse(self, query: str, vector: np.ndarray, dense: list[Hit], k: int) -> list[Hit]:
         lexical = self.lexical_index().search(query, max(k, self.cfg.candidates))
