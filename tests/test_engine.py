@@ -475,3 +475,28 @@ async def test_bf16_mixed_keeps_the_residual_stream_float32_and_tracks_float32(t
     finally:
         await eng.stop()
         await full.stop()
+
+
+def test_only_the_engine_thread_computes_on_several_openmp_threads():
+    """threads.py: a serving process keeps one multi-threaded OpenMP team (the worker's); every
+    other thread computes on one, so libgomp never throttles the worker's spinning."""
+    import threading
+
+    import torch
+
+    from gateway.engine.threads import DEFAULT_THREADS, serve_single_threaded, use_threads_here
+
+    def in_thread(fn):
+        out = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    try:
+        serve_single_threaded()
+        assert in_thread(torch.get_num_threads) == 1
+        assert in_thread(lambda: (use_threads_here(2), torch.get_num_threads())[1]) == 2
+        assert in_thread(torch.get_num_threads) == 1  # the worker's count did not become the default
+    finally:
+        torch.set_num_threads(DEFAULT_THREADS)

@@ -45,6 +45,9 @@ class ServerSettings(_Section):
     # (gateway/runs/lease.py); it renews every scheduler_renew_s, another takes over after scheduler_lease_s
     scheduler_lease_s: float = Field(15.0, gt=0.0)
     scheduler_renew_s: float = Field(5.0, gt=0.0)
+    # once loaded, move the startup objects out of the garbage collector's full passes (gc.freeze):
+    # each full pass over them held the GIL ~0.25 s mid-stream (docs/benchmarks.md, "One OpenMP team")
+    gc_freeze: bool = True
 
     @model_validator(mode="after")
     def _renew_within_the_lease(self) -> "ServerSettings":

@@ -59,6 +59,7 @@ from gateway.engine.precision import (
     resolve_dtype,
 )
 from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
+from gateway.engine.threads import DEFAULT_THREADS, serve_single_threaded, use_threads_here
 
 log = structlog.get_logger(__name__)
 
@@ -175,6 +176,7 @@ class LocalEngine:
         self._stale_variants: set[str] = set()
         self._pending: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
         self._torch_threads = torch_threads
+        self._threads = torch_threads or DEFAULT_THREADS  # the worker thread's OpenMP threads (set at start)
         self._prepack_rows = prepack_rows
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -193,6 +195,10 @@ class LocalEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        # one multi-threaded OpenMP team in the process, the worker's (threads.py): every other
+        # thread, the loader and the knowledge base's embedders included, computes on one
+        self._threads = self._torch_threads or DEFAULT_THREADS
+        serve_single_threaded()
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._run, name="tellerloop-engine", daemon=True)
         self._thread.start()
@@ -282,8 +288,6 @@ class LocalEngine:
                 "adapter_bytes": resident}  # every adapter in memory, retired ones still draining included
 
     def _load(self) -> None:
-        if self._torch_threads:
-            torch.set_num_threads(self._torch_threads)
         if not self.model_path:
             self.model_path = self._model_source()
         started = time.perf_counter()
@@ -361,6 +365,7 @@ class LocalEngine:
 
     # ---- worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        use_threads_here(self._threads)
         config = self.model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, self._dtype,
