@@ -139,11 +139,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
                     interrupted = await retrainer.mark_interrupted()
                     if interrupted:
                         log.warning("retrain.interrupted_runs_failed", runs=interrupted)
+                    if settings.server.gc_freeze:  # what startup built (~600k objects) leaves the collector's full passes
+                        gc.collect()  # its garbage first: frozen objects are never collected
+                        gc.freeze()
                     app.state.serving_ready = True
                     await lease.tick()  # lead at once if nobody does (a single gateway, the first replica)
                     scheduler.resume()
-                    if settings.server.gc_freeze:
-                        gc.freeze()  # what startup built (~600k objects) leaves the collector's full passes
                     log.info("gateway.ready", host=settings.server.host, port=settings.server.port)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("engine.start_failed")
@@ -154,6 +155,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
                 yield
             finally:
                 loader.cancel()
+                gc.unfreeze()  # an app stopped in a process that goes on (tests) can be collected
                 scheduler.shutdown(wait=False)
                 try:  # another replica leads at its next tick; a database that hangs must not hold up the stop
                     await asyncio.wait_for(lease.release(), 3)

@@ -28,6 +28,7 @@ from gateway.calibration.calibrator import NotEnoughLabels
 from gateway.calibration.repository import Calibrators
 from gateway.core.runtime import build_engine, open_database
 from gateway.core.settings import Settings
+from gateway.engine.threads import in_own_thread
 from gateway.experiments.repository import Experiments
 from gateway.knowledge.embeddings import Embedder
 from gateway.knowledge.store import Hit, Search
@@ -112,8 +113,10 @@ async def _train_evaluate_gate(settings, run, runs: RunStore, registry: AdapterR
         log_file.flush()
 
     out = registry.path(run.adapter_version)
-    train_metrics = await asyncio.to_thread(train_adapter, settings, train, eval_messages, out, report, write,
-                                            parent_dir)
+    # on a thread that ends with the training: its OpenMP team must not stay beside the evaluation
+    # engine's (gateway/engine/threads.py)
+    train_metrics = await in_own_thread(train_adapter, settings, train, eval_messages, out, report, write,
+                                        parent_dir)
     train_metrics["initialised_from"] = init
     await registry.seal(run.adapter_version)
     await registry.transition(run.adapter_version, "candidate", metrics={"training": train_metrics})

@@ -479,12 +479,19 @@ async def test_bf16_mixed_keeps_the_residual_stream_float32_and_tracks_float32(t
 
 def test_only_the_engine_thread_computes_on_several_openmp_threads():
     """threads.py: a serving process keeps one multi-threaded OpenMP team (the worker's); every
-    other thread computes on one, so libgomp never throttles the worker's spinning."""
+    other thread computes on one, so libgomp never throttles the worker's spinning. Found through
+    torch's own library even where scikit-learn's libgomp copy is loaded too."""
+    import re
     import threading
 
+    import sklearn.linear_model  # noqa: F401 - loads scikit-learn's own libgomp
     import torch
 
     from gateway.engine.threads import DEFAULT_THREADS, serve_single_threaded, use_threads_here
+
+    def counts() -> tuple[int, int]:
+        info = torch.__config__.parallel_info()  # of the calling thread
+        return torch.get_num_threads(), int(re.search(r"mkl_get_max_threads\(\) : (\d+)", info).group(1))
 
     def in_thread(fn):
         out = []
@@ -495,8 +502,25 @@ def test_only_the_engine_thread_computes_on_several_openmp_threads():
 
     try:
         serve_single_threaded()
-        assert in_thread(torch.get_num_threads) == 1
-        assert in_thread(lambda: (use_threads_here(2), torch.get_num_threads())[1]) == 2
-        assert in_thread(torch.get_num_threads) == 1  # the worker's count did not become the default
+        assert in_thread(counts) == (1, 1)
+        assert in_thread(lambda: (use_threads_here(2), counts())[1]) == (2, 2)
+        assert in_thread(counts) == (1, 1)  # the worker's count did not become the default
     finally:
         torch.set_num_threads(DEFAULT_THREADS)
+
+
+async def test_work_in_its_own_thread_returns_and_raises_and_the_thread_ends():
+    import threading
+
+    from gateway.engine.threads import in_own_thread
+
+    def work(x: int) -> int:
+        return x * 2
+
+    def fail() -> None:
+        raise ValueError("bad input")
+
+    assert await in_own_thread(work, 21) == 42
+    with pytest.raises(ValueError, match="bad input"):
+        await in_own_thread(fail)
+    assert not [t for t in threading.enumerate() if t.name in ("work", "fail")]

@@ -176,7 +176,10 @@ class LocalEngine:
         self._stale_variants: set[str] = set()
         self._pending: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
         self._torch_threads = torch_threads
-        self._threads = torch_threads or DEFAULT_THREADS  # the worker thread's OpenMP threads (set at start)
+        self._threads = torch_threads or DEFAULT_THREADS  # the worker thread's OpenMP threads
+        # one multi-threaded OpenMP team in the process, the worker's (threads.py): from here on every
+        # other thread, the loader and the knowledge base's embedders included, computes on one
+        serve_single_threaded()
         self._prepack_rows = prepack_rows
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,10 +198,6 @@ class LocalEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        # one multi-threaded OpenMP team in the process, the worker's (threads.py): every other
-        # thread, the loader and the knowledge base's embedders included, computes on one
-        self._threads = self._torch_threads or DEFAULT_THREADS
-        serve_single_threaded()
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._run, name="tellerloop-engine", daemon=True)
         self._thread.start()
@@ -365,7 +364,8 @@ class LocalEngine:
 
     # ---- worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        use_threads_here(self._threads)
+        if not use_threads_here(self._threads):
+            log.warning("engine.worker_threads_not_set", wanted=self._threads, got=torch.get_num_threads())
         config = self.model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, self._dtype,

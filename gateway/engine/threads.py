@@ -12,58 +12,89 @@ engine's own speed.
 
 So the serving process runs every thread with one OpenMP thread (torch's process-wide default,
 which a thread reads when it first runs an op: no teams form), and the engine's worker thread alone
-raises its own count. It does that through the runtime's `omp_set_num_threads`, which is per thread;
-`torch.set_num_threads` would also raise the default for every thread that starts later.
+raises its own count. It does that through the C entry points torch's own library links,
+`omp_set_num_threads` and MKL's `MKL_Set_Num_Threads_Local` (float32 matmuls without prepacking run
+on MKL), both per thread; `torch.set_num_threads` would also raise the default for every thread that
+starts later. They are looked up through `libtorch_cpu`'s handle, which searches the libraries it
+depends on: a name search of the process could find another OpenMP copy first (scikit-learn ships
+its own libgomp).
+
+A thread that has to compute on all cores outside the engine (the trainer process trains before it
+evaluates) runs on a thread of its own that ends with the work (`in_own_thread`): its team goes with
+it, instead of staying beside the evaluation engine's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import threading
 from functools import lru_cache
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import structlog
 import torch
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (physical cores), read before anything lowers it
-_RUNTIMES = ("libgomp", "libiomp5", "libomp")
 
 
 def serve_single_threaded() -> None:
-    """Every thread that has not run a torch op yet will use one OpenMP thread (call before the
-    serving process starts its executor threads)."""
+    """Every thread that has not run a torch op yet will use one OpenMP thread (the serving
+    process's default, set before its executor threads compute anything)."""
     torch.set_num_threads(1)
 
 
 @lru_cache(maxsize=1)
-def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (its own copy, found in the process's mappings), or None."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if ".so" in line}
-    except OSError:
-        return None
-    for name in _RUNTIMES:
-        for path in sorted(paths):
-            if path.rsplit("/", 1)[-1].startswith(name):
-                try:
-                    return ctypes.CDLL(path)  # already loaded: the same handle, no second runtime
-                except OSError:
-                    continue
+def _torch_library() -> ctypes.CDLL | None:
+    lib = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        try:
+            return ctypes.CDLL(str(lib / name))  # already loaded: the same handle
+        except OSError:
+            continue
     return None
 
 
 def use_threads_here(threads: int) -> bool:
-    """Give the calling thread `threads` OpenMP threads without changing torch's default for other
-    threads. Returns False (and falls back to `torch.set_num_threads`, which changes both) where the
-    runtime is not found."""
-    torch.get_num_threads()  # torch's lazy per-thread init runs now, not after the call below
-    runtime = _openmp_runtime()
-    if runtime is None:
-        log.warning("engine.openmp_runtime_not_found", threads=threads,
-                    hint="torch.set_num_threads used instead: other threads get the same count")
+    """Give the calling thread `threads` OpenMP (and MKL) threads without changing torch's default
+    for other threads. Where the entry points are not found, falls back to `torch.set_num_threads`
+    (which changes both) and returns False."""
+    torch.get_num_threads()  # torch's lazy per-thread set-up runs now, not after the calls below
+    library = _torch_library()
+    try:
+        library.omp_set_num_threads(ctypes.c_int(threads))
+    except AttributeError:  # no library (None has no attribute either) or no OpenMP in it
+        log.warning("engine.per_thread_threads_unavailable", threads=threads,
+                    hint="torch.set_num_threads used instead: threads started later get the same count")
         torch.set_num_threads(threads)
         return False
-    runtime.omp_set_num_threads(ctypes.c_int(threads))
+    try:
+        library.MKL_Set_Num_Threads_Local(ctypes.c_int(threads))  # the C entry point: takes the value
+    except AttributeError:
+        pass  # a torch built without MKL
     return torch.get_num_threads() == threads
+
+
+async def in_own_thread(fn: Callable[..., T], *args: object) -> T:
+    """`asyncio.to_thread`, on a thread that ends with `fn`: whatever OpenMP team it builds goes with it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+        else:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "work"), daemon=True)
+    thread.start()
+    try:
+        return await done
+    finally:
+        await asyncio.to_thread(thread.join)  # the team is released when the thread exits
