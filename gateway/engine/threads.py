@@ -88,7 +88,8 @@ async def in_own_thread(fn: Callable[..., T], *args: object) -> T:
         try:
             result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+            # bound now: the name `exc` is unset when the except block ends, before the loop runs this
+            loop.call_soon_threadsafe(lambda error=exc: done.done() or done.set_exception(error))
         else:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
