@@ -36,6 +36,7 @@ from gateway.core.runtime import build_engine, build_knowledge_base, open_databa
 from gateway.core.security import CustomerIds
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine
+from gateway.engine.threads import in_own_thread, on_all_cores
 from gateway.exchanges.controller import ExchangesController
 from gateway.exchanges.repository import ExchangeRepository
 from gateway.experiments.console import ExperimentsConsoleController
@@ -120,7 +121,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
 
             async def load_knowledge() -> None:
                 try:
-                    kb = await asyncio.to_thread(build_knowledge_base, settings)
+                    # on all cores, on a thread whose OpenMP team ends with it (engine/threads.py)
+                    kb = await in_own_thread(on_all_cores(build_knowledge_base), settings)
                     app.state.kb = app.state.chat_service.kb = kb
                     metrics.KB_CHUNKS.set(kb.count())
                 except Exception as exc:  # noqa: BLE001

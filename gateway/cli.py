@@ -176,6 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
     from gateway.core.logging import configure_logging
     from gateway.core.runtime import build_engine, build_knowledge_base
     from gateway.engine.base import EngineError
+    from gateway.engine.threads import in_own_thread, on_all_cores
     from retraining.evaluate import evaluate, sets_table
 
     settings = _settings(args)
@@ -204,7 +205,7 @@ def _eval(args: argparse.Namespace) -> int:
     async def run() -> dict[str, dict[str, dict]]:
         folders = await adapter_dirs()
         engine = build_engine(settings, borrowed=True)  # an upstream's other adapters are not ours to unload
-        kb = await asyncio.to_thread(build_knowledge_base, settings) if args.rag else None
+        kb = await in_own_thread(on_all_cores(build_knowledge_base), settings) if args.rag else None
         embedder = kb.embedder if kb else Embedder(settings.rag.embedding_model)
         await engine.start()
         reports: dict[str, dict[str, dict]] = {}
@@ -304,6 +305,7 @@ def _retrain(args: argparse.Namespace) -> int:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     from gateway.core.logging import configure_logging
     from gateway.core.runtime import build_knowledge_base, open_database
+    from gateway.engine.threads import in_own_thread, on_all_cores
     from gateway.runs.control import Retrainer, RunRefused
 
     settings = _settings(args)
@@ -325,7 +327,7 @@ def _retrain(args: argparse.Namespace) -> int:
                                   "min_new_labels": settings.retraining.min_new_labels,
                                   "bootstrap": await retrainer.bootstrap_due()}))
                 return 0
-            kb_box[0] = await asyncio.to_thread(build_knowledge_base, settings)  # the gate evaluates with retrieval
+            kb_box[0] = await in_own_thread(on_all_cores(build_knowledge_base), settings)  # the gate evaluates with retrieval
             try:
                 started = await retrainer.start("cli", "cli", overrides, force=args.force)
             except RunRefused as exc:

@@ -487,7 +487,7 @@ def test_only_the_engine_thread_computes_on_several_openmp_threads():
     import sklearn.linear_model  # noqa: F401 - loads scikit-learn's own libgomp
     import torch
 
-    from gateway.engine.threads import DEFAULT_THREADS, serve_single_threaded, use_threads_here
+    from gateway.engine.threads import default_threads, on_all_cores, serve_single_threaded, use_threads_here
 
     def counts() -> tuple[int, int]:
         info = torch.__config__.parallel_info()  # of the calling thread
@@ -505,8 +505,10 @@ def test_only_the_engine_thread_computes_on_several_openmp_threads():
         assert in_thread(counts) == (1, 1)
         assert in_thread(lambda: (use_threads_here(2), counts())[1]) == (2, 2)
         assert in_thread(counts) == (1, 1)  # the worker's count did not become the default
+        everything = default_threads()
+        assert in_thread(on_all_cores(counts)) == (everything, everything)  # bulk work on its own thread
     finally:
-        torch.set_num_threads(DEFAULT_THREADS)
+        torch.set_num_threads(default_threads())
 
 
 async def test_work_in_its_own_thread_returns_and_raises_and_the_thread_ends():

@@ -59,7 +59,7 @@ from gateway.engine.precision import (
     resolve_dtype,
 )
 from gateway.engine.slots import ATTENTION, SlotCache, StepPlan, forward, llama_parts
-from gateway.engine.threads import DEFAULT_THREADS, serve_single_threaded, use_threads_here
+from gateway.engine.threads import default_threads, serve_single_threaded, use_threads_here
 
 log = structlog.get_logger(__name__)
 
@@ -176,7 +176,7 @@ class LocalEngine:
         self._stale_variants: set[str] = set()
         self._pending: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
         self._torch_threads = torch_threads
-        self._threads = torch_threads or DEFAULT_THREADS  # the worker thread's OpenMP threads
+        self._threads = torch_threads or default_threads()  # the worker thread's OpenMP threads
         # one multi-threaded OpenMP team in the process, the worker's (threads.py): from here on every
         # other thread, the loader and the knowledge base's embedders included, computes on one
         serve_single_threaded()

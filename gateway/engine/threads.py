@@ -19,9 +19,10 @@ starts later. They are looked up through `libtorch_cpu`'s handle, which searches
 depends on: a name search of the process could find another OpenMP copy first (scikit-learn ships
 its own libgomp).
 
-A thread that has to compute on all cores outside the engine (the trainer process trains before it
-evaluates) runs on a thread of its own that ends with the work (`in_own_thread`): its team goes with
-it, instead of staying beside the evaluation engine's.
+Work that should compute on all cores outside the engine (the trainer process trains before it
+evaluates; the knowledge base is embedded at startup) runs on a thread of its own that ends with the
+work (`in_own_thread`, `on_all_cores`): its team goes with it, instead of staying beside the
+engine's.
 """
 
 from __future__ import annotations
@@ -34,22 +35,36 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import structlog
-import torch
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (physical cores), read before anything lowers it
+# torch is imported in the functions: the CLI and an upstream-mode gateway import this module early
+_default_threads: int | None = None  # torch's own choice (physical cores), before it was lowered
+
+
+def default_threads() -> int:
+    """torch's default thread count as it was before `serve_single_threaded` lowered it."""
+    import torch
+
+    return _default_threads if _default_threads is not None else torch.get_num_threads()
 
 
 def serve_single_threaded() -> None:
     """Every thread that has not run a torch op yet will use one OpenMP thread (the serving
     process's default, set before its executor threads compute anything)."""
+    global _default_threads
+    import torch
+
+    if _default_threads is None:
+        _default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
 
 @lru_cache(maxsize=1)
 def _torch_library() -> ctypes.CDLL | None:
+    import torch
+
     lib = Path(torch.__file__).parent / "lib"
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
         try:
@@ -63,6 +78,8 @@ def use_threads_here(threads: int) -> bool:
     """Give the calling thread `threads` OpenMP (and MKL) threads without changing torch's default
     for other threads. Where the entry points are not found, falls back to `torch.set_num_threads`
     (which changes both) and returns False."""
+    import torch
+
     torch.get_num_threads()  # torch's lazy per-thread set-up runs now, not after the calls below
     library = _torch_library()
     try:
@@ -77,6 +94,18 @@ def use_threads_here(threads: int) -> bool:
     except AttributeError:
         pass  # a torch built without MKL
     return torch.get_num_threads() == threads
+
+
+def on_all_cores(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn`, computing on torch's default thread count: for bulk work beside the engine (embedding a
+    whole knowledge base at startup), run with `in_own_thread` so that its team goes when it ends."""
+
+    def run(*args: object) -> T:
+        use_threads_here(default_threads())
+        return fn(*args)
+
+    run.__name__ = getattr(fn, "__name__", "work")
+    return run
 
 
 async def in_own_thread(fn: Callable[..., T], *args: object) -> T:
