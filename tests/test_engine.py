@@ -466,9 +466,8 @@ async def test_bf16_mixed_keeps_the_residual_stream_float32_and_tracks_float32(t
                 n = next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), len(tokens))
                 assert n >= 1 and logprobs[:n] == pytest.approx(other_logprobs[:n], abs=0.05)
 
-        streams = set()  # the residual stream the decoder layers hand on is float32
-        hook = eng.model.model.layers[-1].register_forward_hook(
-            lambda module, args, out: streams.add((out[0] if isinstance(out, tuple) else out).dtype))
+        streams = set()  # the residual stream the decoder layers hand on (into the final norm) is float32
+        hook = eng.model.model.norm.register_forward_pre_hook(lambda module, args: streams.add(args[0].dtype))
         await run_on(eng, None, QUESTIONS[0], max_tokens=4)
         hook.remove()
         assert streams == {torch.float32}

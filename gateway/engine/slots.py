@@ -16,7 +16,8 @@ first `max(len)+1` columns with a mask hiding each row's unused tail (query head
 key/value group: grouped-query attention without `repeat_kv` copying every cached key at every
 step), the prefill chunk attends causally over its cohort's contiguous block of rows.
 
-`forward` runs the model's own decoder layers (Llama layout: SmolLM2, Llama, Qwen2, Mistral).
+`forward` runs the decoder layers' own modules in their order, without the layer's wrappers (Llama
+layout: SmolLM2, Llama, Qwen2, Mistral), and writes each step's keys and values into the slots.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
 class SlotCache:
-    """Per-layer key/value rows for up to `max_rows` sequences. Duck-types the one method the
-    decoder layers call on a cache (`update`): it writes the step's keys and values in place."""
+    """Per-layer key/value rows for up to `max_rows` sequences (`forward` writes each step's keys
+    and values in place)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, *,
                  max_rows: int, block_tokens: int = 128, row_block: int = 8) -> None:
@@ -199,14 +200,6 @@ class SlotCache:
             self.keys[layer][row, :, :tokens] = keys[layer]
             self.values[layer][row, :, :tokens] = values[layer]
 
-    # ---- the cache interface the decoder layers call ---------------------------------------
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):  # noqa: ANN002, ANN003, ARG002
-        plan = self.plan
-        rows, cols = plan.write_rows, plan.write_cols
-        self.keys[layer_idx][rows, :, cols] = key[0].transpose(0, 1)
-        self.values[layer_idx][rows, :, cols] = value[0].transpose(0, 1)
-        return key, value  # unused: slot_attention reads the slots
-
 
 def llama_parts(model):  # noqa: ANN001, ANN201
     """The pieces `forward` drives, or a clear error for an architecture it cannot."""
@@ -222,7 +215,13 @@ def llama_parts(model):  # noqa: ANN001, ANN201
 
 def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """Run one step: `ids` [tokens] in the plan's flat order; returns float32 logits for the flat
-    token indices in `pick` (the last real token of each row that needs one)."""
+    token indices in `pick` (the last real token of each row that needs one).
+
+    The decoder layers' own modules (norms, projections with their LoRA wrappers, MLP) run in the
+    order the model's layer `forward` runs them, but without its wrappers (checkpointing, deprecated
+    keyword handling, the attention-interface dispatch, reshapes to a batch dimension): the same
+    logits bit for bit, and a one-row step 1.21× faster, where Python, not the matmuls, is much of
+    the time (docs/benchmarks.md, "Lean decoder layers")."""
     cache = plan.cache
     if plan.chunk_rows:
         cache.reserve(plan.chunk_row + plan.chunk_rows, plan.chunk_end)
@@ -233,10 +232,27 @@ def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> tor
     inner = model.model
     hidden = inner.embed_tokens(ids[None, :])
     # in the KV dtype: bf16-mixed keeps a float32 residual stream but bf16 attention (precision.py)
-    position_embeddings = tuple(t.to(cache.dtype) for t in inner.rotary_emb(hidden, position_ids=positions))
-    for layer in inner.layers:
-        hidden = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=cache,
-                       position_embeddings=position_embeddings, slot_plan=plan)
+    cos, sin = (t.to(cache.dtype)[0, :, None, :] for t in inner.rotary_emb(hidden, position_ids=positions))
+    x = hidden[0]  # [tokens, hidden]
+    tokens = x.shape[0]
+    rows, cols = plan.write_rows, plan.write_cols
+    for i, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(tokens, -1, attn.head_dim)
+        k = attn.k_proj(h).view(tokens, -1, attn.head_dim)
+        v = attn.v_proj(h).view(tokens, -1, attn.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.keys[i][rows, :, cols] = k
+        cache.values[i][rows, :, cols] = v
+        out, _ = slot_attention(attn, q.transpose(0, 1)[None], None, None, None, scaling=attn.scaling, slot_plan=plan)
+        x = x + attn.o_proj(out[0].reshape(tokens, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
     cache.plan = None
-    last = hidden[0].index_select(0, pick)
-    return model.lm_head(inner.norm(last)).float()
+    return model.lm_head(inner.norm(x.index_select(0, pick))).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
