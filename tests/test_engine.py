@@ -526,3 +526,17 @@ async def test_work_in_its_own_thread_returns_and_raises_and_the_thread_ends():
         with pytest.raises(ValueError, match="bad input"):
             await asyncio.wait_for(in_own_thread(fail), 10)
     assert not [t for t in threading.enumerate() if t.name in ("work", "fail")]
+
+
+def test_an_architecture_the_lean_forward_does_not_reproduce_is_refused():
+    """slots.forward runs the Llama layout's arithmetic itself; a model whose attention differs
+    (Qwen3 normalises q and k) must be refused at load with the reason, not served wrong."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from gateway.engine.slots import llama_parts
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2)
+    assert llama_parts(LlamaForCausalLM(LlamaConfig(**small))) is not None
+    with pytest.raises(ValueError, match="Llama layout"):
+        llama_parts(Qwen3ForCausalLM(Qwen3Config(head_dim=8, **small)))

@@ -201,11 +201,16 @@ class SlotCache:
             self.values[layer][row, :, :tokens] = values[layer]
 
 
+# the attention blocks whose arithmetic `forward` reproduces (no q/k norms, no scaled embeddings)
+LLAMA_LAYOUT = {"LlamaAttention", "Qwen2Attention", "MistralAttention"}
+
+
 def llama_parts(model):  # noqa: ANN001, ANN201
     """The pieces `forward` drives, or a clear error for an architecture it cannot."""
     inner = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if inner is None or not all(hasattr(inner, part) for part in needed) or not hasattr(model, "lm_head"):
+    if (inner is None or not all(hasattr(inner, part) for part in needed) or not hasattr(model, "lm_head")
+            or any(type(getattr(layer, "self_attn", None)).__name__ not in LLAMA_LAYOUT for layer in inner.layers)):
         raise ValueError(
             f"the local engine serves decoder-only models with the Llama layout (SmolLM2, Llama, Qwen2, "
             f"Mistral); {type(model).__name__} is not one"
