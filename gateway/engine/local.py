@@ -175,7 +175,6 @@ class LocalEngine:
         self._prefix_hits = 0
         self._stale_variants: set[str] = set()
         self._pending: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
-        self._torch_threads = torch_threads
         self._threads = torch_threads or default_threads()  # the worker thread's OpenMP threads
         # one multi-threaded OpenMP team in the process, the worker's (threads.py): from here on every
         # other thread, the loader and the knowledge base's embedders included, computes on one

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.models.llama.modeling_llama import rotate_half
 
 ATTENTION = "tellerloop_slots"
 
@@ -247,8 +248,8 @@ def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> tor
         q = attn.q_proj(h).view(tokens, -1, attn.head_dim)
         k = attn.k_proj(h).view(tokens, -1, attn.head_dim)
         v = attn.v_proj(h).view(tokens, -1, attn.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin  # apply_rotary_pos_emb's arithmetic, without its kernel-hub wrapper
+        k = k * cos + rotate_half(k) * sin
         cache.keys[i][rows, :, cols] = k
         cache.values[i][rows, :, cols] = v
         out, _ = slot_attention(attn, q.transpose(0, 1)[None], None, None, None, scaling=attn.scaling, slot_plan=plan)
@@ -257,7 +258,3 @@ def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> tor
     cache.plan = None
     return model.lm_head(inner.norm(x.index_select(0, pick))).float()
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

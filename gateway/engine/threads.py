@@ -110,21 +110,17 @@ def on_all_cores(fn: Callable[..., T]) -> Callable[..., T]:
 
 async def in_own_thread(fn: Callable[..., T], *args: object) -> T:
     """`asyncio.to_thread`, on a thread that ends with `fn`: whatever OpenMP team it builds goes with it."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
+    outcome: dict[str, object] = {}
 
     def run() -> None:
         try:
-            result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            # bound now: the name `exc` is unset when the except block ends, before the loop runs this
-            loop.call_soon_threadsafe(lambda error=exc: done.done() or done.set_exception(error))
-        else:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+            outcome["result"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the awaiting coroutine
+            outcome["error"] = exc
 
     thread = threading.Thread(target=run, name=getattr(fn, "__name__", "work"), daemon=True)
     thread.start()
-    try:
-        return await done
-    finally:
-        await asyncio.to_thread(thread.join)  # the team is released when the thread exits
+    await asyncio.to_thread(thread.join)  # the team is released when the thread exits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
