@@ -50,7 +50,8 @@ from gateway.engine.base import (
     UnknownAdapter,
 )
 from gateway.engine.lora import LoraBank
-from gateway.engine.packed import pack_linears, packing_available
+from gateway.engine.fused import fuse_projections
+from gateway.engine.packed import pack_linears
 from gateway.engine.precision import (
     AUTO,
     MIXED,
@@ -298,9 +299,8 @@ class LocalEngine:
         parameters = sum(p.numel() for p in model.parameters())
         if self._mixed:
             mix_precision(model, self.model_path)
-        packed = 0
-        if self._dtype == torch.float32 and self._prepack_rows and packing_available():
-            packed = pack_linears(model, self._prepack_rows)
+        fused = fuse_projections(model)  # q/k/v and gate/up as one matrix each (fused.py)
+        packed = pack_linears(model, self._prepack_rows) if self._prepack_rows else 0
         if self._dtype == torch.bfloat16 and not native_bf16():
             log.warning("engine.bf16_emulated", dtype=MIXED if self._mixed else "bfloat16",
                         hint="this CPU lacks AVX512-BF16 and AMX: bf16 matmuls are emulated, ~3x slower than float32; use model.dtype = \"auto\" or \"float32\"")
@@ -323,6 +323,7 @@ class LocalEngine:
             requested_dtype=self.requested_dtype,
             seconds=round(time.perf_counter() - started, 2),
             parameters=parameters,
+            fused_projections=fused,
             prepacked_linears=packed,
         )
 

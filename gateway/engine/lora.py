@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gateway.core.loading import MODEL_LOAD_LOCK
+from gateway.engine.fused import FusedLinear, member_of
 from gateway.engine.packed import PackedLinear
 
 
@@ -68,6 +69,16 @@ class BatchedLoraLinear(nn.Module):
 
 
 @dataclass(frozen=True)
+class AdapterWeights:
+    """An adapter read from disk, ready to install: engine module name → (A, scale·B); `modules`
+    counts the adapter's own target modules (q, k and v are one fused entry here)."""
+
+    rank: int
+    modules: int
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class LoadedAdapter:
     name: str
     path: str
@@ -87,8 +98,8 @@ class LoraBank:
         self._dtype = next(model.model.layers.parameters()).dtype  # of the projections (bf16-mixed: bf16)
 
     # ---- loading ---------------------------------------------------------------------------
-    def read(self, name: str, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Read and validate an adapter folder (no model state changes): module name → (A, scale·B)."""
+    def read(self, name: str, path: str | Path) -> AdapterWeights:
+        """Read and validate an adapter folder (no model state changes)."""
         # PEFT is imported on the first adapter (≈4.6 s): a server without one starts sooner. Under the
         # lock every `from_pretrained` holds, so no model load runs during the import; the serving
         # threads (forward passes, the tokenizer) import nothing from transformers by then.
@@ -126,26 +137,39 @@ class LoraBank:
             else:
                 raise AdapterFormatError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
         deltas = {}
+        stacked: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # fused module → its members' pairs
         for module, parts in pairs.items():
             if set(parts) != {"lora_A", "lora_B"}:
                 raise AdapterFormatError(f"{path}: {module} lacks lora_A or lora_B")
-            try:
-                target = self.model.get_submodule(module)
-            except AttributeError:
-                raise AdapterFormatError(f"{path}: the base model has no layer {module!r}") from None
+            a, b = parts["lora_A"], parts["lora_B"] * scale
+            fused = member_of(self.model, module)
+            if fused is not None:  # q/k/v or gate/up: served by one stacked projection (fused.py)
+                target_name, start, end = fused
+                target, out_features = self.model.get_submodule(target_name), end - start
+            else:
+                try:
+                    target = self.model.get_submodule(module)
+                except AttributeError:
+                    raise AdapterFormatError(f"{path}: the base model has no layer {module!r}") from None
             base = target.base if isinstance(target, BatchedLoraLinear) else target
-            a, b = parts["lora_A"], parts["lora_B"]
-            if (not isinstance(base, (nn.Linear, PackedLinear)) or a.shape[1] != base.in_features
-                    or b.shape[0] != base.out_features):
+            if fused is None:
+                out_features = getattr(base, "out_features", None)
+            if (not isinstance(base, (nn.Linear, PackedLinear, FusedLinear)) or a.shape[1] != base.in_features
+                    or b.shape[0] != out_features or a.shape[0] != b.shape[1]):
                 raise AdapterFormatError(f"{path}: {module} does not match the base model's shapes")
-            deltas[module] = (a.to(self._dtype).contiguous(), (b * scale).to(self._dtype).contiguous())
+            if fused is not None:
+                stacked.setdefault(target_name, []).append((start, end, a, b))
+            else:
+                deltas[module] = (a.to(self._dtype).contiguous(), b.to(self._dtype).contiguous())
+        for target_name, members in stacked.items():
+            deltas[target_name] = _stack(members, self.model.get_submodule(target_name), self._dtype)
         if not deltas:
             raise AdapterFormatError(f"{path}: the adapter holds no LoRA weights")
-        return deltas
+        return AdapterWeights(rank, len(pairs), deltas)
 
-    def add(self, name: str, path: str | Path, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> LoadedAdapter:
+    def add(self, name: str, path: str | Path, weights: AdapterWeights) -> LoadedAdapter:
         """Install deltas read by `read` (call on the thread that runs forward passes, or between them)."""
-        for module, delta in deltas.items():
+        for module, delta in weights.deltas.items():
             wrapper = self._wrapped.get(module)
             if wrapper is None:
                 parent_name, _, child = module.rpartition(".")
@@ -154,9 +178,8 @@ class LoraBank:
                 setattr(parent, child, wrapper)
                 self._wrapped[module] = wrapper
             wrapper.deltas[name] = delta
-        nbytes = sum(t.numel() * t.element_size() for pair in deltas.values() for t in pair)
-        rank = next(iter(deltas.values()))[0].shape[0]
-        info = LoadedAdapter(name, str(path), rank, len(deltas), nbytes)
+        nbytes = sum(t.numel() * t.element_size() for pair in weights.deltas.values() for t in pair)
+        info = LoadedAdapter(name, str(path), weights.rank, weights.modules, nbytes)
         self.adapters[name] = info
         return info
 
@@ -173,6 +196,22 @@ class LoraBank:
             if variant in self.adapters:
                 groups.setdefault(variant, []).append(token)
         self.routing.groups = {name: _index(tokens, len(variants)) for name, tokens in groups.items()}
+
+
+def _stack(members: list[tuple[int, int, torch.Tensor, torch.Tensor]], target: nn.Module,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (A, scale·B) pair for a fused projection from its members' pairs: the members' A stacked
+    (r·m rows: one matmul reads the input once) and a block-diagonal B that writes each member's
+    output columns only (a member the adapter does not touch keeps zero rows)."""
+    out_features = getattr(target, "base", target).out_features
+    members.sort(key=lambda m: m[0])
+    a = torch.cat([m[2] for m in members])
+    b = torch.zeros(out_features, a.shape[0], dtype=members[0][3].dtype)
+    col = 0
+    for start, end, _, member_b in members:
+        b[start:end, col : col + member_b.shape[1]] = member_b
+        col += member_b.shape[1]
+    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
 
 
 def _index(tokens: list[int], total: int) -> torch.Tensor | slice | None:

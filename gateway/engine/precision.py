@@ -87,9 +87,17 @@ class Bf16Head(nn.Module):
         else:  # the head's own float32 matrix
             self.exact = nn.Parameter(exact, requires_grad=False)
         self.exact_top = exact_top  # the API's largest top_logprobs (20) are exact too
+        self._matmul = F.linear  # or oneDNN's prepacked matmul, once `pack` has run
+
+    def pack(self, rows_hint: int) -> None:
+        """Hold the bf16 copy in oneDNN's blocked layout instead (packed.py; no second copy)."""
+        from gateway.engine.packed import linear_packed, prepack  # packed.py imports this module
+
+        self.weight16 = prepack(self.weight16, rows_hint)
+        self._matmul = linear_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.to(torch.bfloat16), self.weight16).float()
+        logits = self._matmul(x.to(torch.bfloat16), self.weight16).float()
         top = logits.topk(min(self.exact_top, logits.shape[-1]), dim=-1).indices  # [..., k]
         exact = torch.einsum("...d,...kd->...k", x.float(), self.exact[top])
         return logits.scatter_(-1, top, exact)

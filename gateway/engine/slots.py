@@ -207,7 +207,8 @@ LLAMA_LAYOUT = {"LlamaAttention", "Qwen2Attention", "MistralAttention"}
 
 
 def llama_parts(model):  # noqa: ANN001, ANN201
-    """The pieces `forward` drives, or a clear error for an architecture it cannot."""
+    """The pieces `forward` drives, or a clear error for an architecture it cannot (the projections
+    are fused afterwards: `fused.fuse_projections`)."""
     inner = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if (inner is None or not all(hasattr(inner, part) for part in needed) or not hasattr(model, "lm_head")
@@ -223,8 +224,9 @@ def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> tor
     """Run one step: `ids` [tokens] in the plan's flat order; returns float32 logits for the flat
     token indices in `pick` (the last real token of each row that needs one).
 
-    The decoder layers' own modules (norms, projections with their LoRA wrappers, MLP) run in the
-    order the model's layer `forward` runs them, but without its wrappers (checkpointing, deprecated
+    The decoder layers' own modules (norms, projections with their LoRA wrappers, the MLP's
+    activation) run in the order the model's layer `forward` runs them, q/k/v and gate/up each as
+    one stacked projection (fused.py), but without the layer's wrappers (checkpointing, deprecated
     keyword handling, the attention-interface dispatch, reshapes to a batch dimension): the same
     logits bit for bit, and a one-row step 1.21× faster, where Python, not the matmuls, is much of
     the time (docs/benchmarks.md, "Lean decoder layers")."""
@@ -242,19 +244,22 @@ def forward(model, plan: StepPlan, ids: torch.Tensor, pick: torch.Tensor) -> tor
     x = hidden[0]  # [tokens, hidden]
     tokens = x.shape[0]
     rows, cols = plan.write_rows, plan.write_cols
+    config = model.config
+    head_dim = inner.layers[0].self_attn.head_dim
+    qkv_split = [config.num_attention_heads * head_dim] + [config.num_key_value_heads * head_dim] * 2
     for i, layer in enumerate(inner.layers):
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(tokens, -1, attn.head_dim)
-        k = attn.k_proj(h).view(tokens, -1, attn.head_dim)
-        v = attn.v_proj(h).view(tokens, -1, attn.head_dim)
+        # q, k and v from one stacked projection (fused.py); column slices, viewed per head
+        q, k, v = (part.unflatten(-1, (-1, head_dim)) for part in attn.qkv_proj(h).split(qkv_split, dim=-1))
         q = q * cos + rotate_half(q) * sin  # apply_rotary_pos_emb's arithmetic, without its kernel-hub wrapper
         k = k * cos + rotate_half(k) * sin
         cache.keys[i][rows, :, cols] = k
         cache.values[i][rows, :, cols] = v
         out, _ = slot_attention(attn, q.transpose(0, 1)[None], None, None, None, scaling=attn.scaling, slot_plan=plan)
         x = x + attn.o_proj(out[0].reshape(tokens, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
+        x = x + mlp.down_proj(mlp.act_fn(gate) * up)  # LlamaMLP's arithmetic on the stacked gate/up
     cache.plan = None
     return model.lm_head(inner.norm(x.index_select(0, pick))).float()
 
