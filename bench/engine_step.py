@@ -86,6 +86,9 @@ def main() -> None:
     from bench.serve import cpu_name
     from gateway.engine.model_files import convert_embedded
 
+    import torch
+
+    threads = torch.get_num_threads()  # torch's default (the cores), read before an engine lowers it to 1
     model_dir = convert_embedded(ROOT / ".cache" / "test-models")
     commit = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
@@ -97,9 +100,7 @@ def main() -> None:
             trees = [Tree(f"before ({commit})", worktree, model_dir), Tree("this tree", ROOT, model_dir)]
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
-    import torch
 
-    threads = trees[-1].engine._threads  # the worker thread's count (the engine lowered torch's default to 1)
     trees[-1].use_threads_here(threads)  # this thread steps both engines, as their worker would
     rows_out = []
     with torch.inference_mode():
