@@ -32,6 +32,7 @@ from gateway.chat.controller import ChatController
 from gateway.chat.service import ChatService
 from gateway.console.auth import ConsoleAuthController, LoginThrottle
 from gateway.core import metrics
+from gateway.core.memory import trim_heap
 from gateway.core.runtime import build_engine, build_knowledge_base, open_database
 from gateway.core.security import CustomerIds
 from gateway.core.settings import Settings
@@ -144,6 +145,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
                     if settings.server.gc_freeze:  # what startup built (~600k objects) leaves the collector's full passes
                         gc.collect()  # its garbage first: frozen objects are never collected
                         gc.freeze()
+                    if settings.server.trim_heap:  # what startup freed goes back to the OS (core/memory.py)
+                        await asyncio.to_thread(trim_heap)
                     app.state.serving_ready = True
                     await lease.tick()  # lead at once if nobody does (a single gateway, the first replica)
                     scheduler.resume()

@@ -540,3 +540,18 @@ def test_an_architecture_the_lean_forward_does_not_reproduce_is_refused():
     assert llama_parts(LlamaForCausalLM(LlamaConfig(**small))) is not None
     with pytest.raises(ValueError, match="Llama layout"):
         llama_parts(Qwen3ForCausalLM(Qwen3Config(head_dim=8, **small)))
+
+
+def test_a_burst_of_prompts_is_read_shortest_first_whole():
+    """`next_chunk` (the cohort's prompts, most unread first): as many of the shortest as fit in the
+    chunk budget are read to the end in one step, so most of a burst starts answering after the
+    first step; a prompt longer than the budget is read in budget-sized pieces."""
+    from gateway.engine.local import next_chunk
+
+    assert next_chunk([30, 30, 30, 30], 64) == (2, 30)  # two whole prompts now, two next step
+    assert next_chunk([45] * 16, 512) == (11, 45)
+    assert next_chunk([300, 120, 40, 20], 200) == (2, 40)  # 3 x 120 would be 360
+    assert next_chunk([300, 120, 40, 20], 400) == (3, 120)  # 20 and 40 padded to 120
+    assert next_chunk([900], 512) == (1, 512)
+    assert next_chunk([900, 700], 512) == (1, 512)  # the shorter first, in pieces
+    assert next_chunk([10], 512) == (1, 10)

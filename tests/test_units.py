@@ -102,3 +102,25 @@ def test_training_device_is_explicit_about_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             use_cuda("cuda")
+
+
+def test_trim_heap_returns_freed_heap_pages_to_the_os():
+    """`server.trim_heap`: glibc keeps freed heap memory mapped (the resident size stays as if nothing
+    had been freed) until `malloc_trim` hands it back."""
+    import sys
+
+    from gateway.core.memory import trim_heap
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    blocks = [bytearray(64 * 1024) for _ in range(4000)]  # 256 MB in chunks under glibc's mmap threshold
+    keep = blocks[-1]  # a live block at the top of the heap: freeing the others cannot shrink it by itself
+    del blocks
+    held = resident()
+    assert trim_heap() is True
+    assert resident() < held - 128 * 1024 * 1024
+    del keep

@@ -48,6 +48,9 @@ class ServerSettings(_Section):
     # once loaded, move the startup objects out of the garbage collector's full passes (gc.freeze):
     # each full pass over them held the GIL ~0.25 s mid-stream (docs/benchmarks.md, "One OpenMP team")
     gc_freeze: bool = True
+    # then hand the heap startup freed (model load, fusion, prepacking, ingestion) back to the OS with glibc's
+    # malloc_trim: ~0.35 GB less resident for SmolLM2-135M (gateway/core/memory.py)
+    trim_heap: bool = True
 
     @model_validator(mode="after")
     def _renew_within_the_lease(self) -> "ServerSettings":
@@ -119,8 +122,8 @@ class EngineSettings(_Section):
     max_queue: int = Field(64, ge=1)
     max_batch: int = Field(64, ge=1)  # 64 streams: 191 tok/s vs 100 at 16 (bench/results/serve.md)
     torch_threads: int = Field(0, ge=0)
-    # float32 weights reordered once for oneDNN, tuned for this many rows a step (0 → plain nn.Linear / MKL);
-    # gateway/engine/packed.py, bench/results/packed_linear.md
+    # weights reordered once for oneDNN (float32, and bf16 on CPUs with bf16 instructions), tuned for this many
+    # rows a step (0 → plain nn.Linear); gateway/engine/packed.py, bench/results/packed_linear.md, engine_step.md
     prepack_rows: int = Field(32, ge=0, le=4096)
     prefill_chunk_tokens: int = Field(512, ge=16)  # prompt tokens read per step between decode steps
     # the KV slots grow by this many tokens at a time: 64 holds peak RSS at 64 streams 0.2-0.5 GB under 128 at

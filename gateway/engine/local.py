@@ -4,7 +4,8 @@ One worker thread owns the model. Requests wait in a bounded queue; the worker a
 waiting requests (up to `max_batch` sequences in flight) and reads their prompts in chunks of about
 `prefill_chunk_tokens` tokens, each chunk in the same forward pass as the running batch's next
 token (`slots.StepPlan`): a long prompt never stalls the streams already answering, the weights are
-read once per step, and a sequence starts decoding as soon as its own prompt is read. Keys and
+read once per step, and a sequence starts decoding as soon as its own prompt is read. Within a
+cohort the shortest prompts are read first, whole, as many as fit in a chunk (`_next_chunk`). Keys and
 values live in preallocated slots (`slots.SlotCache`), written in place, so a step costs the same
 at token 10 and token 500. All blocking model work stays on the worker thread; the event loop only
 awaits per-request queues.
@@ -499,9 +500,9 @@ class LocalEngine:
         pick = list(range(nd))
         ending: list[_Sequence] = []
         if cohort is not None:
-            reading = cohort.seqs[: cohort.reading]
-            tokens = min(max(16, self._chunk_tokens // len(reading)), len(reading[0].prompt_ids) - reading[0].kv_len)
-            plan.chunk_row, plan.chunk_rows, plan.chunk_tokens = cohort.first_row, len(reading), tokens
+            reading, tokens = self._next_chunk(cohort)
+            plan.chunk_row = cohort.first_row + cohort.reading - len(reading)
+            plan.chunk_rows, plan.chunk_tokens = len(reading), tokens
             plan.chunk_starts = torch.tensor([seq.kv_len for seq in reading], dtype=torch.long)
             for i, seq in enumerate(reading):
                 part = seq.prompt_ids[seq.kv_len : seq.kv_len + tokens]
@@ -533,6 +534,11 @@ class LocalEngine:
                 self._cache.release(seq.row)
                 running[i] = running[-1]
                 running.pop()
+
+    def _next_chunk(self, cohort: _Cohort) -> tuple[list[_Sequence], int]:
+        rows = cohort.seqs[: cohort.reading]
+        count, tokens = next_chunk([len(seq.prompt_ids) - seq.kv_len for seq in rows], self._chunk_tokens)
+        return rows[-count:], tokens
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -608,6 +614,26 @@ class LocalEngine:
                 remainder = seq.text[seq.emitted :]
         seq.done = True
         seq.send(Finished(reason, len(seq.prompt_ids), len(seq.out_ids), text=remainder))
+
+
+def next_chunk(unread: list[int], budget: int) -> tuple[int, int]:
+    """Which prompts of a cohort the next step reads: (how many, counted from the end; tokens
+    each). `unread` is the reading rows' unread prompt tokens, most first (the cohort's order), so
+    the fewest are at the end: as many of those as can be read to the end within `budget` tokens
+    (each reads as many as the longest of them; shorter ones are padded), or, if even the shortest
+    does not fit, the next `budget` tokens of it.
+
+    Shortest-first gives the median newcomer of a burst its first token after one step instead of
+    after the whole burst's prompts (every row read a slice of its prompt in every step before),
+    for the same prompt tokens per step."""
+    take = 0
+    for count in range(1, len(unread) + 1):
+        if count * unread[-count] > budget:  # unread[-count]: the most in the last `count`
+            break
+        take = count
+    if take == 0:
+        return 1, min(budget, unread[-1])
+    return take, unread[-take]
 
 
 def _apply_repetition_guards(logits: torch.Tensor, generated: list[int], params) -> torch.Tensor:  # noqa: ANN001

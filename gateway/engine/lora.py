@@ -9,6 +9,10 @@ punica / S-LoRA / vLLM's LoRA path (`vllm/lora/ops/torch_ops/lora_ops.py` gather
 matrices; with the one to three versions an A/B test serves, grouping rows per adapter does the
 same work with plain matmuls and no per-row weight copies).
 
+An adapter names PEFT's modules (`self_attn.q_proj`, ...); where the engine has stacked sibling
+projections into one (`fused.py`: q/k/v, gate/up), the adapter's pairs for them are stacked the same
+way, one A of r·m rows and a block-diagonal B, so the group costs two small matmuls, not 2·m.
+
 The adapter files are read with PEFT's own loaders (`PeftConfig.from_pretrained`,
 `load_peft_weights`); only plain LoRA is accepted (no DoRA, biases, extra trainable modules or
 per-layer rank/alpha patterns), which is exactly what `retraining/train.py` writes.
