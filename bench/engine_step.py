@@ -9,8 +9,9 @@ drift hits both alike. The table gives each tree's median step time per scenario
 measured in the same rounds, and the largest |difference| between the two trees' logits (0.0: the
 same arithmetic).
 
-Scenarios: 1, 4, 16 and 64 decoding rows at 150 tokens of context, and 16 decoding rows with a
-512-token prompt chunk in the same step (an admission).
+Scenarios: 1, 4, 16 and 64 decoding rows at 150 tokens of context, 16 and 64 at 400 (a retrieval
+prompt and its answer), and 16 decoding rows with a 512-token prompt chunk in the same step (an
+admission).
 
     .venv/bin/python bench/engine_step.py --before 2c05772 [--rounds 16]
 Writes bench/results/engine_step.json and .md.
@@ -31,9 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ADAPTER = ROOT / "data" / "adapters" / "bootstrap"
-CONTEXT = 150
-SCENARIOS = [("1 row", 1, 0), ("4 rows", 4, 0), ("16 rows", 16, 0), ("64 rows", 64, 0),
-             ("16 rows + 512-token chunk", 16, 512)]
+SCENARIOS = [("1 row", 1, 0, 150), ("4 rows", 4, 0, 150), ("16 rows", 16, 0, 150), ("64 rows", 64, 0, 150),
+             ("16 rows at 400 tokens (retrieval-sized)", 16, 0, 400), ("64 rows at 400 tokens", 64, 0, 400),
+             ("16 rows + 512-token chunk", 16, 512, 150)]  # (label, decoding rows, prompt chunk, context)
 
 
 class Tree:
@@ -60,11 +61,11 @@ class Tree:
                                           config.hidden_size // config.num_attention_heads, self.engine._dtype,
                                           max_rows=64)
 
-    def step(self, rows: int, chunk: int):  # noqa: ANN201
+    def step(self, rows: int, chunk: int, context: int):  # noqa: ANN201
         import torch
 
         self.engine._bank.route(["v0001"] * (rows + chunk))
-        plan = self.slots.StepPlan(self.cache, torch.arange(rows), torch.full((rows,), CONTEXT))
+        plan = self.slots.StepPlan(self.cache, torch.arange(rows), torch.full((rows,), context))
         if chunk:
             plan.chunk_row, plan.chunk_rows, plan.chunk_tokens = rows, 1, chunk
             plan.chunk_starts = torch.tensor([0])
@@ -104,12 +105,12 @@ def main() -> None:
     trees[-1].use_threads_here(threads)  # this thread steps both engines, as their worker would
     rows_out = []
     with torch.inference_mode():
-        for label, rows, chunk in SCENARIOS:
+        for label, rows, chunk, context in SCENARIOS:
             times: dict[str, list[float]] = {t.label: [] for t in trees}
             logits = {}
             for _ in range(args.rounds + 2):
                 for tree in trees:
-                    seconds, logits[tree.label] = tree.step(rows, chunk)
+                    seconds, logits[tree.label] = tree.step(rows, chunk, context)
                     times[tree.label].append(seconds)
             medians = {k: statistics.median(v[2:]) * 1000 for k, v in times.items()}  # the first two warm up
             before, after = (medians[t.label] for t in trees)
