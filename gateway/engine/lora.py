@@ -74,8 +74,9 @@ class BatchedLoraLinear(nn.Module):
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """An adapter read from disk, ready to install: engine module name → (A, scale·B); `modules`
-    counts the adapter's own target modules (q, k and v are one fused entry here)."""
+    """An adapter read from disk, ready to install: engine module name → (A, scale·B), where the
+    members of a stacked projection share one entry; `modules` counts the adapter's own target
+    modules as PEFT names them (q, k and v three times)."""
 
     rank: int
     modules: int
@@ -146,23 +147,19 @@ class LoraBank:
             if set(parts) != {"lora_A", "lora_B"}:
                 raise AdapterFormatError(f"{path}: {module} lacks lora_A or lora_B")
             a, b = parts["lora_A"], parts["lora_B"] * scale
-            fused = member_of(self.model, module)
-            if fused is not None:  # q/k/v or gate/up: served by one stacked projection (fused.py)
-                target_name, start, end = fused
-                target, out_features = self.model.get_submodule(target_name), end - start
-            else:
-                try:
-                    target = self.model.get_submodule(module)
-                except AttributeError:
-                    raise AdapterFormatError(f"{path}: the base model has no layer {module!r}") from None
+            fused = member_of(self.model, module)  # q/k/v or gate/up: columns of one stacked projection (fused.py)
+            target_name = fused[0] if fused else module
+            try:
+                target = self.model.get_submodule(target_name)
+            except AttributeError:
+                raise AdapterFormatError(f"{path}: the base model has no layer {module!r}") from None
             base = target.base if isinstance(target, BatchedLoraLinear) else target
-            if fused is None:
-                out_features = getattr(base, "out_features", None)
+            out_features = fused[2] - fused[1] if fused else getattr(base, "out_features", None)
             if (not isinstance(base, (nn.Linear, PackedLinear, FusedLinear)) or a.shape[1] != base.in_features
                     or b.shape[0] != out_features or a.shape[0] != b.shape[1]):
                 raise AdapterFormatError(f"{path}: {module} does not match the base model's shapes")
-            if fused is not None:
-                stacked.setdefault(target_name, []).append((start, end, a, b))
+            if fused:
+                stacked.setdefault(target_name, []).append((fused[1], fused[2], a, b))
             else:
                 deltas[module] = (a.to(self._dtype).contiguous(), b.to(self._dtype).contiguous())
         for target_name, members in stacked.items():
